@@ -1,0 +1,31 @@
+# The two commands a new user runs: `make demo` and `make test`.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+export NO_ALBUMENTATIONS_UPDATE := 1
+
+.PHONY: venv demo test mlflow-ui clean-demo
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# These torch builds lie on our machines' disk; pyproject accepts a wider range elsewhere.
+	$(PY) -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+# Trains both stages on the built-in synthetic data set (CPU, a few minutes).
+demo: venv
+	$(PY) train.py -m experiment=demo stage=binary,subtype
+	@echo
+	@echo "MLflow runs: sqlite database $(CURDIR)/mlflow.db, artifacts in $(CURDIR)/mlartifacts"
+	@echo "Browse them:  make mlflow-ui   (then open http://127.0.0.1:5000)"
+
+test: venv
+	$(PY) -m pytest
+
+mlflow-ui: venv
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db \
+		--default-artifact-root $(CURDIR)/mlartifacts --host 127.0.0.1 --port 5000

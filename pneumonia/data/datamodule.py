@@ -1,0 +1,129 @@
+"""KermanyDataModule: scans, splits and serves one stage's images."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from pneumonia.data.kermany import DataError, Record, scan_kermany, split_records, write_manifest
+from pneumonia.data.transforms import Preprocessing, build_augmentation
+from pneumonia.io import read_grayscale
+from pneumonia.stages import STAGE_CLASSES, stage_target
+
+
+class XrayDataset(Dataset):
+    """Images of one split for one stage: (1, S, S) float tensor and class index."""
+
+    def __init__(self, records: list[Record], stage: str, preprocessing: Preprocessing, augment=None):
+        self.records = records
+        self.targets = [stage_target(stage, r.label) for r in records]
+        self.preprocessing = preprocessing
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = self.preprocessing(read_grayscale(self.records[index].path))
+        if self.augment is not None:
+            image = self.augment(image=image)["image"]
+        return torch.from_numpy(self.preprocessing.normalize(image)), self.targets[index]
+
+
+class KermanyDataModule(L.LightningDataModule):
+    """Kermany-layout data for one stage (binary: all images; subtype: pneumonia only).
+
+    Scanning, validation and the split happen in the constructor, so a bad data folder fails
+    before any model is built. The split is assigned on all images before the stage filter,
+    so both stages trained with the same seed share one train/val/test partition.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        stage: str,
+        image_size: int,
+        mean: float = 0.0,
+        std: float = 1.0,
+        split: str = "official",
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.2,
+        seed: int = 0,
+        crop: dict | None = None,
+        augment: dict | None = None,
+        batch_size: int = 32,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        self.stage = stage
+        self.root = Path(root).expanduser().resolve()
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.augment = dict(augment) if augment else None
+        self.manifest = split_records(scan_kermany(self.root), split, val_fraction, test_fraction, seed)
+        self.splits = {
+            name: [r for r in self.manifest if r.split == name and stage_target(stage, r.label) is not None]
+            for name in ("train", "val", "test")
+        }
+        self._check_classes()
+        train = self.splits["train"]
+        crop_stats = None
+        if crop and crop.get("enabled", True):
+            crop_stats = {
+                "max_width": max(r.width for r in train),
+                "max_height": max(r.height for r in train),
+                "width_fraction": float(crop.get("width", 0.35)),
+                "height_fraction": float(crop.get("height", 0.20)),
+            }
+        self.preprocessing = Preprocessing(image_size=image_size, mean=mean, std=std, crop=crop_stats)
+
+    def _check_classes(self) -> None:
+        classes = STAGE_CLASSES[self.stage]
+        for split in ("train", "val"):
+            counts = self.class_counts(split)
+            missing = [c for c, n in zip(classes, counts) if n == 0]
+            if missing:
+                raise DataError(
+                    f"stage={self.stage} needs {' and '.join(classes)} images in the {split} split, "
+                    f"but {self.root} gives none for: {', '.join(missing)}"
+                )
+
+    def class_counts(self, split: str = "train") -> list[int]:
+        counts = Counter(stage_target(self.stage, r.label) for r in self.splits[split])
+        return [counts[i] for i in range(len(STAGE_CLASSES[self.stage]))]
+
+    def class_weights(self) -> list[float]:
+        """Inverse-frequency weights n / (k * n_c): the minority error costs n_major / n_minor more."""
+        counts = np.asarray(self.class_counts("train"), dtype=np.float64)
+        return (counts.sum() / (len(counts) * counts)).tolist()
+
+    def write_manifest(self, path: Path) -> Path:
+        return write_manifest(self.manifest, path)
+
+    def dataset(self, split: str, augment: bool = False) -> XrayDataset:
+        aug = build_augmentation(**self.augment) if augment and self.augment else None
+        return XrayDataset(self.splits[split], self.stage, self.preprocessing, aug)
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        return DataLoader(
+            self.dataset(split, augment=train),
+            batch_size=self.batch_size,
+            shuffle=train,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            drop_last=train and len(self.splits[split]) > self.batch_size,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", train=False)

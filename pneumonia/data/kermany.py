@@ -1,0 +1,162 @@
+"""The Kermany et al. (2018) folder layout: labels, patients and patient-grouped splits."""
+
+from __future__ import annotations
+
+import csv
+import random
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from pneumonia.io import ImageReadError, image_size, is_image_file
+
+LABELS = ("normal", "bacterial", "viral")
+CLASS_FOLDERS = ("NORMAL", "PNEUMONIA")
+SPLIT_FOLDERS = ("train", "val", "test")
+
+# person1_bacteria_1.jpeg, person447_virus_921_1.jpeg
+_PNEUMONIA_NAME = re.compile(r"^(person\d+)_(bacteria|virus)_", re.IGNORECASE)
+# IM-0115-0001.jpeg, NORMAL2-IM-1427-0001.jpeg, IM-0429-0001-0002.jpeg
+_NORMAL_NAME = re.compile(r"^((?:NORMAL2-)?IM-\d+)-", re.IGNORECASE)
+
+
+class DataError(ValueError):
+    """The data folder does not hold what the run needs."""
+
+
+@dataclass(frozen=True)
+class Record:
+    path: Path
+    label: str  # normal | bacterial | viral
+    patient: str
+    folder: str  # the Kermany folder it came from: train | val | test
+    width: int
+    height: int
+    split: str = ""  # train | val | test, set by split_records
+
+
+def parse_name(class_folder: str, filename: str) -> tuple[str, str]:
+    """(label, patient id) from a Kermany class folder and file name."""
+    if class_folder.upper() == "NORMAL":
+        match = _NORMAL_NAME.match(filename)
+        # Normal files that do not follow the IM-<patient>-<n> pattern are their own patient.
+        return "normal", match.group(1).upper() if match else Path(filename).stem
+    match = _PNEUMONIA_NAME.match(filename)
+    if not match:
+        raise DataError(
+            f"{class_folder}/{filename}: cannot tell bacterial from viral; pneumonia files must be "
+            "named person<ID>_bacteria_<n>.jpeg or person<ID>_virus_<n>.jpeg"
+        )
+    subtype = "bacterial" if match.group(2).lower() == "bacteria" else "viral"
+    return subtype, match.group(1).lower()
+
+
+def scan_kermany(root: Path | str, folders: tuple[str, ...] = SPLIT_FOLDERS) -> list[Record]:
+    """Every readable image under root/{train,val,test}/{NORMAL,PNEUMONIA}.
+
+    Reads only file headers. Raises DataError naming the folder or the files that are wrong.
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"data.root={root} does not exist or is not a folder")
+    present = [f for f in folders if (root / f).is_dir()]
+    if "train" not in present:
+        raise DataError(
+            f"data.root={root} has no train/ folder; expected the Kermany layout "
+            "<root>/{train,val,test}/{NORMAL,PNEUMONIA}/*.jpeg"
+        )
+    records, bad = [], []
+    for folder in present:
+        for class_folder in CLASS_FOLDERS:
+            class_dir = root / folder / class_folder
+            if not class_dir.is_dir():
+                raise DataError(f"{class_dir} is missing; expected {folder}/NORMAL and {folder}/PNEUMONIA")
+            for path in sorted(class_dir.iterdir()):
+                if not is_image_file(path):
+                    continue
+                label, patient = parse_name(class_folder, path.name)
+                try:
+                    width, height = image_size(path)
+                except ImageReadError as err:
+                    bad.append(str(err))
+                    continue
+                records.append(Record(path, label, patient, folder, width, height))
+    if bad:
+        shown = "\n  ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
+        raise DataError(f"{len(bad)} unreadable image file(s) under {root}:\n  {shown}")
+    train_labels = Counter("normal" if r.label == "normal" else "pneumonia" for r in records if r.folder == "train")
+    for name in ("normal", "pneumonia"):
+        if train_labels[name] == 0:
+            raise DataError(f"{root / 'train' / name.upper()} holds no images")
+    return records
+
+
+def _group_split(records: list[Record], fraction: float, rng: random.Random) -> tuple[list, list]:
+    """Move about `fraction` of each label's images out, whole patients at a time."""
+    by_patient: dict[str, list[Record]] = defaultdict(list)
+    for record in records:
+        by_patient[record.patient].append(record)
+    by_label: dict[str, list[str]] = defaultdict(list)
+    for patient, items in sorted(by_patient.items()):
+        label = Counter(r.label for r in items).most_common(1)[0][0]
+        by_label[label].append(patient)
+    keep, held = [], []
+    for label in sorted(by_label):
+        patients = by_label[label]
+        rng.shuffle(patients)
+        target = round(fraction * sum(len(by_patient[p]) for p in patients))
+        taken = 0
+        for patient in patients:
+            if taken < target:
+                held.extend(by_patient[patient])
+                taken += len(by_patient[patient])
+            else:
+                keep.extend(by_patient[patient])
+    return keep, held
+
+
+def split_records(
+    records: list[Record],
+    mode: str = "official",
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+) -> list[Record]:
+    """Assign train/val/test, stratified by label and grouped by patient.
+
+    official: the test folder is the test split; validation is carved out of train + val
+    (the official val folder has only 16 images). random (study B): all folders pooled,
+    `test_fraction` held out for test, then `val_fraction` of the rest for validation.
+    """
+    rng = random.Random(seed)
+    if mode == "official":
+        test = [r for r in records if r.folder == "test"]
+        pool = [r for r in records if r.folder != "test"]
+    elif mode == "random":
+        pool, test = _group_split(records, test_fraction, rng)
+    else:
+        raise DataError(f"data.split={mode!r} is not one of: official, random")
+    train, val = _group_split(pool, val_fraction, rng)
+    out = [replace(r, split=s) for s, part in (("train", train), ("val", val), ("test", test)) for r in part]
+    return sorted(out, key=lambda r: (r.split, str(r.path)))
+
+
+def write_manifest(records: list[Record], path: Path) -> Path:
+    """One row per image: path, label, patient, split; enough to rebuild a run's split."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "label", "patient", "split", "width", "height"])
+        for r in records:
+            writer.writerow([str(r.path), r.label, r.patient, r.split, r.width, r.height])
+    return path
+
+
+def read_manifest(path: Path) -> list[Record]:
+    with Path(path).open(newline="") as f:
+        return [
+            Record(Path(row["path"]), row["label"], row["patient"], "", int(row["width"]),
+                   int(row["height"]), row["split"])
+            for row in csv.DictReader(f)
+        ]

@@ -1,0 +1,84 @@
+"""Deterministic preprocessing (crop, resize) shared by training and inference, and augmentation."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from PIL import Image
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+import albumentations as A  # noqa: E402
+
+
+@dataclass(frozen=True)
+class ProportionalCrop:
+    """Study A's centre crop: bigger images show more than the thorax, so they lose more.
+
+    new_width = (1 - width_fraction * width / max_width) * width, likewise for the height,
+    with max_width/max_height measured on the training images. The largest image loses
+    `width_fraction` of its width and `height_fraction` of its height.
+    """
+
+    max_width: int
+    max_height: int
+    width_fraction: float = 0.35
+    height_fraction: float = 0.20
+
+    def crop_box(self, width: int, height: int) -> tuple[int, int, int, int]:
+        """(left, top, right, bottom) of the centre crop for an image of this size."""
+        new_w = max(1, round((1 - self.width_fraction * min(width / self.max_width, 1.0)) * width))
+        new_h = max(1, round((1 - self.height_fraction * min(height / self.max_height, 1.0)) * height))
+        left, top = (width - new_w) // 2, (height - new_h) // 2
+        return left, top, left + new_w, top + new_h
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        left, top, right, bottom = self.crop_box(image.shape[1], image.shape[0])
+        return image[top:bottom, left:right]
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Everything inference needs to see an image the way training did; saved with checkpoints."""
+
+    image_size: int
+    mean: float
+    std: float
+    crop: dict | None = None  # ProportionalCrop fields, or None for no crop
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        """(H, W) uint8 -> cropped and resized (image_size, image_size) uint8."""
+        if self.crop is not None:
+            image = ProportionalCrop(**self.crop)(image)
+        if image.shape != (self.image_size, self.image_size):
+            resized = Image.fromarray(image).resize((self.image_size, self.image_size), Image.BILINEAR)
+            image = np.asarray(resized)
+        return image
+
+    def normalize(self, image: np.ndarray) -> np.ndarray:
+        """uint8 (H, W) -> float32 (1, H, W) in the backbone's normalised space."""
+        return ((image.astype(np.float32) / 255.0 - self.mean) / self.std)[None]
+
+
+def build_augmentation(hflip: float = 0.5, brightness=(-0.1, 0.1), contrast=(0.0, 0.1)) -> A.Compose:
+    """Train-time augmentation on uint8 images.
+
+    albumentations 2.0.8 applies contrast as img * (1 + c) + b * 255 (not centred on the mean).
+    """
+    transforms = []
+    if hflip:
+        transforms.append(A.HorizontalFlip(p=hflip))
+    if brightness is not None or contrast is not None:
+        transforms.append(
+            A.RandomBrightnessContrast(
+                brightness_limit=tuple(brightness or (0.0, 0.0)),
+                contrast_limit=tuple(contrast or (0.0, 0.0)),
+                brightness_by_max=True,
+                p=1.0,
+            )
+        )
+    return A.Compose(transforms)

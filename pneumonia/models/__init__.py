@@ -1,0 +1,4 @@
+from pneumonia.models.module import StageClassifier
+from pneumonia.models.network import PneumoniaNet, build_network, normalization_stats
+
+__all__ = ["PneumoniaNet", "StageClassifier", "build_network", "normalization_stats"]

@@ -1,0 +1,120 @@
+"""StageClassifier: one two-class stage (binary or subtype) as a LightningModule."""
+
+from __future__ import annotations
+
+import hydra
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import Metric
+from torchmetrics.classification import (
+    BinaryAUROC,
+    MulticlassAccuracy,
+    MulticlassConfusionMatrix,
+    MulticlassF1Score,
+    MulticlassPrecision,
+    MulticlassRecall,
+)
+
+from pneumonia.models.network import build_network
+
+
+def _metrics(num_classes: int) -> nn.ModuleDict:
+    return nn.ModuleDict({
+        "acc": MulticlassAccuracy(num_classes, average="micro"),
+        "auroc": BinaryAUROC(),
+        "precision": MulticlassPrecision(num_classes, average=None),
+        "recall": MulticlassRecall(num_classes, average=None),
+        "f1": MulticlassF1Score(num_classes, average=None),
+        "confusion": MulticlassConfusionMatrix(num_classes),
+    })
+
+
+class StageClassifier(L.LightningModule):
+    """Class-weighted cross-entropy classifier for one stage.
+
+    Every argument is a plain value (names and options, no modules), so the checkpoint
+    rebuilds the model by itself; `preprocessing` is what inference needs to see images the
+    way training did. `pretrained` is separate so a checkpoint can be loaded offline with
+    `StageClassifier.load_from_checkpoint(path, pretrained=False)` (its weights are in it).
+    """
+
+    def __init__(
+        self,
+        model: dict,
+        classes: list[str],
+        stage: str,
+        preprocessing: dict,
+        optimizer: dict,
+        scheduler: dict | None = None,
+        class_weights: list[float] | None = None,
+        label_smoothing: float = 0.0,
+        pretrained: bool | str = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(logger=False)  # train() logs the whole resolved config
+        self.net = build_network(**model, pretrained=pretrained, num_classes=len(classes))
+        self.register_buffer(
+            "class_weights",
+            torch.tensor(class_weights, dtype=torch.float32) if class_weights else None,
+            persistent=False,
+        )
+        self.metrics = nn.ModuleDict({f"{s}_metrics": _metrics(len(classes)) for s in ("train", "val", "test")})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> torch.Tensor:
+        images, targets = batch
+        logits = self(images)
+        loss = F.cross_entropy(
+            logits, targets, weight=self.class_weights, label_smoothing=self.hparams.label_smoothing
+        )
+        probs = logits.detach().float().softmax(dim=1)
+        for name, metric in self.metrics[f"{split}_metrics"].items():
+            metric.update(probs[:, 1] if name == "auroc" else probs, targets)
+        self.log(f"{split}/loss", loss, on_step=split == "train", on_epoch=True,
+                 prog_bar=True, batch_size=len(targets), sync_dist=split != "train")
+        return loss
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def _log_epoch(self, split: str) -> None:
+        metrics: dict[str, Metric] = self.metrics[f"{split}_metrics"]
+        values = {name: metric.compute() for name, metric in metrics.items()}  # synced across ranks
+        self.log(f"{split}/auroc", values["auroc"], prog_bar=True)
+        out = {f"{split}/acc": values["acc"]}
+        classes = self.hparams.classes
+        for i, cls in enumerate(classes):
+            for name in ("precision", "recall", "f1"):
+                out[f"{split}/{name}_{cls}"] = values[name][i]
+            for j, pred in enumerate(classes):
+                out[f"{split}/confusion_{cls}_as_{pred}"] = values["confusion"][i, j].float()
+        self.log_dict(out)
+        for metric in metrics.values():
+            metric.reset()
+
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch("test")
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = hydra.utils.instantiate(self.hparams.optimizer)(params=params)
+        if not self.hparams.scheduler:
+            return optimizer
+        scheduler = hydra.utils.instantiate(self.hparams.scheduler)(optimizer=optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}

@@ -1,0 +1,147 @@
+"""Backbones by name through timm, study A's channel adapter, and the two heads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+ADAPTERS = ("conv", "none")
+HEADS = ("linear", "deep_mlp")
+FREEZE = ("features", "none")
+
+
+class PretrainedWeightsError(RuntimeError):
+    """ImageNet weights could not be obtained."""
+
+
+class DeepMLPHead(nn.Module):
+    """Study B's head: 4x4 pooling, flatten, dense 1024-512-256-128-64-32 (ReLU), BatchNorm, dense."""
+
+    def __init__(self, channels: int, feature_size: tuple[int, int], num_classes: int = 2):
+        super().__init__()
+        pool = min(4, *feature_size)
+        pooled = (feature_size[0] // pool) * (feature_size[1] // pool)
+        widths = [channels * pooled, 1024, 512, 256, 128, 64, 32]
+        layers: list[nn.Module] = [nn.AvgPool2d(pool), nn.Flatten()]
+        for n_in, n_out in zip(widths, widths[1:]):
+            layers += [nn.Linear(n_in, n_out), nn.ReLU(inplace=True)]
+        layers += [nn.BatchNorm1d(widths[-1]), nn.Linear(widths[-1], num_classes)]
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.layers(features)
+
+
+class PneumoniaNet(nn.Module):
+    """Grayscale image (N, 1, S, S) -> class logits (N, num_classes)."""
+
+    def __init__(self, adapter: nn.Module, backbone: nn.Module, head: nn.Module | None):
+        super().__init__()
+        self.adapter = adapter
+        self.backbone = backbone
+        self.head = head  # None: the backbone's own (reset) timm classifier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.adapter(x)
+        if self.head is None:
+            return self.backbone(x)
+        return self.head(self.backbone.forward_features(x))
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"model.{key}={value!r} is not one of: {', '.join(choices)}")
+
+
+def create_backbone(name: str, pretrained: bool | str, **kwargs) -> nn.Module:
+    """timm.create_model with ImageNet weights from the hub (True), none (False) or a local file."""
+    if not timm.is_model(name):
+        raise ValueError(
+            f"model.backbone={name!r} is not a timm model. This project's configs: vgg16, mobilenet, "
+            "xception, inception_v3, resnet18, resnet50, densenet121, efficientnet_b0; any name "
+            "from timm.list_models() also works."
+        )
+    if pretrained is False or pretrained is None:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    if pretrained is True:
+        try:
+            return timm.create_model(name, pretrained=True, **kwargs)
+        except Exception as err:  # the hub raises many kinds: offline, DNS, HTTP, missing file
+            raise PretrainedWeightsError(
+                f"could not download ImageNet weights for {name!r} ({err.__class__.__name__}: {err}). "
+                f"On an offline machine, copy a weights file (.safetensors or .pth) for {name} and pass "
+                "model.pretrained=/path/to/weights, or train from scratch with model.pretrained=false."
+            ) from err
+    path = Path(str(pretrained)).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"model.pretrained={pretrained}: weights file not found")
+    # The normal timm loader adapts in_chans and drops a classifier of the wrong size.
+    return timm.create_model(
+        name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path.resolve())), **kwargs
+    )
+
+
+def _head_trainable_names(backbone: nn.Module) -> list[str]:
+    """The timm classifier, plus VGG's dense pre-logits block (study A trains all dense layers)."""
+    names = [backbone.pretrained_cfg["classifier"]]
+    if isinstance(getattr(backbone, "pre_logits", None), nn.Module) and any(
+        True for _ in backbone.pre_logits.parameters()
+    ):
+        names.append("pre_logits")
+    return names
+
+
+def build_network(
+    backbone: str,
+    pretrained: bool | str = False,
+    adapter: str = "none",
+    head: str = "linear",
+    freeze: str = "none",
+    input_size: int = 224,
+    num_classes: int = 2,
+    **_: object,
+) -> PneumoniaNet:
+    """The network for one stage from plain options (the same options are stored in checkpoints)."""
+    _check_choice("adapter", adapter, ADAPTERS)
+    _check_choice("head", head, HEADS)
+    _check_choice("freeze", freeze, FREEZE)
+    in_chans = 3 if adapter == "conv" else 1  # in_chans=1: timm sums the RGB filters of conv 1
+    if adapter == "conv":
+        # A trainable 1->3 convolution; starting as "copy gray into R, G and B" keeps the
+        # pretrained filters meaningful from the first step.
+        adapter_module: nn.Module = nn.Conv2d(1, 3, kernel_size=1)
+        nn.init.ones_(adapter_module.weight)
+        nn.init.zeros_(adapter_module.bias)
+    else:
+        adapter_module = nn.Identity()
+    if head == "linear":
+        net = create_backbone(backbone, pretrained, num_classes=num_classes, in_chans=in_chans)
+        head_module = None
+    else:
+        net = create_backbone(backbone, pretrained, num_classes=0, in_chans=in_chans)
+        with torch.no_grad():
+            was_training = net.training
+            features = net.eval().forward_features(torch.zeros(1, in_chans, input_size, input_size))
+            net.train(was_training)
+        head_module = DeepMLPHead(features.shape[1], tuple(features.shape[2:]), num_classes)
+    if freeze == "features":
+        # Frozen BatchNorm becomes FrozenBatchNorm2d: no running-stat updates in train mode.
+        timm.utils.freeze(net)
+        if head_module is None:
+            timm.utils.unfreeze(net, _head_trainable_names(net))
+    return PneumoniaNet(adapter_module, net, head_module)
+
+
+def normalization_stats(backbone: str, mode: str) -> tuple[float, float]:
+    """One-channel (mean, std): the backbone's ImageNet statistics averaged, or plain [0, 1]."""
+    if mode == "unit":
+        return 0.0, 1.0
+    if mode != "backbone":
+        raise ValueError(f"data.normalization={mode!r} is not one of: backbone, unit")
+    cfg = timm.get_pretrained_cfg(backbone)
+    mean = getattr(cfg, "mean", None) or (0.485, 0.456, 0.406)
+    std = getattr(cfg, "std", None) or (0.229, 0.224, 0.225)
+    return float(sum(mean) / len(mean)), float(sum(std) / len(std))

@@ -1,0 +1,122 @@
+"""train(cfg): one stage, one backbone, one seed; the whole job behind train.py."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from lightning.pytorch.loggers import MLFlowLogger
+from omegaconf import DictConfig, OmegaConf
+
+from pneumonia.data import KermanyDataModule
+from pneumonia.data.synthetic import make_synthetic_dataset
+from pneumonia.models import StageClassifier, normalization_stats
+from pneumonia.stages import STAGE_CLASSES, check_stage
+from pneumonia.tracking import log_results, log_run_inputs
+
+log = logging.getLogger(__name__)
+
+
+def build_datamodule(cfg: DictConfig) -> KermanyDataModule:
+    """The data module of a run, making the synthetic data set first when data=synthetic."""
+    data = cfg.data
+    root = Path(data.root).expanduser()
+    if data.synthetic:
+        root = make_synthetic_dataset(root, **data.synthetic)
+    mean, std = normalization_stats(cfg.model.backbone, data.normalization)
+    return KermanyDataModule(
+        root=root,
+        stage=check_stage(cfg.stage.name),
+        image_size=cfg.model.input_size,
+        mean=mean,
+        std=std,
+        split=data.split,
+        val_fraction=data.val_fraction,
+        test_fraction=data.test_fraction,
+        seed=data.split_seed,
+        crop=OmegaConf.to_container(data.crop) if data.crop else None,
+        augment=OmegaConf.to_container(data.augment) if data.augment else None,
+        batch_size=data.batch_size,
+        num_workers=data.num_workers,
+    )
+
+
+def class_weights(setting: Any, datamodule: KermanyDataModule) -> list[float] | None:
+    if setting is None:
+        return None
+    if setting == "auto":
+        return datamodule.class_weights()
+    weights = [float(w) for w in setting]
+    if len(weights) != 2 or min(weights) <= 0:
+        raise ValueError(f"loss.class_weights={setting} must be auto, null or two positive numbers")
+    return weights
+
+
+def build_module(cfg: DictConfig, datamodule: KermanyDataModule) -> StageClassifier:
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    pretrained = model.pop("pretrained")
+    return StageClassifier(
+        model=model,
+        classes=list(STAGE_CLASSES[cfg.stage.name]),
+        stage=cfg.stage.name,
+        preprocessing=datamodule.preprocessing.to_dict(),
+        optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
+        scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True) if cfg.scheduler else None,
+        class_weights=class_weights(cfg.loss.class_weights, datamodule),
+        label_smoothing=cfg.loss.label_smoothing,
+        pretrained=pretrained,
+    )
+
+
+def _check_output_dir(output_dir: Path) -> None:
+    checkpoints = output_dir / "checkpoints"
+    if checkpoints.is_dir() and any(checkpoints.iterdir()):
+        raise FileExistsError(
+            f"{checkpoints} already holds checkpoints from another run; "
+            "choose a new hydra.run.dir (nothing was overwritten)"
+        )
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Train one stage. Returns the MLflow run id, the best checkpoint and its validation metrics."""
+    L.seed_everything(cfg.seed, workers=True)
+    output_dir = Path(cfg.paths.output_dir)
+    _check_output_dir(output_dir)
+    datamodule = build_datamodule(cfg)
+    module = build_module(cfg, datamodule)
+    manifest = datamodule.write_manifest(output_dir / "split_manifest.csv")
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    config_file = output_dir / "config.yaml"
+    OmegaConf.save(cfg, config_file, resolve=True)
+
+    logger = hydra.utils.instantiate(cfg.logger) if cfg.get("logger") else False
+    if isinstance(logger, MLFlowLogger):
+        log_run_inputs(logger, resolved, datamodule.preprocessing.to_dict(), [manifest, config_file])
+    callbacks = [hydra.utils.instantiate(c) for c in cfg.callbacks.values() if c]
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=logger, callbacks=callbacks)
+    log.info("Training %s/%s on %s: %s", cfg.stage.name, cfg.model.name, datamodule.root,
+             {s: datamodule.class_counts(s) for s in ("train", "val", "test")})
+    trainer.fit(module, datamodule=datamodule)
+
+    result: dict[str, Any] = {
+        "run_id": logger.run_id if isinstance(logger, MLFlowLogger) else None,
+        "tracking_uri": cfg.logger.tracking_uri if isinstance(logger, MLFlowLogger) else None,
+        "output_dir": str(output_dir),
+        "best_checkpoint": None,
+        "metrics": {},
+    }
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    if not best or not trainer.is_global_zero:
+        return result
+    # Score the best checkpoint once, on one device (DDP samplers would pad the val set).
+    scorer = L.Trainer(accelerator=cfg.trainer.accelerator, devices=1, logger=False,
+                       enable_progress_bar=False, enable_model_summary=False)
+    metrics = scorer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
+    metrics = {k: float(v) for k, v in sorted(metrics.items()) if not k.startswith("val/confusion")}
+    if isinstance(logger, MLFlowLogger):
+        log_results(logger, metrics, Path(best) if cfg.log_best_checkpoint else None)
+    result.update(best_checkpoint=best, metrics=metrics)
+    return result
