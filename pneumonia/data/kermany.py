@@ -143,20 +143,20 @@ def split_records(
 
 
 def write_manifest(records: list[Record], path: Path) -> Path:
-    """One row per image: path, label, patient, split; enough to rebuild a run's split."""
+    """One row per image (path, label, patient, split, source folder, size): a run's exact split."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["path", "label", "patient", "split", "width", "height"])
+        writer.writerow(["path", "label", "patient", "split", "folder", "width", "height"])
         for r in records:
-            writer.writerow([str(r.path), r.label, r.patient, r.split, r.width, r.height])
+            writer.writerow([str(r.path), r.label, r.patient, r.split, r.folder, r.width, r.height])
     return path
 
 
 def read_manifest(path: Path) -> list[Record]:
     with Path(path).open(newline="") as f:
         return [
-            Record(Path(row["path"]), row["label"], row["patient"], "", int(row["width"]),
-                   int(row["height"]), row["split"])
+            Record(Path(row["path"]), row["label"], row["patient"], row["folder"],
+                   int(row["width"]), int(row["height"]), row["split"])
             for row in csv.DictReader(f)
         ]

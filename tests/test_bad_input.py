@@ -1,0 +1,124 @@
+"""Bad data folders fail before any model is built, with the file or value named."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pneumonia.data.kermany import DataError, scan_kermany
+from pneumonia.train import build_datamodule, train
+from tests.conftest import compose_train, tree_hashes
+
+
+@pytest.fixture
+def data(synthetic_root, tmp_path) -> Path:
+    """A private, writable copy of the synthetic data set that a test may break."""
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root, root)
+    return root
+
+
+def _datamodule(root: Path, tmp_path: Path, *overrides: str):
+    return build_datamodule(compose_train(tmp_path, [f"data.root={root}", *overrides]))
+
+
+def test_missing_root_is_named(tmp_path):
+    with pytest.raises(DataError, match=r"data.root=.*/nowhere does not exist"):
+        _datamodule(tmp_path / "nowhere", tmp_path)
+
+
+def test_root_without_kermany_layout(tmp_path):
+    (tmp_path / "images").mkdir()
+    with pytest.raises(DataError, match=r"no train/ folder.*\{NORMAL,PNEUMONIA\}"):
+        _datamodule(tmp_path / "images", tmp_path)
+
+
+def test_missing_class_folder_is_named(data, tmp_path):
+    shutil.rmtree(data / "train" / "NORMAL")
+    with pytest.raises(DataError, match=r"train/NORMAL is missing"):
+        _datamodule(data, tmp_path)
+
+
+def test_empty_class_is_named(data, tmp_path):
+    for path in (data / "train" / "PNEUMONIA").iterdir():
+        path.unlink()
+    with pytest.raises(DataError, match=r"train/PNEUMONIA holds no images"):
+        _datamodule(data, tmp_path)
+
+
+@pytest.mark.parametrize(
+    "name, content, reason",
+    [
+        ("IM-9001-0001.jpeg", b"", "empty file"),
+        ("IM-9002-0001.jpeg", b"patient notes, not an image\n", "not a readable image"),
+    ],
+)
+def test_non_image_file_is_named(data, tmp_path, name, content, reason):
+    (data / "train" / "NORMAL" / name).write_bytes(content)
+    with pytest.raises(DataError, match=rf"(?s)1 unreadable image.*{name}: {reason}"):
+        _datamodule(data, tmp_path)
+
+
+def test_truncated_jpeg_is_named(data, tmp_path):
+    good = next((data / "train" / "PNEUMONIA").glob("*.jpeg"))
+    bad = good.with_name("person9999_bacteria_1.jpeg")
+    bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(DataError, match=r"person9999_bacteria_1.jpeg: truncated JPEG"):
+        _datamodule(data, tmp_path)
+
+
+def test_system_and_non_image_files_are_ignored(data, tmp_path):
+    (data / "train" / "NORMAL" / ".DS_Store").write_bytes(b"\x00\x01binary")
+    (data / "train" / "PNEUMONIA" / "Thumbs.db").write_bytes(b"\x00")
+    (data / "train" / "PNEUMONIA" / "README.txt").write_text("notes")
+    n_images = len(scan_kermany(data))
+    assert n_images == sum(1 for _ in data.rglob("*.jpeg"))
+
+
+def test_subtype_stage_without_viral_images(data, tmp_path):
+    for path in data.rglob("*_virus_*.jpeg"):
+        path.unlink()
+    with pytest.raises(DataError, match=r"stage=subtype needs bacterial and viral.*none for: viral"):
+        _datamodule(data, tmp_path, "stage=subtype")
+    _datamodule(data, tmp_path, "stage=binary")  # stage 1 does not need the subtype
+
+
+def test_unknown_split_mode(data, tmp_path):
+    with pytest.raises(DataError, match="data.split='kfold'"):
+        _datamodule(data, tmp_path, "data.split=kfold")
+
+
+def test_unknown_backbone_fails_before_training(data, tmp_path):
+    cfg = compose_train(tmp_path, [f"data.root={data}", "model.backbone=resnet181",
+                                   "model.pretrained=false", "logger=none"])
+    with pytest.raises(ValueError, match="resnet181.*timm.list_models"):
+        train(cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_bad_input_never_writes_into_the_data_folder(data, tmp_path):
+    (data / "train" / "NORMAL" / "IM-9002-0001.jpeg").write_bytes(b"not an image")
+    before = tree_hashes(data)
+    with pytest.raises(DataError):
+        _datamodule(data, tmp_path)
+    assert tree_hashes(data) == before
+
+
+def test_synthetic_generator_never_writes_into_a_foreign_folder(tmp_path):
+    from pneumonia.data.synthetic import make_synthetic_dataset
+
+    foreign = tmp_path / "my_xrays"
+    foreign.mkdir()
+    (foreign / "scan.jpeg").write_bytes(b"mine")
+    with pytest.raises(FileExistsError, match="not a synthetic data set"):
+        make_synthetic_dataset(foreign)
+    assert [p.name for p in foreign.iterdir()] == ["scan.jpeg"]
+
+
+def test_synthetic_generator_is_deterministic(tmp_path):
+    from pneumonia.data.synthetic import make_synthetic_dataset
+
+    a = make_synthetic_dataset(tmp_path / "a", patients_per_class=3, seed=5)
+    b = make_synthetic_dataset(tmp_path / "b", patients_per_class=3, seed=5)
+    assert tree_hashes(a) == tree_hashes(b)
+    assert make_synthetic_dataset(tmp_path / "a", patients_per_class=3, seed=5) == a  # reused

@@ -1,0 +1,140 @@
+import itertools
+import os
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import save_file
+
+from pneumonia.models import StageClassifier, build_network
+from pneumonia.models.network import PretrainedWeightsError
+from tests.conftest import MODELS, REPO, compose_train
+
+
+def _options(cfg) -> dict:
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    model["pretrained"] = False
+    return model
+
+
+def test_every_model_stage_adapter_head_composes(tmp_path):
+    combos = list(itertools.product(MODELS, ["binary", "subtype"], ["conv", "none"], ["linear", "deep_mlp"]))
+    for model, stage, adapter, head in combos:
+        cfg = compose_train(tmp_path, [f"model={model}", f"stage={stage}", f"model.adapter={adapter}",
+                                       f"model.head={head}", "data.root=/data"])
+        assert cfg.model.name == model and cfg.stage.name == stage
+        assert timm.is_model(cfg.model.backbone)
+        OmegaConf.to_container(cfg.model, resolve=True)
+    assert len(combos) == 64
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", MODELS)
+def test_every_model_adapter_head_builds_and_runs(model, tmp_path):
+    cfg = compose_train(tmp_path, [f"model={model}", "data.root=/data"])
+    size = cfg.model.input_size
+    for adapter, head in itertools.product(["conv", "none"], ["linear", "deep_mlp"]):
+        net = build_network(**{**_options(cfg), "adapter": adapter, "head": head}).eval()
+        with torch.no_grad():
+            logits = net(torch.randn(2, 1, size, size))
+        assert logits.shape == (2, 2), (model, adapter, head)
+
+
+def _trainable(net) -> set[str]:
+    return {name for name, p in net.named_parameters() if p.requires_grad}
+
+
+def test_frozen_features_train_only_the_classifier_and_the_adapter():
+    net = build_network("vgg16", adapter="conv", head="linear", freeze="features", input_size=64)
+    trainable = _trainable(net)
+    # study A: the 1->3 convolution and VGG's dense layers (pre_logits + the new 2-way layer)
+    assert {"adapter.weight", "adapter.bias", "backbone.head.fc.weight"} <= trainable
+    assert any(n.startswith("backbone.pre_logits") for n in trainable)
+    assert not any(n.startswith("backbone.features") for n in trainable)
+
+
+def test_frozen_batchnorm_keeps_its_statistics_in_train_mode():
+    net = build_network("resnet18", adapter="none", head="deep_mlp", freeze="features", input_size=64)
+    assert not any(n.startswith("backbone.") for n in _trainable(net))
+    assert any(n.startswith("head.") for n in _trainable(net))
+    before = {k: v.clone() for k, v in net.backbone.state_dict().items()}
+    net.train()
+    net(torch.randn(4, 1, 64, 64) * 3 + 1).sum().backward()
+    after = net.backbone.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_gradients_reach_the_adapter_through_a_frozen_backbone():
+    net = build_network("resnet18", adapter="conv", head="linear", freeze="features", input_size=64)
+    net(torch.randn(2, 1, 64, 64)).sum().backward()
+    assert net.adapter.weight.grad is not None and net.adapter.weight.grad.abs().sum() > 0
+    assert net.backbone.conv1.weight.grad is None
+
+
+def test_unfrozen_network_trains_everything():
+    net = build_network("resnet18", adapter="none", head="linear", freeze="none")
+    assert _trainable(net) == {n for n, _ in net.named_parameters()}
+
+
+def test_local_weights_file_is_loaded_and_folded_to_one_channel(tmp_path):
+    reference = timm.create_model("resnet18", pretrained=False)
+    weights = tmp_path / "resnet18.safetensors"
+    save_file(reference.state_dict(), str(weights))
+    net = build_network("resnet18", pretrained=str(weights), adapter="none", head="linear")
+    # in_chans=1: timm sums the RGB filters of the first convolution
+    torch.testing.assert_close(net.backbone.conv1.weight, reference.conv1.weight.sum(dim=1, keepdim=True))
+    torch.testing.assert_close(net.backbone.layer4[1].conv2.weight, reference.layer4[1].conv2.weight)
+    assert net.backbone.fc.out_features == 2  # the 1000-class layer was dropped
+    with_adapter = build_network("resnet18", pretrained=str(weights), adapter="conv", head="linear")
+    torch.testing.assert_close(with_adapter.backbone.conv1.weight, reference.conv1.weight)
+
+
+def test_missing_weights_file_is_named():
+    with pytest.raises(FileNotFoundError, match="model.pretrained=/nowhere/w.safetensors"):
+        build_network("resnet18", pretrained="/nowhere/w.safetensors")
+
+
+def test_offline_hub_download_names_the_offline_option():
+    code = ("from pneumonia.models import build_network\n"
+            "build_network('resnet18', pretrained=True)\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          cwd=REPO, timeout=120)
+    assert proc.returncode != 0
+    assert PretrainedWeightsError.__name__ in proc.stderr
+    assert "model.pretrained=/path/to/weights" in proc.stderr
+
+
+def test_unknown_backbone_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="vgg61.*vgg16, mobilenet, xception, inception_v3"):
+        build_network("vgg61")
+
+
+@pytest.mark.parametrize("key, value", [("adapter", "rgb"), ("head", "mlp"), ("freeze", "all")])
+def test_unknown_option_is_named(key, value):
+    with pytest.raises(ValueError, match=f"model.{key}={value!r}"):
+        build_network("resnet18", **{key: value})
+
+
+def test_checkpoint_rebuilds_the_model_from_plain_hparams(tmp_path):
+    module = StageClassifier(
+        model=dict(name="r18", backbone="resnet18", adapter="conv", head="deep_mlp",
+                   freeze="features", input_size=64),
+        classes=["normal", "pneumonia"], stage="binary",
+        preprocessing=dict(image_size=64, mean=0.45, std=0.22, crop=None),
+        optimizer={"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-3},
+        class_weights=[2.0, 0.7], pretrained=False,
+    ).eval()
+    import lightning as L
+
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, max_epochs=0)
+    trainer.strategy.connect(module)
+    path = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(path)
+    loaded = StageClassifier.load_from_checkpoint(path).eval()
+    x = torch.randn(3, 1, 64, 64)
+    torch.testing.assert_close(loaded(x), module(x))
+    assert loaded.hparams.preprocessing["mean"] == 0.45
