@@ -68,6 +68,8 @@ def build_module(cfg: DictConfig, datamodule: KermanyDataModule) -> StageClassif
         class_weights=class_weights(cfg.loss.class_weights, datamodule),
         label_smoothing=cfg.loss.label_smoothing,
         pretrained=pretrained,
+        data={"root": str(datamodule.root), "split": cfg.data.split, "split_seed": cfg.data.split_seed,
+              "val_fraction": cfg.data.val_fraction, "test_fraction": cfg.data.test_fraction},
     )
 
 

@@ -17,11 +17,11 @@ from pneumonia.stages import STAGE_CLASSES, stage_target
 
 
 class XrayDataset(Dataset):
-    """Images of one split for one stage: (1, S, S) float tensor and class index."""
+    """(1, S, S) float tensor and the class index in `stage` (-1 where the stage has none)."""
 
     def __init__(self, records: list[Record], stage: str, preprocessing: Preprocessing, augment=None):
         self.records = records
-        self.targets = [stage_target(stage, r.label) for r in records]
+        self.targets = [-1 if (t := stage_target(stage, r.label)) is None else t for r in records]
         self.preprocessing = preprocessing
         self.augment = augment
 

@@ -39,8 +39,8 @@ def draw_xray(label: str, width: int, height: int, rng: np.random.Generator) -> 
     if label == "bacterial":
         mask, cx, cy, rx, ry = lungs[rng.integers(2)]
         bx, by = cx + rng.uniform(-0.4, 0.4) * rx, cy + rng.uniform(-0.4, 0.5) * ry
-        r = rng.uniform(0.06, 0.09)
-        img += 0.45 * np.exp(-(((u - bx) ** 2 + ((v - by) * width / height) ** 2) / r**2)) * mask
+        r = rng.uniform(0.07, 0.10)
+        img += 0.6 * np.exp(-(((u - bx) ** 2 + ((v - by) * width / height) ** 2) / r**2)) * mask
     elif label == "viral":
         both = lungs[0][0] | lungs[1][0]
         fx, fy = rng.uniform(35, 50), rng.uniform(35, 50)
@@ -59,7 +59,7 @@ def _file_name(label: str, patient: int, index: int) -> tuple[str, str]:
 
 def make_synthetic_dataset(
     root: str | Path,
-    patients_per_class: int = 24,
+    patients_per_class: int = 40,
     images_per_patient: int = 2,
     min_size: int = 160,
     max_size: int = 320,

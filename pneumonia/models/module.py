@@ -38,6 +38,7 @@ class StageClassifier(L.LightningModule):
     rebuilds the model by itself; `preprocessing` is what inference needs to see images the
     way training did. `pretrained` is separate so a checkpoint can be loaded offline with
     `StageClassifier.load_from_checkpoint(path, pretrained=False)` (its weights are in it).
+    `data` records the data root and split settings, so evaluation finds the same test split.
     """
 
     def __init__(
@@ -51,6 +52,7 @@ class StageClassifier(L.LightningModule):
         class_weights: list[float] | None = None,
         label_smoothing: float = 0.0,
         pretrained: bool | str = False,
+        data: dict | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)  # train() logs the whole resolved config
@@ -62,8 +64,18 @@ class StageClassifier(L.LightningModule):
         )
         self.metrics = nn.ModuleDict({f"{s}_metrics": _metrics(len(classes)) for s in ("train", "val", "test")})
 
+    mlflow_run_id: str | None = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Lets evaluation link its report to the training run that made the weights.
+        run_id = getattr(self.logger, "run_id", None) if self._trainer is not None else None
+        checkpoint["mlflow_run_id"] = run_id or self.mlflow_run_id
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.mlflow_run_id = checkpoint.get("mlflow_run_id")
 
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> torch.Tensor:
         images, targets = batch

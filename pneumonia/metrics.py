@@ -1,0 +1,158 @@
+"""Clinical-study metrics on arrays of labels and probabilities, with bootstrap intervals.
+
+Plain numpy so every value can be checked by hand. Binary inputs: y in {0, 1} (1 = the
+stage's positive class), p = predicted probability of class 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+
+def roc_curve(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(fpr, tpr, thresholds) for "positive if p >= threshold", thresholds descending.
+
+    The first point is (0, 0) at threshold +inf.
+    """
+    y, p = np.asarray(y), np.asarray(p, dtype=np.float64)
+    order = np.argsort(-p, kind="stable")
+    p_sorted, y_sorted = p[order], y[order]
+    last_of_tie = np.r_[np.flatnonzero(np.diff(p_sorted)), len(p_sorted) - 1]
+    tp = np.cumsum(y_sorted)[last_of_tie]
+    fp = (last_of_tie + 1) - tp
+    n_pos, n_neg = max(y.sum(), 1), max(len(y) - y.sum(), 1)
+    return (np.r_[0.0, fp / n_neg], np.r_[0.0, tp / n_pos], np.r_[np.inf, p_sorted[last_of_tie]])
+
+
+def auroc(y: np.ndarray, p: np.ndarray) -> float:
+    """Probability that a random positive scores above a random negative (ties count half)."""
+    y, p = np.asarray(y), np.asarray(p, dtype=np.float64)
+    pos, neg = p[y == 1], p[y == 0]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    greater = (pos[:, None] > neg[None, :]).sum()
+    ties = (pos[:, None] == neg[None, :]).sum()
+    return float((greater + 0.5 * ties) / (len(pos) * len(neg)))
+
+
+def average_precision(y: np.ndarray, p: np.ndarray) -> float:
+    """Sum over thresholds of (recall step) x precision, as scikit-learn defines it."""
+    y, p = np.asarray(y), np.asarray(p, dtype=np.float64)
+    if y.sum() == 0:
+        return float("nan")
+    fpr, tpr, _ = roc_curve(y, p)
+    n_pos, n_neg = y.sum(), len(y) - y.sum()
+    tp, fp = tpr[1:] * n_pos, fpr[1:] * n_neg
+    precision = tp / np.maximum(tp + fp, 1)
+    return float(np.sum(np.diff(np.r_[0.0, tpr[1:]]) * precision))
+
+
+def specificity_at_sensitivity(y: np.ndarray, p: np.ndarray, sensitivity: float) -> float:
+    """The best specificity among thresholds that reach at least this sensitivity."""
+    fpr, tpr, _ = roc_curve(y, p)
+    return float(np.max(1 - fpr[tpr >= sensitivity - 1e-12]))
+
+
+def threshold_for_sensitivity(y: np.ndarray, p: np.ndarray, sensitivity: float) -> float:
+    """The highest threshold whose sensitivity is at least the target."""
+    _, tpr, thresholds = roc_curve(y, p)
+    return float(thresholds[np.argmax(tpr >= sensitivity - 1e-12)])
+
+
+def youden_threshold(y: np.ndarray, p: np.ndarray) -> float:
+    """The threshold maximising sensitivity + specificity - 1 (the highest one on ties)."""
+    fpr, tpr, thresholds = roc_curve(y, p)
+    j = tpr - fpr
+    j[0] = -np.inf  # never "nobody is positive"
+    return float(thresholds[int(np.argmax(j))])
+
+
+def binary_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float]:
+    y, p = np.asarray(y), np.asarray(p, dtype=np.float64)
+    pred = p >= threshold
+    tp, fp = int(np.sum(pred & (y == 1))), int(np.sum(pred & (y == 0)))
+    fn, tn = int(np.sum(~pred & (y == 1))), int(np.sum(~pred & (y == 0)))
+    sensitivity = tp / max(tp + fn, 1)
+    precision = tp / max(tp + fp, 1)
+    return {
+        "accuracy": (tp + tn) / len(y),
+        "sensitivity": sensitivity,
+        "specificity": tn / max(tn + fp, 1),
+        "precision": precision,
+        "f1": 2 * precision * sensitivity / max(precision + sensitivity, 1e-12),
+        "auroc": auroc(y, p),
+        "average_precision": average_precision(y, p),
+        "specificity_at_95_sensitivity": specificity_at_sensitivity(y, p, 0.95),
+        "specificity_at_99_sensitivity": specificity_at_sensitivity(y, p, 0.99),
+        "false_positives": fp,
+        "false_negatives": fn,
+    }
+
+
+def confusion_matrix(y: np.ndarray, pred: np.ndarray, n_classes: int) -> np.ndarray:
+    """Counts[true, predicted]."""
+    return np.bincount(np.asarray(y) * n_classes + np.asarray(pred),
+                       minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+
+
+def multiclass_metrics(y: np.ndarray, pred: np.ndarray, classes: list[str]) -> dict[str, float]:
+    cm = confusion_matrix(y, pred, len(classes))
+    out = {"accuracy": float(np.trace(cm) / cm.sum())}
+    for i, name in enumerate(classes):
+        precision = cm[i, i] / max(cm[:, i].sum(), 1)
+        recall = cm[i, i] / max(cm[i, :].sum(), 1)
+        out[f"precision_{name}"] = float(precision)
+        out[f"recall_{name}"] = float(recall)
+        out[f"f1_{name}"] = float(2 * precision * recall / max(precision + recall, 1e-12))
+    return out
+
+
+def expected_calibration_error(y: np.ndarray, p: np.ndarray, bins: int = 10) -> float:
+    """Mean |observed positive rate - mean predicted probability| over equal-width bins,
+    weighted by the share of predictions in each bin (probability of class 1)."""
+    y, p = np.asarray(y), np.asarray(p, dtype=np.float64)
+    index = np.minimum((p * bins).astype(int), bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        inside = index == b
+        if inside.any():
+            ece += inside.mean() * abs(y[inside].mean() - p[inside].mean())
+    return float(ece)
+
+
+def reliability_curve(y: np.ndarray, p: np.ndarray, bins: int = 10):
+    """(mean predicted, observed rate, count) per non-empty bin."""
+    y, p = np.asarray(y), np.asarray(p, dtype=np.float64)
+    index = np.minimum((p * bins).astype(int), bins - 1)
+    rows = [(p[index == b].mean(), y[index == b].mean(), int((index == b).sum()))
+            for b in range(bins) if (index == b).any()]
+    return tuple(np.array(col) for col in zip(*rows)) if rows else (np.array([]),) * 3
+
+
+# Metrics that are counts, not rates: they get no confidence interval.
+_NO_INTERVAL = ("false_positives", "false_negatives")
+
+
+def bootstrap_intervals(
+    metric_fn: Callable[..., dict[str, float]],
+    arrays: tuple[np.ndarray, ...],
+    n: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap interval of every rate metric_fn returns, resampling images."""
+    rng = np.random.default_rng(seed)
+    size = len(arrays[0])
+    samples: dict[str, list[float]] = {}
+    for _ in range(n):
+        index = rng.integers(0, size, size)
+        for key, value in metric_fn(*(a[index] for a in arrays)).items():
+            if key not in _NO_INTERVAL:
+                samples.setdefault(key, []).append(value)
+    alpha = (1 - level) / 2
+    return {
+        key: (float(np.nanquantile(v, alpha)), float(np.nanquantile(v, 1 - alpha)))
+        for key, v in samples.items()
+    }

@@ -1,0 +1,230 @@
+"""TwoStagePipeline: stage 1 (normal vs pneumonia) then stage 2 (bacterial vs viral).
+
+Three-class probabilities from the two stages' calibrated outputs:
+P(normal) = 1 - p, P(bacterial) = p * q, P(viral) = p * (1 - q), with p = P(pneumonia)
+from stage 1 and q = P(bacterial | pneumonia) from stage 2. Temperatures and decision
+thresholds are fitted on the validation split only and saved with the pipeline.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from pneumonia.data.datamodule import XrayDataset
+from pneumonia.data.kermany import DataError, Record, scan_kermany, split_records
+from pneumonia.data.transforms import Preprocessing
+from pneumonia.metrics import threshold_for_sensitivity, youden_threshold
+from pneumonia.models import StageClassifier
+from pneumonia.stages import STAGE_CLASSES, stage_target
+
+CLASSES = ("normal", "bacterial", "viral")
+OPERATING_POINTS = ("youden", "sensitivity", "default")
+_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or run id that cannot serve where it was given."""
+
+
+def resolve_checkpoint(ref: str, tracking_uri: str | None, download_dir: Path) -> Path:
+    """A checkpoint file from a path or an MLflow run id (its logged best checkpoint)."""
+    path = Path(str(ref)).expanduser()
+    if path.is_file():
+        return path
+    if not _RUN_ID.match(str(ref)):
+        raise CheckpointError(f"{ref}: no such checkpoint file, and not an MLflow run id")
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    try:
+        run = client.get_run(str(ref))
+    except MlflowException as err:
+        raise CheckpointError(f"MLflow run {ref} not found in {tracking_uri}") from err
+    local = run.data.tags.get("best_checkpoint")
+    if local and Path(local).is_file():
+        return Path(local)
+    try:
+        folder = Path(client.download_artifacts(str(ref), "checkpoints", str(download_dir)))
+    except (MlflowException, OSError) as err:
+        raise CheckpointError(f"MLflow run {ref} has no logged checkpoint") from err
+    found = sorted(folder.glob("*.ckpt"))
+    if not found:
+        raise CheckpointError(f"MLflow run {ref} has no logged checkpoint")
+    return found[0]
+
+
+def load_stage(path: Path, stage: str) -> StageClassifier:
+    """Load a stage checkpoint offline and check it is the stage its slot expects."""
+    try:
+        module = StageClassifier.load_from_checkpoint(path, map_location="cpu", pretrained=False)
+    except Exception as err:  # unpickling refused, truncated file, wrong format...
+        raise CheckpointError(f"{path}: not a loadable stage checkpoint ({err})") from err
+    found = module.hparams.get("stage")
+    if found != stage:
+        raise CheckpointError(
+            f"{stage}={path} is a {found!r} checkpoint; pass it as {found}=... instead"
+        )
+    if tuple(module.hparams.classes) != STAGE_CLASSES[stage]:
+        raise CheckpointError(f"{path}: classes {module.hparams.classes} are not {STAGE_CLASSES[stage]}")
+    try:
+        Preprocessing(**module.hparams.preprocessing)
+    except TypeError as err:
+        raise CheckpointError(f"{path}: preprocessing settings are incomplete ({err})") from err
+    return module.eval()
+
+
+@torch.inference_mode()
+def stage_logits(module: StageClassifier, records: list[Record], batch_size: int = 32,
+                 num_workers: int = 0, device: str = "cpu") -> np.ndarray:
+    """(N, 2) logits of one stage for these images, preprocessed as that stage was trained."""
+    data = XrayDataset(records, module.hparams.stage, Preprocessing(**module.hparams.preprocessing))
+    loader = DataLoader(data, batch_size=batch_size, num_workers=num_workers)
+    module = module.to(device)
+    out = [module(images.to(device)).float().cpu() for images, _ in loader]
+    return torch.cat(out).numpy() if out else np.zeros((0, 2), np.float32)
+
+
+def fit_temperature(logits: np.ndarray, targets: np.ndarray) -> float:
+    """Temperature T minimising the negative log-likelihood of softmax(logits / T)."""
+    x, y = torch.as_tensor(logits, dtype=torch.float64), torch.as_tensor(targets)
+    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(x / log_t.exp(), y)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return float(log_t.exp().clamp(0.05, 20.0))
+
+
+def softmax_positive(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Probability of class 1 from (N, 2) logits."""
+    z = logits / temperature
+    return 1.0 / (1.0 + np.exp(z[:, 0] - z[:, 1]))
+
+
+def combine(p_pneumonia: np.ndarray, q_bacterial: np.ndarray) -> np.ndarray:
+    """(N, 3) probabilities of normal, bacterial, viral."""
+    return np.stack([1 - p_pneumonia, p_pneumonia * q_bacterial, p_pneumonia * (1 - q_bacterial)], 1)
+
+
+@dataclass
+class Calibration:
+    """What the validation split decides: temperatures and thresholds of both stages."""
+
+    temperature: dict[str, float]
+    thresholds: dict[str, dict[str, float]]  # stage -> operating point -> threshold
+    target_sensitivity: float
+    operating_point: str = "youden"
+    validation_images: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class Prediction:
+    p_pneumonia: np.ndarray
+    p_viral_given_pneumonia: np.ndarray
+    probabilities: np.ndarray  # (N, 3): normal, bacterial, viral
+    decision: np.ndarray  # class index into CLASSES
+
+
+class TwoStagePipeline:
+    """Two stage checkpoints, calibrated on validation data, as one three-class classifier."""
+
+    def __init__(self, binary: StageClassifier, subtype: StageClassifier,
+                 calibration: Calibration | None = None, checkpoints: dict[str, str] | None = None):
+        self.stages = {"binary": binary, "subtype": subtype}
+        self.calibration = calibration
+        self.checkpoints = checkpoints or {}
+
+    @classmethod
+    def from_checkpoints(cls, binary: Path | str, subtype: Path | str) -> TwoStagePipeline:
+        return cls(load_stage(Path(binary), "binary"), load_stage(Path(subtype), "subtype"),
+                   checkpoints={"binary": str(binary), "subtype": str(subtype)})
+
+    def data_settings(self) -> dict:
+        """The split both stages were trained on; they must agree or the test split leaks."""
+        settings = {name: dict(m.hparams.get("data") or {}) for name, m in self.stages.items()}
+        keys = ("split", "split_seed", "val_fraction", "test_fraction")
+        if any(settings["binary"].get(k) != settings["subtype"].get(k) for k in keys):
+            raise CheckpointError(
+                "the two checkpoints were trained on different splits "
+                f"(binary: {settings['binary']}, subtype: {settings['subtype']}); "
+                "one stage's test images could be the other's training images"
+            )
+        return settings["binary"]
+
+    def split(self, root: str | Path | None = None) -> list[Record]:
+        """Every image with its split, rebuilt from the recorded settings (root may be moved)."""
+        settings = self.data_settings()
+        root = Path(root or settings["root"])
+        return split_records(scan_kermany(root), settings["split"], settings["val_fraction"],
+                             settings["test_fraction"], settings["split_seed"])
+
+    def logits(self, records: list[Record], **loader) -> dict[str, np.ndarray]:
+        return {name: stage_logits(m, records, **loader) for name, m in self.stages.items()}
+
+    def calibrate(self, val: list[Record], target_sensitivity: float = 0.99,
+                  operating_point: str = "youden", **loader) -> Calibration:
+        """Fit temperatures and thresholds on validation images (never on test images)."""
+        if operating_point not in OPERATING_POINTS:
+            raise ValueError(f"operating_point={operating_point!r} is not one of {OPERATING_POINTS}")
+        if any(r.split == "test" for r in val):
+            raise DataError("calibration was given test images; it must only see validation data")
+        logits = self.logits(val, **loader)
+        temperature, thresholds, counts = {}, {}, {}
+        for name, z in logits.items():
+            y = np.array([stage_target(name, r.label) if stage_target(name, r.label) is not None
+                          else -1 for r in val])
+            keep = y >= 0
+            if len(np.unique(y[keep])) < 2:
+                raise DataError(f"the validation split has no images of one {name} class")
+            temperature[name] = fit_temperature(z[keep], y[keep])
+            p = softmax_positive(z[keep], temperature[name])
+            thresholds[name] = {
+                "youden": youden_threshold(y[keep], p),
+                "sensitivity": threshold_for_sensitivity(y[keep], p, target_sensitivity),
+                "default": 0.5,
+            }
+            counts[name] = int(keep.sum())
+        self.calibration = Calibration(temperature, thresholds, target_sensitivity, operating_point,
+                                       counts)
+        return self.calibration
+
+    def predict_logits(self, logits: dict[str, np.ndarray]) -> Prediction:
+        """Calibrated probabilities and decisions from both stages' logits."""
+        if self.calibration is None:
+            raise RuntimeError("calibrate the pipeline on validation data first")
+        cal = self.calibration
+        p = softmax_positive(logits["binary"], cal.temperature["binary"])
+        r = softmax_positive(logits["subtype"], cal.temperature["subtype"])  # P(viral | pneumonia)
+        t_binary = cal.thresholds["binary"][cal.operating_point]
+        t_subtype = cal.thresholds["subtype"]["youden" if cal.operating_point != "default" else "default"]
+        decision = np.where(p >= t_binary, np.where(r >= t_subtype, 2, 1), 0)
+        return Prediction(p, r, combine(p, 1 - r), decision)
+
+    def predict(self, records: list[Record], **loader) -> Prediction:
+        return self.predict_logits(self.logits(records, **loader))
+
+    def save(self, path: Path) -> Path:
+        """The pipeline as JSON: the two checkpoints and the validation calibration."""
+        path.write_text(json.dumps({"checkpoints": self.checkpoints,
+                                    "calibration": asdict(self.calibration)}, indent=2))
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> TwoStagePipeline:
+        saved = json.loads(Path(path).read_text())
+        pipeline = cls.from_checkpoints(saved["checkpoints"]["binary"], saved["checkpoints"]["subtype"])
+        pipeline.calibration = Calibration(**saved["calibration"])
+        return pipeline
