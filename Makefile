@@ -16,9 +16,11 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-# Trains both stages on the built-in synthetic data set (CPU, a few minutes).
+# Trains both stages on the built-in synthetic data set (CPU, a few minutes), then evaluates
+# the two-stage pipeline on the synthetic test split.
 demo: venv
 	$(PY) train.py -m experiment=demo stage=binary,subtype
+	$(PY) evaluate.py binary=latest subtype=latest
 	@echo
 	@echo "MLflow runs: sqlite database $(CURDIR)/mlflow.db, artifacts in $(CURDIR)/mlartifacts"
 	@echo "Browse them:  make mlflow-ui   (then open http://127.0.0.1:5000)"

@@ -33,31 +33,41 @@ class CheckpointError(ValueError):
     """A checkpoint or run id that cannot serve where it was given."""
 
 
-def resolve_checkpoint(ref: str, tracking_uri: str | None, download_dir: Path) -> Path:
-    """A checkpoint file from a path or an MLflow run id (its logged best checkpoint)."""
+def _latest_run_id(client, stage: str, tracking_uri: str | None) -> str:
+    experiment = client.get_experiment_by_name(stage)
+    runs = client.search_runs([experiment.experiment_id], "attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time DESC"], max_results=1) if experiment else []
+    if not runs:
+        raise CheckpointError(f"{stage}=latest: no finished run in MLflow experiment {stage!r} at {tracking_uri}")
+    return runs[0].info.run_id
+
+
+def resolve_checkpoint(ref: str, stage: str, tracking_uri: str | None, download_dir: Path) -> Path:
+    """A checkpoint file from a path, an MLflow run id, or `latest` (the stage's newest run)."""
     path = Path(str(ref)).expanduser()
     if path.is_file():
         return path
-    if not _RUN_ID.match(str(ref)):
-        raise CheckpointError(f"{ref}: no such checkpoint file, and not an MLflow run id")
+    if str(ref) != "latest" and not _RUN_ID.match(str(ref)):
+        raise CheckpointError(f"{stage}={ref}: no such checkpoint file, and not an MLflow run id")
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
+    run_id = _latest_run_id(client, stage, tracking_uri) if str(ref) == "latest" else str(ref)
     try:
-        run = client.get_run(str(ref))
+        run = client.get_run(run_id)
     except MlflowException as err:
-        raise CheckpointError(f"MLflow run {ref} not found in {tracking_uri}") from err
+        raise CheckpointError(f"{stage}={ref}: MLflow run {run_id} not found in {tracking_uri}") from err
     local = run.data.tags.get("best_checkpoint")
     if local and Path(local).is_file():
         return Path(local)
     try:
-        folder = Path(client.download_artifacts(str(ref), "checkpoints", str(download_dir)))
-    except (MlflowException, OSError) as err:
-        raise CheckpointError(f"MLflow run {ref} has no logged checkpoint") from err
-    found = sorted(folder.glob("*.ckpt"))
+        folder = Path(client.download_artifacts(run_id, "checkpoints", str(download_dir)))
+        found = sorted(folder.glob("*.ckpt"))
+    except (MlflowException, OSError):
+        found = []
     if not found:
-        raise CheckpointError(f"MLflow run {ref} has no logged checkpoint")
+        raise CheckpointError(f"{stage}={ref}: MLflow run {run_id} has no logged checkpoint")
     return found[0]
 
 
@@ -105,7 +115,7 @@ def fit_temperature(logits: np.ndarray, targets: np.ndarray) -> float:
         return loss
 
     optimizer.step(closure)
-    return float(log_t.exp().clamp(0.05, 20.0))
+    return float(log_t.detach().exp().clamp(0.05, 20.0))
 
 
 def softmax_positive(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -191,11 +201,10 @@ class TwoStagePipeline:
                 raise DataError(f"the validation split has no images of one {name} class")
             temperature[name] = fit_temperature(z[keep], y[keep])
             p = softmax_positive(z[keep], temperature[name])
-            thresholds[name] = {
-                "youden": youden_threshold(y[keep], p),
-                "sensitivity": threshold_for_sensitivity(y[keep], p, target_sensitivity),
-                "default": 0.5,
-            }
+            thresholds[name] = {"youden": youden_threshold(y[keep], p), "default": 0.5}
+            if name == "binary":  # a sensitivity target is a screening question: stage 1 only
+                thresholds[name]["sensitivity"] = threshold_for_sensitivity(y[keep], p,
+                                                                            target_sensitivity)
             counts[name] = int(keep.sum())
         self.calibration = Calibration(temperature, thresholds, target_sensitivity, operating_point,
                                        counts)

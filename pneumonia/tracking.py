@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.loggers import MLFlowLogger
+from mlflow.tracking import MlflowClient
 
 
 def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
@@ -27,8 +28,41 @@ def log_run_inputs(logger: MLFlowLogger, config: dict, preprocessing: dict, file
         logger.experiment.log_artifact(logger.run_id, str(path))
 
 
-def log_results(logger: MLFlowLogger, metrics: dict[str, float], checkpoint: Path | None) -> None:
-    """The best checkpoint's validation metrics (as best/*) and, if given, the checkpoint."""
+def log_results(logger: MLFlowLogger, metrics: dict[str, float], checkpoint: Path | None,
+                log_checkpoint: bool = True) -> None:
+    """The best checkpoint's validation metrics (as best/*), its path and the file itself."""
     logger.log_metrics({f"best/{k.split('/', 1)[-1]}": v for k, v in metrics.items()})
     if checkpoint is not None:
-        logger.experiment.log_artifact(logger.run_id, str(checkpoint), "checkpoints")
+        logger.experiment.set_tag(logger.run_id, "best_checkpoint", str(checkpoint.resolve()))
+        if log_checkpoint:
+            logger.experiment.log_artifact(logger.run_id, str(checkpoint), "checkpoints")
+
+
+def experiment_id(client: MlflowClient, name: str, artifact_dir: str) -> str:
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    return client.create_experiment(name, artifact_location=str(Path(artifact_dir) / name))
+
+
+def log_evaluation(tracking_uri: str, artifact_dir: str, experiment: str, metrics: dict,
+                   files: list[Path], pipeline) -> str:
+    """One MLflow run for an evaluation, tagged with the training runs it evaluates."""
+    client = MlflowClient(tracking_uri)
+    models = {k: m.hparams.model.get("name", m.hparams.model["backbone"]) for k, m in pipeline.stages.items()}
+    tags = {"mlflow.runName": f"evaluate/{models['binary']}+{models['subtype']}/{metrics['split']}",
+            "split": metrics["split"]}
+    for stage, module in pipeline.stages.items():
+        tags[f"{stage}_checkpoint"] = pipeline.checkpoints[stage]
+        if module.mlflow_run_id:
+            tags[f"{stage}_run_id"] = module.mlflow_run_id
+    run = client.create_run(experiment_id(client, experiment, artifact_dir), tags=tags)
+    values = {f"{section}/{k}": float(v) for section in ("stage1", "stage2", "pipeline")
+              for k, v in metrics[section]["metrics"].items()}
+    values.update({f"calibration/ece_{k}": v for k, v in metrics["calibration"]["ece"].items()})
+    for key, value in values.items():
+        client.log_metric(run.info.run_id, key, value)
+    for path in files:
+        client.log_artifact(run.info.run_id, str(path))
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id

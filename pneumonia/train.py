@@ -119,6 +119,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     metrics = scorer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
     metrics = {k: float(v) for k, v in sorted(metrics.items()) if not k.startswith("val/confusion")}
     if isinstance(logger, MLFlowLogger):
-        log_results(logger, metrics, Path(best) if cfg.log_best_checkpoint else None)
+        log_results(logger, metrics, Path(best), cfg.log_best_checkpoint)
     result.update(best_checkpoint=best, metrics=metrics)
     return result

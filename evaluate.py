@@ -1,0 +1,38 @@
+"""Evaluate the two-stage pipeline, or compare finished runs.
+
+python evaluate.py binary=<checkpoint or run id> subtype=<checkpoint or run id> [data.root=...]
+python evaluate.py compare=true
+"""
+
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from pneumonia.compare import compare_runs, format_table, write_table
+from pneumonia.evaluate import evaluate
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    output_dir = Path(cfg.paths.output_dir)
+    if cfg.compare:
+        rows = compare_runs(cfg.paths.tracking_uri, list(cfg.compare_experiments), cfg.experiment_name)
+        print(format_table(rows))
+        print(f"\nSaved: {', '.join(str(p) for p in write_table(rows, output_dir))}")
+        return
+    result = evaluate(cfg)
+    m = result["metrics"]
+    print(f"\nReport: {output_dir / 'report.md'}")
+    if result["run_id"]:
+        print(f"MLflow evaluation run: {result['run_id']}")
+    for section in ("stage1", "stage2", "pipeline"):
+        values = m[section]["metrics"]
+        ci = m[section]["ci"]["accuracy"]
+        auroc = f", AUROC {values['auroc']:.3f}" if "auroc" in values else ""
+        print(f"  {m[section]['title']}: accuracy {values['accuracy']:.3f} "
+              f"(95 % CI {ci[0]:.3f}-{ci[1]:.3f}){auroc}")
+
+
+if __name__ == "__main__":
+    main()

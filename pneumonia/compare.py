@@ -1,0 +1,83 @@
+"""A table of every finished training run, with the test metrics of evaluations that used it."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+COLUMNS = ("stage", "run_name", "backbone", "pretrained", "adapter", "head", "freeze", "input_size",
+           "split", "epochs", "val_auroc", "val_acc", "test_auroc", "test_acc", "run_id")
+_TEST_KEYS = {"binary": "stage1", "subtype": "stage2"}
+
+
+def _experiment_ids(client: MlflowClient, names: list[str]) -> list[str]:
+    return [e.experiment_id for n in names if (e := client.get_experiment_by_name(n)) is not None]
+
+
+def compare_runs(tracking_uri: str, experiments: list[str], evaluation: str = "evaluation") -> list[dict]:
+    """One row per finished training run, sorted by stage, then best validation AUROC."""
+    client = MlflowClient(tracking_uri)
+    finished = "attributes.status = 'FINISHED'"
+    test: dict[str, dict[str, float]] = {}
+    eval_ids = _experiment_ids(client, [evaluation])
+    if eval_ids:
+        # newest first: the latest evaluation of a training run wins
+        for run in client.search_runs(eval_ids, finished, order_by=["attributes.start_time DESC"]):
+            if run.data.tags.get("split") != "test":
+                continue
+            for stage, section in _TEST_KEYS.items():
+                train_id = run.data.tags.get(f"{stage}_run_id")
+                if train_id and train_id not in test:
+                    m = run.data.metrics
+                    test[train_id] = {"test_auroc": m.get(f"{section}/auroc"),
+                                      "test_acc": m.get(f"{section}/accuracy")}
+    rows = []
+    ids = _experiment_ids(client, experiments)
+    for run in client.search_runs(ids, finished) if ids else []:
+        params, metrics = run.data.params, run.data.metrics
+        rows.append({
+            "stage": params.get("stage/name", ""),
+            "run_name": run.info.run_name,
+            "backbone": params.get("model/backbone", ""),
+            "pretrained": params.get("model/pretrained", ""),
+            "adapter": params.get("model/adapter", ""),
+            "head": params.get("model/head", ""),
+            "freeze": params.get("model/freeze", ""),
+            "input_size": params.get("model/input_size", ""),
+            "split": params.get("data/split", ""),
+            "epochs": params.get("trainer/max_epochs", ""),
+            "val_auroc": metrics.get("best/auroc"),
+            "val_acc": metrics.get("best/acc"),
+            **test.get(run.info.run_id, {"test_auroc": None, "test_acc": None}),
+            "run_id": run.info.run_id,
+        })
+    rows.sort(key=lambda r: (r["stage"], -(r["val_auroc"] if r["val_auroc"] is not None else -math.inf)))
+    return rows
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def format_table(rows: list[dict]) -> str:
+    table = [COLUMNS, *([_fmt(r[c]) for c in COLUMNS] for r in rows)]
+    widths = [max(len(row[i]) for row in table) for i in range(len(COLUMNS))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def write_table(rows: list[dict], output_dir: Path) -> list[Path]:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    csv_path, md_path = output_dir / "compare.csv", output_dir / "compare.md"
+    with csv_path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    header = "| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS) + "\n"
+    md_path.write_text(header + "".join(
+        "| " + " | ".join(_fmt(r[c]) for c in COLUMNS) + " |\n" for r in rows))
+    return [csv_path, md_path]

@@ -1,0 +1,126 @@
+"""The evaluation report folder: metrics.json, predictions.csv, figures and report.md."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from pneumonia.metrics import reliability_curve, roc_curve  # noqa: E402
+
+
+def write_predictions(path: Path, paths: list[str], truth: list[str], probabilities: np.ndarray,
+                      decisions: list[str], classes: tuple[str, ...]) -> Path:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "truth", *(f"p_{c}" for c in classes), "decision"])
+        for row in zip(paths, truth, probabilities, decisions):
+            writer.writerow([row[0], row[1], *(f"{v:.6f}" for v in row[2]), row[3]])
+    return path
+
+
+def plot_confusion(path: Path, counts: np.ndarray, classes: list[str], title: str) -> Path:
+    """Counts and row-normalised (recall) side by side."""
+    fig, axes = plt.subplots(1, 2, figsize=(4.2 * 2, 3.8))
+    rows = counts.sum(axis=1, keepdims=True)
+    normalised = counts / np.maximum(rows, 1)
+    for ax, values, fmt, name in ((axes[0], counts, "{:d}", "counts"),
+                                  (axes[1], normalised, "{:.2f}", "normalised by true class")):
+        ax.imshow(normalised, cmap="Blues", vmin=0, vmax=1)
+        for i in range(len(classes)):
+            for j in range(len(classes)):
+                ax.text(j, i, fmt.format(values[i, j]), ha="center", va="center",
+                        color="white" if normalised[i, j] > 0.5 else "black")
+        ax.set_xticks(range(len(classes)), classes)
+        ax.set_yticks(range(len(classes)), classes)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(f"{title}: {name}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_roc(path: Path, y: np.ndarray, p: np.ndarray, points: dict[str, float], title: str) -> Path:
+    """ROC curve with each operating point (a threshold chosen on validation data) marked."""
+    fpr, tpr, _ = roc_curve(y, p)
+    fig, ax = plt.subplots(figsize=(4.6, 4.4))
+    ax.plot(fpr, tpr, lw=2, label="ROC")
+    ax.plot([0, 1], [0, 1], ls=":", c="grey")
+    for (name, threshold), marker in zip(points.items(), "osD^"):
+        pred = p >= threshold
+        x = pred[y == 0].mean() if (y == 0).any() else 0.0
+        t = pred[y == 1].mean() if (y == 1).any() else 0.0
+        ax.plot([x], [t], marker, ms=8, label=f"{name} (t={threshold:.3f}): sens {t:.3f}, 1-spec {x:.3f}")
+    ax.set_xlabel("1 - specificity")
+    ax.set_ylabel("sensitivity")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_reliability(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray]]) -> Path:
+    fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 4))
+    for ax, (name, (y, p)) in zip(np.atleast_1d(axes), curves.items()):
+        mean_p, observed, counts = reliability_curve(y, p)
+        ax.plot([0, 1], [0, 1], ls=":", c="grey")
+        ax.plot(mean_p, observed, "o-")
+        for x, o, n in zip(mean_p, observed, counts):
+            ax.annotate(str(n), (x, o), fontsize=6, xytext=(3, -8), textcoords="offset points")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("mean predicted probability")
+        ax.set_ylabel("observed frequency")
+        ax.set_title(name, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _row(name: str, value: float, interval: tuple[float, float] | None) -> str:
+    ci = f"{interval[0]:.3f} – {interval[1]:.3f}" if interval else ""
+    shown = f"{value:.3f}" if isinstance(value, float) else str(value)
+    return f"| {name} | {shown} | {ci} |"
+
+
+def write_markdown(path: Path, metrics: dict, figures: list[Path]) -> Path:
+    lines = ["# Evaluation report", "",
+             f"Split: **{metrics['split']}** ({metrics['n_images']} images). Thresholds and "
+             "temperatures were fitted on the validation split "
+             f"({metrics['calibration']['validation_images']}); the decision uses the "
+             f"**{metrics['calibration']['operating_point']}** operating point.", ""]
+    for section in ("stage1", "stage2", "pipeline"):
+        block = metrics[section]
+        lines += [f"## {block['title']}", "", f"{block['images']} images, threshold "
+                  f"{block.get('threshold', '-')}", "", "| metric | value | 95 % CI (bootstrap) |",
+                  "|---|---|---|"]
+        lines += [_row(k, v, block["ci"].get(k)) for k, v in block["metrics"].items()]
+        lines.append("")
+        for name, point in block.get("operating_points", {}).items():
+            origin = "fixed" if name == "default" else "chosen on validation"
+            lines.append(f"- at the **{name}** threshold {point['threshold']:.4f} ({origin}): "
+                         f"sensitivity {point['sensitivity']:.3f}, specificity "
+                         f"{point['specificity']:.3f}, {point['false_positives']} false positives, "
+                         f"{point['false_negatives']} false negatives")
+        lines.append("")
+    lines += ["## Calibration", "", "Expected calibration error (10 bins): " + ", ".join(
+        f"{k} {v:.3f}" for k, v in metrics["calibration"]["ece"].items()), ""]
+    lines += [f"![{f.stem}]({f.name})" for f in figures]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_json(path: Path, payload: dict) -> Path:
+    path.write_text(json.dumps(payload, indent=2, default=float))
+    return path

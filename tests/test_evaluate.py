@@ -1,0 +1,156 @@
+"""The two-stage pipeline and the evaluation report, end to end on synthetic data."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
+
+from pneumonia.compare import compare_runs
+from pneumonia.data.kermany import DataError
+from pneumonia.evaluate import evaluate
+from pneumonia.metrics import youden_threshold
+from pneumonia.pipeline import CheckpointError, TwoStagePipeline, combine, softmax_positive
+from pneumonia.train import train
+from tests.conftest import CONF, compose_train
+
+
+def test_composed_probabilities_sum_to_one_and_reduce_to_each_stage():
+    rng = np.random.default_rng(0)
+    p, q = rng.random(50), rng.random(50)
+    probs = combine(p, q)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0)
+    np.testing.assert_allclose(1 - probs[:, 0], p)  # stage 1 is P(not normal)
+    np.testing.assert_allclose(probs[:, 1] / (probs[:, 1] + probs[:, 2]), q)  # stage 2 given pneumonia
+    assert (probs >= 0).all()
+
+
+def test_softmax_positive_matches_torch():
+    import torch
+
+    z = np.array([[0.3, -1.2], [2.0, 2.5]])
+    expected = torch.softmax(torch.tensor(z) / 2.0, dim=1)[:, 1].numpy()
+    np.testing.assert_allclose(softmax_positive(z, 2.0), expected)
+
+
+@pytest.fixture(scope="module")
+def trained(synthetic_root, tmp_path_factory):
+    """Both stages trained briefly on synthetic data, logged to one MLflow database."""
+    work = tmp_path_factory.mktemp("work")
+    runs = {}
+    for stage in ("binary", "subtype"):
+        cfg = compose_train(work, ["experiment=demo", f"stage={stage}", f"data.root={synthetic_root}",
+                                   "data.synthetic=null", "data.num_workers=0", "model.input_size=64",
+                                   "trainer.max_epochs=3", "+trainer.limit_train_batches=6"])
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(work / stage)
+        runs[stage] = train(cfg)
+    return work, runs
+
+
+def _evaluate_cfg(work: Path, out: Path, **values):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("evaluate", overrides=["bootstrap.samples=50", "num_workers=0"])
+    with open_dict(cfg):
+        cfg.paths.work_dir = str(work)
+        cfg.paths.output_dir = str(out)
+        for key, value in values.items():
+            cfg[key] = value
+    return cfg
+
+
+@pytest.mark.slow
+def test_evaluation_report_end_to_end(trained, tmp_path):
+    work, runs = trained
+    # one stage by checkpoint path, the other by MLflow run id; `latest` resolves to the same
+    cfg = _evaluate_cfg(work, tmp_path / "report", binary=runs["binary"]["best_checkpoint"],
+                        subtype=runs["subtype"]["run_id"])
+    from pneumonia.pipeline import resolve_checkpoint
+
+    latest = resolve_checkpoint("latest", "subtype", cfg.paths.tracking_uri, tmp_path / "dl")
+    assert latest == Path(runs["subtype"]["best_checkpoint"]).resolve()
+    result = evaluate(cfg)
+    out = tmp_path / "report"
+    for name in ("metrics.json", "predictions.csv", "report.md", "pipeline.json", "confusion_stage1.png",
+                 "confusion_stage2.png", "confusion_pipeline.png", "roc_stage1.png", "roc_stage2.png",
+                 "reliability.png"):
+        assert (out / name).stat().st_size > 0, name
+    metrics = json.loads((out / "metrics.json").read_text())
+    pipeline = TwoStagePipeline.load(out / "pipeline.json")
+    test = [r for r in pipeline.split() if r.split == "test"]
+    # the confusion matrix counts every test image exactly once
+    assert np.sum(metrics["pipeline"]["confusion"]) == len(test) == metrics["n_images"]
+    rows = (out / "predictions.csv").read_text().splitlines()
+    assert len(rows) == len(test) + 1
+    assert rows[0] == "path,truth,p_normal,p_bacterial,p_viral,decision"
+    assert metrics["training_runs"] == {"binary": runs["binary"]["run_id"],
+                                        "subtype": runs["subtype"]["run_id"]}
+    for section in ("stage1", "stage2", "pipeline"):
+        lo, hi = metrics[section]["ci"]["accuracy"]
+        assert lo <= metrics[section]["metrics"]["accuracy"] <= hi
+
+    # Thresholds come from validation images: recomputed from val logits they agree,
+    # recomputed from test logits they do not.
+    val = [r for r in pipeline.split() if r.split == "val"]
+    cal = metrics["calibration"]
+    y_val = np.array([r.label != "normal" for r in val], dtype=int)
+    y_test = np.array([r.label != "normal" for r in test], dtype=int)
+    p_val = softmax_positive(pipeline.logits(val)["binary"], cal["temperature"]["binary"])
+    p_test = softmax_positive(pipeline.logits(test)["binary"], cal["temperature"]["binary"])
+    assert cal["thresholds"]["binary"]["youden"] == pytest.approx(youden_threshold(y_val, p_val))
+    assert cal["thresholds"]["binary"]["youden"] != pytest.approx(youden_threshold(y_test, p_test))
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(cfg.paths.tracking_uri)
+    run = client.get_run(result["run_id"])
+    assert run.data.tags["binary_run_id"] == runs["binary"]["run_id"]
+    assert run.data.tags["subtype_run_id"] == runs["subtype"]["run_id"]
+    assert "report.md" in {a.path for a in client.list_artifacts(result["run_id"])}
+    assert run.data.metrics["pipeline/accuracy"] == pytest.approx(metrics["pipeline"]["metrics"]["accuracy"])
+
+    # an earlier report is never overwritten unless asked
+    before = (out / "metrics.json").read_bytes()
+    with pytest.raises(FileExistsError, match="already holds a report"):
+        evaluate(cfg)
+    assert (out / "metrics.json").read_bytes() == before
+
+    # the comparison table lists both training runs with their test metrics
+    rows = compare_runs(cfg.paths.tracking_uri, ["binary", "subtype"])
+    assert [r["stage"] for r in rows] == ["binary", "subtype"]
+    by_stage = {r["stage"]: r for r in rows}
+    assert by_stage["binary"]["test_auroc"] == pytest.approx(metrics["stage1"]["metrics"]["auroc"])
+    assert by_stage["subtype"]["test_acc"] == pytest.approx(metrics["stage2"]["metrics"]["accuracy"])
+    assert by_stage["binary"]["val_auroc"] == pytest.approx(runs["binary"]["metrics"]["val/auroc"])
+
+
+@pytest.mark.slow
+def test_bad_evaluation_inputs(trained, tmp_path, synthetic_root):
+    work, runs = trained
+    binary, subtype = runs["binary"]["best_checkpoint"], runs["subtype"]["best_checkpoint"]
+    swapped = _evaluate_cfg(work, tmp_path / "a", binary=subtype, subtype=binary)
+    with pytest.raises(CheckpointError, match="is a 'subtype' checkpoint; pass it as subtype="):
+        evaluate(swapped)
+    missing = _evaluate_cfg(work, tmp_path / "b", binary="0123456789abcdef0123456789abcdef", subtype=subtype)
+    with pytest.raises(CheckpointError, match="MLflow run 0123456789abcdef0123456789abcdef not found"):
+        evaluate(missing)
+    elsewhere = _evaluate_cfg(tmp_path, tmp_path / "b2", binary="latest", subtype="latest")
+    with pytest.raises(CheckpointError, match="binary=latest: no finished run in MLflow experiment"):
+        evaluate(elsewhere)
+    with pytest.raises(CheckpointError, match="no such checkpoint file"):
+        evaluate(_evaluate_cfg(work, tmp_path / "c", binary="/nowhere/x.ckpt", subtype=subtype))
+    not_a_checkpoint = tmp_path / "notes.ckpt"
+    not_a_checkpoint.write_text("hello")
+    with pytest.raises(CheckpointError, match="notes.ckpt: not a loadable stage checkpoint"):
+        evaluate(_evaluate_cfg(work, tmp_path / "d", binary=str(not_a_checkpoint), subtype=subtype))
+    # a copy of the data without test images
+    no_test = tmp_path / "no_test"
+    shutil.copytree(synthetic_root, no_test, ignore=shutil.ignore_patterns("test"))
+    empty = _evaluate_cfg(work, tmp_path / "e", binary=binary, subtype=subtype)
+    with open_dict(empty):
+        empty.data.root = str(no_test)
+    with pytest.raises(DataError, match="the test split of .*no_test holds no images"):
+        evaluate(empty)
