@@ -91,8 +91,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     pneumonia = truth > 0
     y2, r = (truth[pneumonia] == 2).astype(int), pred.p_viral_given_pneumonia[pneumonia]
     t = calibration.thresholds
-    point = calibration.operating_point
-    stage2_point = "default" if point == "default" else "youden"
+    decision_t = pipeline.stage_thresholds()
     boot = cfg.bootstrap
     metrics: dict[str, Any] = {
         "split": cfg.split,
@@ -100,7 +99,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "checkpoints": {k: str(v) for k, v in ckpts.items()},
         "training_runs": {k: m.mlflow_run_id for k, m in pipeline.stages.items()},
         "calibration": {
-            "operating_point": point,
+            "operating_point": calibration.operating_point,
             "temperature": calibration.temperature,
             "thresholds": calibration.thresholds,
             "target_sensitivity": calibration.target_sensitivity,
@@ -108,10 +107,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             "ece": {"stage1": expected_calibration_error(y1, p),
                     "stage2": expected_calibration_error(y2, r)},
         },
-        "stage1": _stage_block("Stage 1: normal vs pneumonia", y1, p, t["binary"][point],
+        "stage1": _stage_block("Stage 1: normal vs pneumonia", y1, p, decision_t["binary"],
                                t["binary"], boot),
         "stage2": _stage_block("Stage 2: bacterial vs viral (true pneumonia images)", y2, r,
-                               t["subtype"][stage2_point], t["subtype"], boot),
+                               decision_t["subtype"], t["subtype"], boot),
     }
     labels = list(CLASSES)
     metrics["pipeline"] = {
@@ -124,10 +123,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     }
 
     figures = [
-        plot_confusion(output_dir / "confusion_stage1.png", confusion_matrix(y1, (p >= t["binary"][point]).astype(int), 2),
+        plot_confusion(output_dir / "confusion_stage1.png",
+                       confusion_matrix(y1, (p >= decision_t["binary"]).astype(int), 2),
                        list(STAGE_CLASSES["binary"]), "stage 1"),
         plot_confusion(output_dir / "confusion_stage2.png",
-                       confusion_matrix(y2, (r >= t["subtype"][stage2_point]).astype(int), 2),
+                       confusion_matrix(y2, (r >= decision_t["subtype"]).astype(int), 2),
                        list(STAGE_CLASSES["subtype"]), "stage 2"),
         plot_confusion(output_dir / "confusion_pipeline.png", np.array(metrics["pipeline"]["confusion"]),
                        labels, "pipeline"),

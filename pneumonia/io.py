@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png"})
+IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png", ".dcm"})
 
 
 class ImageReadError(ValueError):
@@ -31,6 +31,9 @@ def image_size(path: Path | str) -> tuple[int, int]:
     so bad files are found before training starts rather than in the middle of an epoch.
     """
     path = Path(path)
+    if path.suffix.lower() == ".dcm":
+        ds = _read_dicom(path, pixels=False)
+        return int(ds.Columns), int(ds.Rows)
     try:
         with Image.open(path) as img:
             width, height = img.size
@@ -54,16 +57,65 @@ def _jpeg_has_end_marker(path: Path, tail: int = 4096) -> bool:
         return b"\xff\xd9" in f.read()
 
 
-def read_grayscale(path: Path | str) -> np.ndarray:
-    """Decode an image file into an (H, W) uint8 array; RGB files are converted to luminance."""
+def _stretch_to_uint8(arr: np.ndarray) -> np.ndarray:
+    """High-bit-depth pixels to 8 bits over the image's own range (X-rays rarely fill 16 bits)."""
+    arr = arr.astype(np.float64)
+    lo, hi = float(arr.min()), float(arr.max())
+    if hi <= lo:
+        return np.zeros(arr.shape, np.uint8)
+    return np.round((arr - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+
+
+def _read_dicom(path: Path, pixels: bool = True):
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=not pixels)
+    except (InvalidDicomError, OSError, ValueError, EOFError) as err:
+        raise ImageReadError(path, f"not a readable DICOM file ({err.__class__.__name__})") from err
+    if "Rows" not in ds or "Columns" not in ds or (pixels and "PixelData" not in ds):
+        raise ImageReadError(path, "DICOM file has no pixel data")
+    return ds
+
+
+def read_dicom(path: Path | str) -> np.ndarray:
+    """DICOM to (H, W) uint8: modality and VOI LUT (windowing) applied, MONOCHROME1 inverted.
+
+    Only pixels leave this function: no patient identifier reaches any output.
+    """
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
     path = Path(path)
+    ds = _read_dicom(path)
+    try:
+        arr = ds.pixel_array
+    except Exception as err:  # compressed transfer syntax without a decoder, bad length...
+        raise ImageReadError(path, f"cannot decode DICOM pixel data ({err})") from err
+    if arr.ndim != 2:
+        raise ImageReadError(path, f"expected one grayscale frame, got pixel array of shape {arr.shape}")
+    arr = apply_voi_lut(apply_modality_lut(arr, ds), ds).astype(np.float64)
+    if ds.get("PhotometricInterpretation", "MONOCHROME2") == "MONOCHROME1":
+        arr = arr.max() - arr  # MONOCHROME1: high values are dark
+    return _stretch_to_uint8(arr)
+
+
+def read_grayscale(path: Path | str) -> np.ndarray:
+    """Decode an X-ray file into an (H, W) uint8 array.
+
+    JPEG and PNG (8 or 16 bit; grayscale, RGB, RGBA or CMYK, colour converted to luminance)
+    and DICOM (.dcm). 8-bit pixels are kept as they are; deeper ones are stretched to 8 bits.
+    """
+    path = Path(path)
+    if path.suffix.lower() == ".dcm":
+        return read_dicom(path)
     try:
         with Image.open(path) as img:
             img.load()
-            if img.mode == "I;16" or img.mode == "I":
-                # 16-bit grayscale: scale to 8 bits over the full dynamic range of the type.
-                arr = np.asarray(img, dtype=np.float32) / 257.0
-                return np.clip(arr, 0, 255).astype(np.uint8)
+            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+                return _stretch_to_uint8(np.asarray(img))
             return np.asarray(img.convert("L"), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise ImageReadError(path, f"cannot decode image ({err})") from err
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        size = path.stat().st_size if path.exists() else 0
+        reason = "empty file" if size == 0 else f"cannot decode image ({err})"
+        raise ImageReadError(path, reason) from err

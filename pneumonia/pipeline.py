@@ -102,6 +102,13 @@ def stage_logits(module: StageClassifier, records: list[Record], batch_size: int
     return torch.cat(out).numpy() if out else np.zeros((0, 2), np.float32)
 
 
+def stage_inputs(module: StageClassifier, images: list[np.ndarray]) -> tuple[list[np.ndarray], torch.Tensor]:
+    """What a stage sees: the preprocessed uint8 images and the normalised (N, 1, S, S) batch."""
+    pre = Preprocessing(**module.hparams.preprocessing)
+    seen = [pre(image) for image in images]
+    return seen, torch.from_numpy(np.stack([pre.normalize(image) for image in seen]))
+
+
 def fit_temperature(logits: np.ndarray, targets: np.ndarray) -> float:
     """Temperature T minimising the negative log-likelihood of softmax(logits / T)."""
     x, y = torch.as_tensor(logits, dtype=torch.float64), torch.as_tensor(targets)
@@ -217,13 +224,35 @@ class TwoStagePipeline:
         cal = self.calibration
         p = softmax_positive(logits["binary"], cal.temperature["binary"])
         r = softmax_positive(logits["subtype"], cal.temperature["subtype"])  # P(viral | pneumonia)
-        t_binary = cal.thresholds["binary"][cal.operating_point]
-        t_subtype = cal.thresholds["subtype"]["youden" if cal.operating_point != "default" else "default"]
-        decision = np.where(p >= t_binary, np.where(r >= t_subtype, 2, 1), 0)
+        t = self.stage_thresholds()
+        decision = np.where(p >= t["binary"], np.where(r >= t["subtype"], 2, 1), 0)
         return Prediction(p, r, combine(p, 1 - r), decision)
 
     def predict(self, records: list[Record], **loader) -> Prediction:
         return self.predict_logits(self.logits(records, **loader))
+
+    @torch.inference_mode()
+    def predict_images(self, images: list[np.ndarray], device: str = "cpu") -> Prediction:
+        """Predictions for decoded (H, W) uint8 images, each stage preprocessing its own way."""
+        logits = {}
+        for name, module in self.stages.items():
+            _, batch = stage_inputs(module, images)
+            logits[name] = module.to(device)(batch.to(device)).float().cpu().numpy()
+        return self.predict_logits(logits)
+
+    def stage_thresholds(self) -> dict[str, float]:
+        """The decision threshold of each stage at the chosen operating point."""
+        cal = self.calibration
+        point = cal.operating_point
+        return {"binary": cal.thresholds["binary"][point],
+                "subtype": cal.thresholds["subtype"]["default" if point == "default" else "youden"]}
+
+    @staticmethod
+    def uncalibrated() -> Calibration:
+        """Temperature 1 and threshold 0.5: for when no validation data is at hand."""
+        return Calibration({"binary": 1.0, "subtype": 1.0},
+                           {"binary": {"default": 0.5}, "subtype": {"default": 0.5}},
+                           target_sensitivity=float("nan"), operating_point="default")
 
     def save(self, path: Path) -> Path:
         """The pipeline as JSON: the two checkpoints and the validation calibration."""

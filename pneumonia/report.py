@@ -124,3 +124,31 @@ def write_markdown(path: Path, metrics: dict, figures: list[Path]) -> Path:
 def write_json(path: Path, payload: dict) -> Path:
     path.write_text(json.dumps(payload, indent=2, default=float))
     return path
+
+
+def plot_explanation(path: Path, image: np.ndarray, heatmap: np.ndarray, probabilities: np.ndarray,
+                     classes: tuple[str, ...], decision: str, caption: str, threshold_note: str) -> Path:
+    """One image's report: what the model saw, the heatmap over it, the three probabilities."""
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.4), gridspec_kw={"width_ratios": [1, 1.2, 1]})
+    axes[0].imshow(image, cmap="gray", vmin=0, vmax=255)
+    axes[0].set_title("input as the model saw it\n(cropped, resized)", fontsize=9)
+    axes[1].imshow(image, cmap="gray", vmin=0, vmax=255)
+    limit = float(np.abs(heatmap).max()) or 1.0
+    overlay = axes[1].imshow(heatmap, cmap="bwr", vmin=-limit, vmax=limit, alpha=0.5)
+    fig.colorbar(overlay, ax=axes[1], fraction=0.046, pad=0.04, label="change in probability")
+    axes[1].set_title(caption, fontsize=9)
+    for ax in axes[:2]:
+        ax.axis("off")
+    bars = axes[2].bar(classes, probabilities, color=["#4c72b0", "#dd8452", "#c44e52"])
+    bars[classes.index(decision)].set_edgecolor("black")
+    bars[classes.index(decision)].set_linewidth(2.5)
+    for bar, value in zip(bars, probabilities):
+        axes[2].text(bar.get_x() + bar.get_width() / 2, value + 0.02, f"{value:.2f}", ha="center")
+    axes[2].set_ylim(0, 1.1)
+    axes[2].set_title(f"decision: {decision}", fontsize=11)
+    axes[2].set_xlabel(threshold_note, fontsize=8)
+    fig.suptitle(path.stem, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

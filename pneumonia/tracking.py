@@ -66,3 +66,16 @@ def log_evaluation(tracking_uri: str, artifact_dir: str, experiment: str, metric
         client.log_artifact(run.info.run_id, str(path))
     client.set_terminated(run.info.run_id)
     return run.info.run_id
+
+
+def log_folder_run(tracking_uri: str, artifact_dir: str, experiment: str, folder: Path,
+                   params: dict[str, str]) -> str:
+    """One MLflow run holding a whole output folder as artifacts."""
+    client = MlflowClient(tracking_uri)
+    run = client.create_run(experiment_id(client, experiment, artifact_dir),
+                            tags={"mlflow.runName": f"{experiment}/{folder.name}"})
+    for key, value in params.items():
+        client.log_param(run.info.run_id, key, value)
+    client.log_artifacts(run.info.run_id, str(folder))
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id

@@ -49,3 +49,20 @@ def tree_hashes(root: Path) -> dict[str, str]:
         str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(root.rglob("*")) if p.is_file()
     }
+
+
+@pytest.fixture(scope="session")
+def trained(synthetic_root, tmp_path_factory) -> tuple[Path, dict]:
+    """Both stages trained briefly on synthetic data, logged to one MLflow database."""
+    from pneumonia.train import train
+
+    work = tmp_path_factory.mktemp("work")
+    runs = {}
+    for stage in ("binary", "subtype"):
+        cfg = compose_train(work, ["experiment=demo", f"stage={stage}", f"data.root={synthetic_root}",
+                                   "data.synthetic=null", "data.num_workers=0", "model.input_size=64",
+                                   "trainer.max_epochs=3", "+trainer.limit_train_batches=6"])
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(work / stage)
+        runs[stage] = train(cfg)
+    return work, runs

@@ -14,7 +14,6 @@ from pneumonia.data.kermany import DataError
 from pneumonia.evaluate import evaluate
 from pneumonia.metrics import youden_threshold
 from pneumonia.pipeline import CheckpointError, TwoStagePipeline, combine, softmax_positive
-from pneumonia.train import train
 from tests.conftest import CONF, compose_train
 
 
@@ -34,21 +33,6 @@ def test_softmax_positive_matches_torch():
     z = np.array([[0.3, -1.2], [2.0, 2.5]])
     expected = torch.softmax(torch.tensor(z) / 2.0, dim=1)[:, 1].numpy()
     np.testing.assert_allclose(softmax_positive(z, 2.0), expected)
-
-
-@pytest.fixture(scope="module")
-def trained(synthetic_root, tmp_path_factory):
-    """Both stages trained briefly on synthetic data, logged to one MLflow database."""
-    work = tmp_path_factory.mktemp("work")
-    runs = {}
-    for stage in ("binary", "subtype"):
-        cfg = compose_train(work, ["experiment=demo", f"stage={stage}", f"data.root={synthetic_root}",
-                                   "data.synthetic=null", "data.num_workers=0", "model.input_size=64",
-                                   "trainer.max_epochs=3", "+trainer.limit_train_batches=6"])
-        with open_dict(cfg):
-            cfg.paths.output_dir = str(work / stage)
-        runs[stage] = train(cfg)
-    return work, runs
 
 
 def _evaluate_cfg(work: Path, out: Path, **values):
