@@ -2,6 +2,7 @@
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
+CACHE := $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/pneumonia
 export NO_ALBUMENTATIONS_UPDATE := 1
 
 .PHONY: venv demo test mlflow-ui clean-demo
@@ -16,11 +17,12 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-# Trains both stages on the built-in synthetic data set (CPU, a few minutes), then evaluates
-# the two-stage pipeline on the synthetic test split.
+# Trains both stages on the built-in synthetic data set (CPU, a few minutes), evaluates the
+# two-stage pipeline on the synthetic test split and explains a few test images.
 demo: venv
 	$(PY) train.py -m experiment=demo stage=binary,subtype
 	$(PY) evaluate.py binary=latest subtype=latest
+	$(PY) explain.py binary=latest subtype=latest limit=6 input=$(CACHE)/synthetic-seed0/test/PNEUMONIA
 	@echo
 	@echo "MLflow runs: sqlite database $(CURDIR)/mlflow.db, artifacts in $(CURDIR)/mlartifacts"
 	@echo "Browse them:  make mlflow-ui   (then open http://127.0.0.1:5000)"

@@ -88,7 +88,7 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
     if cfg.stage not in STAGE_CLASSES:
         raise ValueError(f"stage={cfg.stage!r} is not one of: {', '.join(STAGE_CLASSES)}")
     input_dir, output_dir = Path(cfg.input).expanduser(), Path(cfg.paths.output_dir)
-    files = input_files(input_dir)
+    files = input_files(input_dir)[: cfg.limit or None]
     _prepare_output(output_dir, input_dir, cfg.overwrite)
     pipeline = load_pipeline(cfg, output_dir / "checkpoints")
     module = pipeline.stages[cfg.stage]
