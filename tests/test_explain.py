@@ -156,6 +156,10 @@ def xray_folder(tmp_path, synthetic_root) -> Path:
 def test_explain_a_folder(trained, xray_folder, tmp_path):
     work, runs = trained
     before = tree_hashes(xray_folder)
+    # read-only as a user would find it (root ignores the bits: the hashes are the proof)
+    for path in xray_folder.iterdir():
+        path.chmod(0o444)
+    xray_folder.chmod(0o555)
     out = tmp_path / "explained"
     result = explain(_explain_cfg(work, xray_folder, out, runs, window=15, stride=10))
     assert tree_hashes(xray_folder) == before  # inputs are byte-for-byte unchanged
