@@ -41,6 +41,11 @@ def build_datamodule(cfg: DictConfig) -> KermanyDataModule:
         augment=OmegaConf.to_container(data.augment) if data.augment else None,
         batch_size=data.batch_size,
         num_workers=data.num_workers,
+        cache=data.cache,
+        cache_dir=data.cache_dir,
+        cache_workers=data.cache_workers,
+        pin_memory=data.pin_memory,
+        persistent_workers=data.persistent_workers,
     )
 
 
@@ -70,6 +75,9 @@ def build_module(cfg: DictConfig, datamodule: KermanyDataModule) -> StageClassif
         pretrained=pretrained,
         data={"root": str(datamodule.root), "split": cfg.data.split, "split_seed": cfg.data.split_seed,
               "val_fraction": cfg.data.val_fraction, "test_fraction": cfg.data.test_fraction},
+        augment=OmegaConf.to_container(cfg.data.augment) if cfg.data.augment else None,
+        channels_last=cfg.speed.channels_last,
+        compile=cfg.speed.compile,
     )
 
 

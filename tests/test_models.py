@@ -138,3 +138,26 @@ def test_checkpoint_rebuilds_the_model_from_plain_hparams(tmp_path):
     x = torch.randn(3, 1, 64, 64)
     torch.testing.assert_close(loaded(x), module(x))
     assert loaded.hparams.preprocessing["mean"] == 0.45
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "vgg16"])
+def test_frozen_features_run_without_a_graph_when_nothing_before_them_trains(backbone):
+    net = build_network(backbone, adapter="none", head="linear", freeze="features", input_size=64).train()
+    x = torch.randn(2, 1, 64, 64, requires_grad=True)
+    features = net.features(x)
+    assert not features.requires_grad  # no graph through the frozen backbone
+    net(x).sum().backward()
+    assert x.grad is None
+    assert net.backbone.get_classifier().weight.grad is not None
+    # the fast path computes what the plain forward does; eval mode keeps the graph for Grad-CAM
+    net.eval()
+    torch.testing.assert_close(net(x), net.backbone(x))
+    assert net.features(x).requires_grad
+
+
+def test_with_a_trainable_adapter_the_frozen_features_keep_their_graph():
+    net = build_network("resnet18", adapter="conv", head="linear", freeze="features", input_size=64)
+    features = net.features(torch.randn(2, 1, 64, 64))
+    assert features.requires_grad
+    net(torch.randn(2, 1, 64, 64)).sum().backward()
+    assert net.adapter.weight.grad is not None and net.adapter.weight.grad.abs().sum() > 0

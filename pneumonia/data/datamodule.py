@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from pneumonia.data.cache import build_cache
 from pneumonia.data.kermany import DataError, Record, scan_kermany, split_records, write_manifest
 from pneumonia.data.transforms import Preprocessing, build_augmentation
 from pneumonia.io import read_grayscale
@@ -35,6 +36,21 @@ class XrayDataset(Dataset):
         return torch.from_numpy(self.preprocessing.normalize(image)), self.targets[index]
 
 
+class CachedDataset(Dataset):
+    """Preprocessed uint8 images (1, S, S) from the cache; the module normalises and augments
+    whole batches (on the GPU when there is one)."""
+
+    def __init__(self, images: np.ndarray, records: list[Record], stage: str):
+        self.images = images
+        self.targets = [-1 if (t := stage_target(stage, r.label)) is None else t for r in records]
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return torch.from_numpy(np.array(self.images[index])[None]), self.targets[index]
+
+
 class KermanyDataModule(L.LightningDataModule):
     """Kermany-layout data for one stage (binary: all images; subtype: pneumonia only).
 
@@ -58,8 +74,19 @@ class KermanyDataModule(L.LightningDataModule):
         augment: dict | None = None,
         batch_size: int = 32,
         num_workers: int = 0,
+        cache: bool = False,
+        cache_dir: str | Path | None = None,
+        cache_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = True,
     ) -> None:
         super().__init__()
+        if cache and not cache_dir:
+            raise ValueError("data.cache=true needs data.cache_dir")
+        self.cache_dir = Path(cache_dir).expanduser() if cache and cache_dir else None
+        self.cache_workers = cache_workers
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers
         self.stage = stage
         self.root = Path(root).expanduser().resolve()
         self.batch_size = batch_size
@@ -105,7 +132,20 @@ class KermanyDataModule(L.LightningDataModule):
     def write_manifest(self, path: Path) -> Path:
         return write_manifest(self.manifest, path)
 
-    def dataset(self, split: str, augment: bool = False) -> XrayDataset:
+    def prepare_data(self) -> None:
+        """Build the preprocessed caches once (Lightning calls this on one process per node)."""
+        if self.cache_dir is not None:
+            for split in ("train", "val", "test"):
+                self.cached_images(split)
+
+    def cached_images(self, split: str) -> np.ndarray:
+        return build_cache(self.splits[split], self.preprocessing, self.cache_dir, self.cache_workers,
+                           desc=f"caching {self.stage}/{split}")
+
+    def dataset(self, split: str, augment: bool = False) -> Dataset:
+        """Cached: uint8 images, augmented later on the batch. Plain: decoded, augmented here."""
+        if self.cache_dir is not None:
+            return CachedDataset(self.cached_images(split), self.splits[split], self.stage)
         aug = build_augmentation(**self.augment) if augment and self.augment else None
         return XrayDataset(self.splits[split], self.stage, self.preprocessing, aug)
 
@@ -115,7 +155,8 @@ class KermanyDataModule(L.LightningDataModule):
             batch_size=self.batch_size,
             shuffle=train,
             num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            persistent_workers=self.persistent_workers and self.num_workers > 0,
+            pin_memory=self.pin_memory,
             drop_last=train and len(self.splits[split]) > self.batch_size,
         )
 

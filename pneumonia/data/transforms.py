@@ -6,6 +6,7 @@ import os
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import torch
 from PIL import Image
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -62,6 +63,30 @@ class Preprocessing:
     def normalize(self, image: np.ndarray) -> np.ndarray:
         """uint8 (H, W) -> float32 (1, H, W) in the backbone's normalised space."""
         return ((image.astype(np.float32) / 255.0 - self.mean) / self.std)[None]
+
+
+def batch_augment(images: torch.Tensor, hflip: float = 0.5, brightness=(-0.1, 0.1),
+                  contrast=(0.0, 0.1), generator: torch.Generator | None = None) -> torch.Tensor:
+    """The same augmentation as `build_augmentation`, on a float batch (N, 1, H, W) in [0, 1].
+
+    Runs on whatever device the batch is on; each image draws its own parameters.
+    """
+    n, device = images.shape[0], images.device
+
+    def uniform(bounds) -> torch.Tensor:
+        lo, hi = bounds or (0.0, 0.0)
+        return (torch.rand(n, 1, 1, 1, generator=generator, device=device) * (hi - lo) + lo)
+
+    if hflip:
+        flip = torch.rand(n, generator=generator, device=device) < hflip
+        images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+    alpha, beta = 1 + uniform(contrast), uniform(brightness)
+    return apply_brightness_contrast(images, alpha, beta)
+
+
+def apply_brightness_contrast(images: torch.Tensor, alpha, beta) -> torch.Tensor:
+    """albumentations 2.0.8's formula on [0, 1] images: clip(img * alpha + beta)."""
+    return (images * alpha + beta).clamp_(0.0, 1.0)
 
 
 def build_augmentation(hflip: float = 0.5, brightness=(-0.1, 0.1), contrast=(0.0, 0.1)) -> A.Compose:

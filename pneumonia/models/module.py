@@ -17,6 +17,7 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 
+from pneumonia.data.transforms import batch_augment
 from pneumonia.models.network import build_network
 
 
@@ -39,6 +40,8 @@ class StageClassifier(L.LightningModule):
     way training did. `pretrained` is separate so a checkpoint can be loaded offline with
     `StageClassifier.load_from_checkpoint(path, pretrained=False)` (its weights are in it).
     `data` records the data root and split settings, so evaluation finds the same test split.
+    Batches of uint8 images (the preprocessed cache) are normalised here, after the transfer
+    to the device, and augmented with `augment` in training.
     """
 
     def __init__(
@@ -53,10 +56,17 @@ class StageClassifier(L.LightningModule):
         label_smoothing: float = 0.0,
         pretrained: bool | str = False,
         data: dict | None = None,
+        augment: dict | None = None,
+        channels_last: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)  # train() logs the whole resolved config
         self.net = build_network(**model, pretrained=pretrained, num_classes=len(classes))
+        if channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
+        if compile:
+            self.net.compile()
         self.register_buffer(
             "class_weights",
             torch.tensor(class_weights, dtype=torch.float32) if class_weights else None,
@@ -68,6 +78,18 @@ class StageClassifier(L.LightningModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        images, targets = batch
+        if images.dtype == torch.uint8:
+            images = images.float().div_(255.0)
+            if self.trainer.training and self.hparams.augment:
+                images = batch_augment(images, **self.hparams.augment)
+            pre = self.hparams.preprocessing
+            images = (images - pre["mean"]) / pre["std"]
+        if self.hparams.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images, targets
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Lets evaluation link its report to the training run that made the weights.

@@ -36,19 +36,36 @@ class DeepMLPHead(nn.Module):
 
 
 class PneumoniaNet(nn.Module):
-    """Grayscale image (N, 1, S, S) -> class logits (N, num_classes)."""
+    """Grayscale image (N, 1, S, S) -> class logits (N, num_classes).
 
-    def __init__(self, adapter: nn.Module, backbone: nn.Module, head: nn.Module | None):
+    In training, when the backbone's features are frozen and nothing before them trains (no
+    adapter), they run without building an autograd graph: backward covers only what trains.
+    In eval mode the graph is kept, since Grad-CAM and integrated gradients need it.
+    """
+
+    def __init__(self, adapter: nn.Module, backbone: nn.Module, head: nn.Module | None,
+                 frozen_features: bool = False):
         super().__init__()
         self.adapter = adapter
         self.backbone = backbone
         self.head = head  # None: the backbone's own (reset) timm classifier
+        self.frozen_features = frozen_features
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.adapter(x)
+        if (self.training and self.frozen_features
+                and not any(p.requires_grad for p in self.adapter.parameters())):
+            with torch.no_grad():
+                return self.backbone.forward_features(x)
+        return self.backbone.forward_features(x)
+
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        if self.head is None:
+            return self.backbone.forward_head(features)
+        return self.head(features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.adapter(x)
-        if self.head is None:
-            return self.backbone(x)
-        return self.head(self.backbone.forward_features(x))
+        return self.classify(self.features(x))
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
@@ -132,7 +149,7 @@ def build_network(
         timm.utils.freeze(net)
         if head_module is None:
             timm.utils.unfreeze(net, _head_trainable_names(net))
-    return PneumoniaNet(adapter_module, net, head_module)
+    return PneumoniaNet(adapter_module, net, head_module, frozen_features=freeze == "features")
 
 
 def normalization_stats(backbone: str, mode: str) -> tuple[float, float]:

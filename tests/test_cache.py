@@ -1,0 +1,115 @@
+"""The preprocessed cache: same pixels as the plain path, rebuilt when anything changes."""
+
+import os
+import shutil
+
+import albumentations as A
+import numpy as np
+import pytest
+import torch
+
+from pneumonia.data.cache import build_cache, cache_key, decode_preprocessed
+from pneumonia.data.kermany import scan_kermany
+from pneumonia.data.transforms import Preprocessing, apply_brightness_contrast, batch_augment
+from pneumonia.io import read_grayscale
+from tests.conftest import SHARED_DATA, compose_train, needs_real_data
+
+# JPEG draft mode decodes at a reduced scale: the tolerance we hold it to, in grey levels.
+DRAFT_MEAN_TOLERANCE, DRAFT_P99_TOLERANCE = 1.0, 4
+
+
+def _check_close(path, pre):
+    plain = pre(read_grayscale(path)).astype(int)
+    cached = decode_preprocessed(path, pre).astype(int)
+    diff = np.abs(plain - cached)
+    assert diff.mean() <= DRAFT_MEAN_TOLERANCE and np.percentile(diff, 99) <= DRAFT_P99_TOLERANCE, path
+
+
+@needs_real_data
+@pytest.mark.parametrize("size", [224, 299, 512])
+def test_draft_decode_matches_full_decode_on_full_size_xrays(size):
+    samples = sorted((SHARED_DATA / "samples").glob("*.jpeg"))
+    pre = Preprocessing(size, 0.5, 0.25, crop=dict(max_width=1857, max_height=1317))
+    for path in samples:
+        _check_close(path, pre)
+
+
+def test_cached_batches_equal_plain_batches(synthetic_root, tmp_path):
+    from pneumonia.train import build_datamodule
+
+    plain = build_datamodule(compose_train(tmp_path, [f"data.root={synthetic_root}", "data.cache=false",
+                                                      "model.input_size=96"]))
+    cached = build_datamodule(compose_train(tmp_path, [f"data.root={synthetic_root}", "data.cache=true",
+                                                       "model.input_size=96"]))
+    pre = cached.preprocessing
+    plain_images = torch.stack([plain.dataset("val")[i][0] for i in range(len(plain.splits["val"]))])
+    raw = torch.stack([cached.dataset("val")[i][0] for i in range(len(cached.splits["val"]))])
+    assert raw.dtype == torch.uint8
+    normalised = (raw.float() / 255 - pre.mean) / pre.std
+    diff = (normalised - plain_images).abs() * pre.std * 255  # in grey levels
+    assert diff.mean() <= DRAFT_MEAN_TOLERANCE
+
+
+def test_batch_augmentation_equals_albumentations_for_the_same_parameters():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (32, 40), dtype=np.uint8)
+    transform = A.RandomBrightnessContrast(brightness_limit=(-0.1, 0.1), contrast_limit=(0, 0.1), p=1)
+    for alpha, beta in [(1.05, 0.08), (1.0, -0.1), (1.1, 0.0)]:
+        expected = transform.apply(image, alpha=alpha, beta=beta * 255)
+        ours = apply_brightness_contrast(torch.from_numpy(image).float()[None, None] / 255, alpha, beta)
+        # albumentations truncates to uint8; we stay in float: under one grey level apart
+        assert np.abs(ours[0, 0].numpy() * 255 - expected).max() < 1.0
+    flipped = A.HorizontalFlip(p=1)(image=image)["image"]
+    ours = batch_augment(torch.from_numpy(image).float()[None, None] / 255, hflip=1.0,
+                         brightness=None, contrast=None)
+    np.testing.assert_allclose(ours[0, 0].numpy() * 255, flipped, atol=1e-4)
+
+
+def test_batch_augmentation_is_random_per_image_and_in_range():
+    images = torch.full((64, 1, 8, 8), 0.5)
+    out = batch_augment(images, hflip=0.5, brightness=(-0.1, 0.1), contrast=(0.0, 0.1))
+    means = out.mean(dim=(1, 2, 3))
+    assert means.std() > 0.01 and means.min() >= 0.5 - 0.1 - 1e-6 and means.max() <= 0.55 + 0.1 + 1e-6
+
+
+@pytest.fixture
+def data(synthetic_root, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root, root)
+    return root
+
+
+def test_cache_is_reused_and_rebuilt_when_a_file_or_setting_changes(data, tmp_path):
+    records = [r for r in scan_kermany(data) if r.folder == "train"][:20]
+    pre = Preprocessing(64, 0.5, 0.25)
+    cache = tmp_path / "cache"
+    first = build_cache(records, pre, cache)
+    files = sorted(cache.glob("*.u8"))
+    mtime = files[0].stat().st_mtime_ns
+    again = build_cache(records, pre, cache)
+    assert sorted(cache.glob("*.u8")) == files and files[0].stat().st_mtime_ns == mtime  # reused
+    np.testing.assert_array_equal(first, again)
+    assert cache_key(records, Preprocessing(96, 0.5, 0.25)) != cache_key(records, pre)
+    assert cache_key(records, Preprocessing(64, 0.5, 0.25, crop=dict(max_width=300, max_height=300))) \
+        != cache_key(records, pre)
+    # a file rewritten with other pixels
+    target = records[3].path
+    shutil.copy(records[4].path, target)
+    os.utime(target, ns=(mtime + 10**9, mtime + 10**9))
+    rebuilt = build_cache(records, pre, cache)
+    np.testing.assert_array_equal(rebuilt[3], decode_preprocessed(records[4].path, pre))
+    assert len(list(cache.glob("*.u8"))) == 2
+
+
+def test_damaged_cache_is_detected_and_rebuilt(data, tmp_path):
+    records = [r for r in scan_kermany(data) if r.folder == "train"][:10]
+    pre = Preprocessing(48, 0.5, 0.25)
+    cache = tmp_path / "cache"
+    good = np.array(build_cache(records, pre, cache))
+    array_file = next(cache.glob("*.u8"))
+    raw = bytearray(array_file.read_bytes())
+    raw[100:200] = bytes(100)  # silently damaged bytes, same size
+    array_file.write_bytes(bytes(raw))
+    np.testing.assert_array_equal(build_cache(records, pre, cache), good)
+    array_file.write_bytes(bytes(raw[:500]))  # truncated
+    np.testing.assert_array_equal(build_cache(records, pre, cache), good)
