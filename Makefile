@@ -5,7 +5,11 @@ PY := $(VENV)/bin/python
 CACHE := $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/pneumonia
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: venv demo test mlflow-ui clean-demo
+MLFLOW_PORT ?= 5000
+MLFLOW_BACKEND ?= sqlite:///$(CURDIR)/mlflow-server.db
+MLFLOW_ARTIFACTS ?= $(CURDIR)/mlflow-server-artifacts
+
+.PHONY: venv demo test mlflow-ui mlflow-server
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,3 +37,10 @@ test: venv
 mlflow-ui: venv
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db \
 		--default-artifact-root $(CURDIR)/mlartifacts --host 127.0.0.1 --port 5000
+
+# A real tracking server for a team: runs log with logger.tracking_uri=http://127.0.0.1:5000.
+# MLFLOW_BACKEND may be a PostgreSQL URI (postgresql://user:password@host/db).
+mlflow-server: venv
+	$(VENV)/bin/mlflow server --backend-store-uri $(MLFLOW_BACKEND) \
+		--artifacts-destination $(MLFLOW_ARTIFACTS) --serve-artifacts \
+		--host 127.0.0.1 --port $(MLFLOW_PORT)

@@ -3,12 +3,15 @@
 import hydra
 from omegaconf import DictConfig
 
+from pneumonia.sweep import run_job
 from pneumonia.train import train
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
-    result = train(cfg)
+    result = run_job(cfg, train)  # in a sweep, a failed job is recorded, not raised
+    if result is None:
+        return
     print(f"\nOutput folder:    {result['output_dir']}")
     if result["run_id"]:
         print(f"MLflow run id:    {result['run_id']}  ({result['tracking_uri']})")

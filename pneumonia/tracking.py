@@ -9,6 +9,30 @@ from lightning.pytorch.loggers import MLFlowLogger
 from mlflow.tracking import MlflowClient
 
 
+class TrackingServerError(RuntimeError):
+    """The MLflow tracking server does not answer."""
+
+
+def check_server(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast when an http(s) tracking server is not reachable (other URIs pass)."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
+            if response.status == 200:
+                return
+            reason = f"HTTP {response.status}"
+    except (urllib.error.URLError, OSError) as err:
+        reason = str(getattr(err, "reason", err))
+    raise TrackingServerError(
+        f"MLflow tracking server {uri} is not reachable ({reason}). Start it (make mlflow-server), "
+        "fix logger.tracking_uri, or pass mlflow_fallback_to_local=true to log locally."
+    )
+
+
 def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
     """{'a': {'b': 1}} -> {'a/b': 1}; lists are kept as their string form."""
     out: dict[str, Any] = {}
@@ -21,9 +45,12 @@ def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def log_run_inputs(logger: MLFlowLogger, config: dict, preprocessing: dict, files: list[Path]) -> None:
-    """Parameters (the resolved config and the measured preprocessing) and input artifacts."""
+def log_run_inputs(logger: MLFlowLogger, config: dict, preprocessing: dict, files: list[Path],
+                   tags: dict[str, str]) -> None:
+    """Parameters (the resolved config and the measured preprocessing), tags, input artifacts."""
     logger.log_hyperparams({**flatten(config), **flatten(preprocessing, "preprocessing/")})
+    for key, value in tags.items():
+        logger.experiment.set_tag(logger.run_id, key, value)
     for path in files:
         logger.experiment.log_artifact(logger.run_id, str(path))
 

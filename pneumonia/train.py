@@ -8,6 +8,7 @@ from typing import Any
 
 import hydra
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import DictConfig, OmegaConf
 
@@ -15,7 +16,8 @@ from pneumonia.data import KermanyDataModule
 from pneumonia.data.synthetic import make_synthetic_dataset
 from pneumonia.models import StageClassifier, normalization_stats
 from pneumonia.stages import STAGE_CLASSES, check_stage
-from pneumonia.tracking import log_results, log_run_inputs
+from pneumonia.sweep import in_multirun
+from pneumonia.tracking import TrackingServerError, check_server, log_results, log_run_inputs
 
 log = logging.getLogger(__name__)
 
@@ -90,11 +92,49 @@ def _check_output_dir(output_dir: Path) -> None:
         )
 
 
+def build_logger(cfg: DictConfig) -> tuple[MLFlowLogger | bool, str | None]:
+    """The MLflow logger and its tracking URI, the server checked before any long work."""
+    if not cfg.get("logger"):
+        return False, None
+    logger_cfg = cfg.logger
+    uri = logger_cfg.tracking_uri
+    overrides: dict[str, Any] = {}
+    try:
+        check_server(uri)
+    except TrackingServerError:
+        if not cfg.mlflow_fallback_to_local:
+            raise
+        log.warning("MLflow server %s not reachable: logging to %s instead", uri, cfg.paths.tracking_uri)
+        overrides["tracking_uri"] = uri = cfg.paths.tracking_uri
+    if uri.startswith(("http://", "https://")):
+        overrides["artifact_location"] = None  # the server decides where artifacts go
+    return hydra.utils.instantiate(logger_cfg, **overrides), uri
+
+
+def _run_tags(cfg: DictConfig) -> dict[str, str]:
+    tags = {"stage": cfg.stage.name, "model": cfg.model.name, "seed": str(cfg.seed)}
+    if in_multirun():
+        hydra_cfg = HydraConfig.get()
+        tags.update(sweep_id=Path(hydra_cfg.sweep.dir).name, sweep_dir=str(hydra_cfg.sweep.dir),
+                    job_num=str(hydra_cfg.job.num), overrides=" ".join(hydra_cfg.overrides.task))
+    return tags
+
+
+def _trainer_overrides(cfg: DictConfig) -> dict[str, Any]:
+    # Plain DDP re-launches the script, which inside a Hydra sweep re-runs the whole sweep in
+    # every child rank; spawned workers do not. (Single runs keep plain DDP, which works.)
+    if in_multirun() and cfg.trainer.get("strategy") == "ddp":
+        log.warning("trainer.strategy=ddp inside a multirun: using ddp_spawn instead")
+        return {"strategy": "ddp_spawn"}
+    return {}
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train one stage. Returns the MLflow run id, the best checkpoint and its validation metrics."""
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     _check_output_dir(output_dir)
+    logger, tracking_uri = build_logger(cfg)
     datamodule = build_datamodule(cfg)
     module = build_module(cfg, datamodule)
     manifest = datamodule.write_manifest(output_dir / "split_manifest.csv")
@@ -102,18 +142,19 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     config_file = output_dir / "config.yaml"
     OmegaConf.save(cfg, config_file, resolve=True)
 
-    logger = hydra.utils.instantiate(cfg.logger) if cfg.get("logger") else False
     if isinstance(logger, MLFlowLogger):
-        log_run_inputs(logger, resolved, datamodule.preprocessing.to_dict(), [manifest, config_file])
+        log_run_inputs(logger, resolved, datamodule.preprocessing.to_dict(), [manifest, config_file],
+                       _run_tags(cfg))
     callbacks = [hydra.utils.instantiate(c) for c in cfg.callbacks.values() if c]
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=logger, callbacks=callbacks)
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=logger, callbacks=callbacks,
+                                                 **_trainer_overrides(cfg))
     log.info("Training %s/%s on %s: %s", cfg.stage.name, cfg.model.name, datamodule.root,
              {s: datamodule.class_counts(s) for s in ("train", "val", "test")})
     trainer.fit(module, datamodule=datamodule)
 
     result: dict[str, Any] = {
         "run_id": logger.run_id if isinstance(logger, MLFlowLogger) else None,
-        "tracking_uri": cfg.logger.tracking_uri if isinstance(logger, MLFlowLogger) else None,
+        "tracking_uri": tracking_uri,
         "output_dir": str(output_dir),
         "best_checkpoint": None,
         "metrics": {},

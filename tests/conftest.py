@@ -32,6 +32,7 @@ def compose_train(tmp_path: Path, overrides: list[str] = ()) -> DictConfig:
         cfg.paths.work_dir = str(tmp_path)
         cfg.paths.output_dir = str(tmp_path / "run")
         cfg.paths.cache_dir = str(tmp_path / "cache")
+        cfg.paths.tracking_uri = f"sqlite:///{tmp_path}/mlflow.db"
     return cfg
 
 

@@ -40,6 +40,7 @@ def _evaluate_cfg(work: Path, out: Path, **values):
         cfg = compose("evaluate", overrides=["bootstrap.samples=50", "num_workers=0"])
     with open_dict(cfg):
         cfg.paths.work_dir = str(work)
+        cfg.paths.tracking_uri = f"sqlite:///{work}/mlflow.db"
         cfg.paths.output_dir = str(out)
         for key, value in values.items():
             cfg[key] = value

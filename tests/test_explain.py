@@ -116,6 +116,7 @@ def _explain_cfg(work: Path, input_dir: Path, out: Path, runs: dict, **values):
         cfg = compose("explain", overrides=[f"input={input_dir}", "batch_images=3"])
     with open_dict(cfg):
         cfg.paths.work_dir = str(work)
+        cfg.paths.tracking_uri = f"sqlite:///{work}/mlflow.db"
         cfg.paths.output_dir = str(out)
         cfg.binary = runs["binary"]["best_checkpoint"]
         cfg.subtype = runs["subtype"]["run_id"]

@@ -124,7 +124,7 @@ class StageClassifier(L.LightningModule):
     def _log_epoch(self, split: str) -> None:
         metrics: dict[str, Metric] = self.metrics[f"{split}_metrics"]
         values = {name: metric.compute() for name, metric in metrics.items()}  # synced across ranks
-        self.log(f"{split}/auroc", values["auroc"], prog_bar=True)
+        self.log(f"{split}/auroc", values["auroc"], prog_bar=True, sync_dist=True)
         out = {f"{split}/acc": values["acc"]}
         classes = self.hparams.classes
         for i, cls in enumerate(classes):
@@ -132,7 +132,7 @@ class StageClassifier(L.LightningModule):
                 out[f"{split}/{name}_{cls}"] = values[name][i]
             for j, pred in enumerate(classes):
                 out[f"{split}/confusion_{cls}_as_{pred}"] = values["confusion"][i, j].float()
-        self.log_dict(out)
+        self.log_dict(out, sync_dist=True)  # already synced by torchmetrics: identical on every rank
         for metric in metrics.values():
             metric.reset()
 

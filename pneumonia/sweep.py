@@ -1,0 +1,83 @@
+"""Hydra multirun support: each job records its outcome; the sweep ends with a table of them.
+
+Jobs write `job_result.json` into their own output folder, so the summary works with every
+launcher (in-process, submitit local or SLURM). A failed job is recorded with its error and
+does not stop the others; the sweep then exits with status 1 after printing the table.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+RESULT_FILE = "job_result.json"
+COLUMNS = ("job", "overrides", "status", "val/auroc", "val/acc", "run_id", "error")
+
+
+def in_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def run_job(cfg: DictConfig, task: Callable[[DictConfig], dict[str, Any]]) -> dict[str, Any] | None:
+    """Run one job; inside a sweep, record its result or its error instead of raising."""
+    if not in_multirun():
+        return task(cfg)
+    hydra_cfg = HydraConfig.get()
+    record = {"job": hydra_cfg.job.num, "overrides": " ".join(hydra_cfg.overrides.task)}
+    out = Path(hydra_cfg.runtime.output_dir)
+    try:
+        result = task(cfg)
+    except Exception as err:  # one failed job must not stop the sweep
+        log.error("Job %s failed:\n%s", record["job"], traceback.format_exc())
+        record.update(status="FAILED", error=f"{err.__class__.__name__}: {err}")
+        (out / RESULT_FILE).write_text(json.dumps(record))
+        return None
+    record.update(status="COMPLETED", run_id=result.get("run_id"), **{
+        k: result["metrics"].get(k) for k in ("val/auroc", "val/acc")})
+    (out / RESULT_FILE).write_text(json.dumps(record))
+    return result
+
+
+def collect(sweep_dir: Path) -> list[dict]:
+    rows = [json.loads(p.read_text()) for p in sorted(sweep_dir.glob(f"*/{RESULT_FILE}"))]
+    return sorted(rows, key=lambda r: r["job"])
+
+
+def format_rows(rows: list[dict]) -> str:
+    def cell(row, key):
+        value = row.get(key)
+        return "-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+
+    table = [COLUMNS, *([cell(r, c) for c in COLUMNS] for r in rows)]
+    widths = [max(len(row[i]) for row in table) for i in range(len(COLUMNS))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+class SweepSummary(Callback):
+    """Prints and saves `sweep_summary.csv` at the end of a multirun."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        rows = collect(sweep_dir)
+        with (sweep_dir / "sweep_summary.csv").open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+        print(f"\nSweep {sweep_dir.name}: {len(rows)} jobs\n{format_rows(rows)}\n"
+              f"Saved: {sweep_dir / 'sweep_summary.csv'}")
+        failed = [r for r in rows if r["status"] != "COMPLETED"]
+        if failed:
+            raise SystemExit(f"{len(failed)} of {len(rows)} sweep jobs failed (see the table above)")
