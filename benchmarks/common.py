@@ -55,3 +55,12 @@ def throughput(loader, seconds_limit: float = 1e9, step=None) -> tuple[float, in
         if time.perf_counter() - start > seconds_limit:
             break
     return count / (time.perf_counter() - start), count
+
+
+def print_rows(title: str, rows: list[tuple[str, float]], unit: str, higher_is_better: bool) -> None:
+    """A table of timings with each row's speed-up over the first one."""
+    base = rows[0][1]
+    print(f"\n{title}")
+    for label, value in rows:
+        ratio = value / base if higher_is_better else base / value
+        print(f"  {label:<42} {value:9.2f} {unit}   {ratio:5.2f}x")

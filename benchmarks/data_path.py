@@ -1,6 +1,6 @@
 """Images per second delivered to the model: preprocessed cache vs decoding JPEGs every epoch.
 
-python benchmarks/data_path.py [--full-size 300] [--workdir /tmp/pneumonia-bench]
+python -m benchmarks.data_path [--full-size 300] [--workdir /tmp/pneumonia-bench]
 
 Both paths deliver the same thing, a normalised, augmented (flip, brightness, contrast)
 batch of (1, S, S) tensors: the plain path decodes, crops, resizes and augments each JPEG

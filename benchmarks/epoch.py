@@ -1,6 +1,6 @@
 """One training epoch of a small backbone on the CPU: decode every epoch vs preprocessed cache.
 
-python benchmarks/epoch.py [--root ../shared/data/kermany224] [--model resnet18] [--size 128]
+python -m benchmarks.epoch [--root ../shared/data/kermany224] [--model resnet18] [--size 128]
 
 Reports the epoch's wall time, images per second and the share of it the training loop
 spent waiting for the next batch. The cache is built before the timed epoch (its one-off

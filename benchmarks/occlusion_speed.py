@@ -1,12 +1,12 @@
 """Seconds per image for one occlusion heatmap at 224x224 (15x15 window, stride 10).
 
-python benchmarks/occlusion_speed.py [--models mobilenetv3_large_100 vgg16] [--images 4]
+python -m benchmarks.occlusion_speed [--models mobilenetv3_large_100 vgg16] [--images 4]
 
 Compares, in one process on the same machine:
   study A      one occluded image per forward pass (Captum perturbations_per_eval=1)
   captum x16   Captum batching 16 occluded copies of one image per forward pass
   default      this project's path: `batch_images` images at once, 16 copies each
-  + channels_last, and larger batches of perturbations.
+  + channels_last, larger batches of perturbations, and bf16 autocast (CPU).
 Ratios are against "study A" measured here. For large backbones the study-A row is
 estimated from timed batch-1 forward passes times the number of passes it needs (442),
 which is its cost up to Captum's small per-pass overhead; the row says so.
@@ -15,11 +15,11 @@ which is its cost up to Captum's small per-pass overhead; the row says so.
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 
 import torch
 
+from benchmarks.common import header, print_rows
 from pneumonia.attribution import occlusion_map
 from pneumonia.models import build_network
 
@@ -53,9 +53,7 @@ def main() -> None:
     parser.add_argument("--exact-below", type=float, default=30.0,
                         help="measure study A exactly when its estimate is below this many seconds")
     args = parser.parse_args()
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}; {SIZE}x{SIZE}, window {WINDOW}, stride {STRIDE}, "
-          f"{PASSES - 1} occluded images per heatmap")
+    header(f"{SIZE}x{SIZE}, window {WINDOW}, stride {STRIDE}, {PASSES - 1} occluded images per heatmap")
     torch.manual_seed(0)
     for name in args.models:
         net = build_network(name, adapter="none", head="linear", input_size=SIZE).eval()
@@ -72,10 +70,9 @@ def main() -> None:
         net_cl = net.to(memory_format=torch.channels_last)
         rows.append((f"{args.images} images x16 + channels_last",
                      seconds_per_image(net_cl, images.contiguous(memory_format=torch.channels_last), 16)))
-        base = rows[0][1]
-        print(f"\n{name}")
-        for label, seconds in rows:
-            print(f"  {label:<38} {seconds:8.2f} s/image   {base / seconds:5.2f}x")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            rows.append((f"{args.images} images x16 + bf16 autocast", seconds_per_image(net, images, 16)))
+        print_rows(name, rows, "s/image", higher_is_better=False)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Training-step throughput for a frozen backbone: plain graph vs the frozen-feature fast path.
 
-python benchmarks/train_step.py [--models mobilenetv3_large_100 vgg16] [--size 224] [--batch 16]
+python -m benchmarks.train_step [--models mobilenetv3_large_100 vgg16] [--size 224] [--batch 16]
 
 adapter none + freeze features: nothing before the frozen layers trains, so the fast path
 runs them without an autograd graph and backward covers only the classifier. "plain"
@@ -17,7 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import header
+from benchmarks.common import header, print_rows
 from pneumonia.models import build_network
 
 
@@ -72,10 +72,7 @@ def main() -> None:
             with torch.autocast(device_type, dtype=torch.bfloat16):
                 rows.append(("fast path + bf16 + channels_last",
                              images_per_second(net_cl, images_cl, targets, args.steps, args.repeat)))
-        base = rows[0][1]
-        print(f"\n{name}")
-        for label, rate in rows:
-            print(f"  {label:<40} {rate:8.1f} images/s   {rate / base:5.2f}x")
+        print_rows(name, rows, "images/s", higher_is_better=True)
 
 
 if __name__ == "__main__":
