@@ -22,7 +22,7 @@ from pneumonia.data.kermany import DataError, Record, scan_kermany, split_record
 from pneumonia.data.transforms import Preprocessing
 from pneumonia.metrics import threshold_for_sensitivity, youden_threshold
 from pneumonia.models import StageClassifier
-from pneumonia.stages import STAGE_CLASSES, stage_target
+from pneumonia.stages import STAGE_CLASSES, stage_targets
 
 CLASSES = ("normal", "bacterial", "viral")
 OPERATING_POINTS = ("youden", "sensitivity", "default")
@@ -201,8 +201,7 @@ class TwoStagePipeline:
         logits = self.logits(val, **loader)
         temperature, thresholds, counts = {}, {}, {}
         for name, z in logits.items():
-            y = np.array([stage_target(name, r.label) if stage_target(name, r.label) is not None
-                          else -1 for r in val])
+            y = np.array(stage_targets(name, (r.label for r in val)))
             keep = y >= 0
             if len(np.unique(y[keep])) < 2:
                 raise DataError(f"the validation split has no images of one {name} class")

@@ -22,3 +22,8 @@ def check_stage(stage: str) -> str:
 def stage_target(stage: str, label: str) -> int | None:
     """The class index of a dataset label in a stage, or None if the stage does not use it."""
     return _TARGETS[check_stage(stage)].get(label)
+
+
+def stage_targets(stage: str, labels) -> list[int]:
+    """Class indices of dataset labels in a stage, -1 for labels the stage does not use."""
+    return [-1 if (t := stage_target(stage, label)) is None else t for label in labels]

@@ -14,7 +14,7 @@ from pneumonia.data.cache import build_cache
 from pneumonia.data.kermany import DataError, Record, scan_kermany, split_records, write_manifest
 from pneumonia.data.transforms import Preprocessing, build_augmentation
 from pneumonia.io import read_grayscale
-from pneumonia.stages import STAGE_CLASSES, stage_target
+from pneumonia.stages import STAGE_CLASSES, stage_target, stage_targets
 
 
 class XrayDataset(Dataset):
@@ -22,7 +22,7 @@ class XrayDataset(Dataset):
 
     def __init__(self, records: list[Record], stage: str, preprocessing: Preprocessing, augment=None):
         self.records = records
-        self.targets = [-1 if (t := stage_target(stage, r.label)) is None else t for r in records]
+        self.targets = stage_targets(stage, (r.label for r in records))
         self.preprocessing = preprocessing
         self.augment = augment
 
@@ -42,7 +42,7 @@ class CachedDataset(Dataset):
 
     def __init__(self, images: np.ndarray, records: list[Record], stage: str):
         self.images = images
-        self.targets = [-1 if (t := stage_target(stage, r.label)) is None else t for r in records]
+        self.targets = stage_targets(stage, (r.label for r in records))
 
     def __len__(self) -> int:
         return len(self.targets)
