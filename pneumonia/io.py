@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,19 @@ class ImageReadError(ValueError):
         super().__init__(f"{path}: {reason}")
         self.path = Path(path)
         self.reason = reason
+
+
+@contextmanager
+def _open_image(path: Path):
+    """PIL's open, with its decompression-bomb warning (over about 89 megapixels) made an error:
+    a real chest X-ray is under 10 megapixels, and a bomb must not exhaust memory."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path) as img:
+                yield img
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
+            raise ImageReadError(path, f"refused: too many pixels for an X-ray ({err})") from err
 
 
 def is_image_file(path: Path) -> bool:
@@ -35,7 +50,7 @@ def image_size(path: Path | str) -> tuple[int, int]:
         ds = _read_dicom(path, pixels=False)
         return int(ds.Columns), int(ds.Rows)
     try:
-        with Image.open(path) as img:
+        with _open_image(path) as img:
             width, height = img.size
             fmt = img.format
     except (UnidentifiedImageError, OSError) as err:
@@ -110,7 +125,7 @@ def read_grayscale(path: Path | str) -> np.ndarray:
     if path.suffix.lower() == ".dcm":
         return read_dicom(path)
     try:
-        with Image.open(path) as img:
+        with _open_image(path) as img:
             img.load()
             if img.mode in ("I;16", "I;16B", "I;16L", "I"):
                 return _stretch_to_uint8(np.asarray(img))

@@ -122,3 +122,48 @@ def test_synthetic_generator_is_deterministic(tmp_path):
     b = make_synthetic_dataset(tmp_path / "b", patients_per_class=3, seed=5)
     assert tree_hashes(a) == tree_hashes(b)
     assert make_synthetic_dataset(tmp_path / "a", patients_per_class=3, seed=5) == a  # reused
+
+
+def test_decompression_bomb_is_refused_from_its_header(tmp_path):
+    from PIL import Image
+
+    from pneumonia.io import ImageReadError, image_size, read_grayscale
+
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (12000, 12000)).save(bomb)  # 144 megapixels, a few kB on disk
+    for reader in (image_size, read_grayscale):
+        with pytest.raises(ImageReadError, match="bomb.png: refused: too many pixels"):
+            reader(bomb)
+
+
+def test_cmyk_and_rgba_images_are_read_as_grayscale(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from pneumonia.io import read_grayscale
+
+    gray = Image.fromarray(np.tile(np.arange(0, 250, 10, dtype=np.uint8), (8, 1)))
+    gray.convert("CMYK").save(tmp_path / "cmyk.jpeg", quality=100)
+    gray.convert("RGBA").save(tmp_path / "rgba.png")
+    assert np.abs(read_grayscale(tmp_path / "cmyk.jpeg").astype(int) - np.asarray(gray)).max() <= 3
+    np.testing.assert_array_equal(read_grayscale(tmp_path / "rgba.png"), np.asarray(gray))
+
+
+def test_checkpoint_that_would_run_code_is_refused(tmp_path):
+    import os
+
+    import torch
+
+    from pneumonia.pipeline import CheckpointError, load_stage
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"model": Payload()}}, evil)
+    with pytest.raises(CheckpointError, match="evil.ckpt: not a loadable stage checkpoint"):
+        load_stage(evil, "binary")
+    assert not marker.exists()
