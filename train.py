@@ -3,6 +3,7 @@
 import hydra
 from omegaconf import DictConfig
 
+import pneumonia.config  # noqa: F401  (registers the typed config schemas)
 from pneumonia.sweep import run_job
 from pneumonia.train import train
 

@@ -10,6 +10,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
+import pneumonia.config  # noqa: F401  (registers the config schemas, as train.py does)
 from pneumonia.data.synthetic import make_synthetic_dataset
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")

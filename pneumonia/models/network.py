@@ -68,19 +68,23 @@ class PneumoniaNet(nn.Module):
         return self.classify(self.features(x))
 
 
-def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+def check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ValueError(f"model.{key}={value!r} is not one of: {', '.join(choices)}")
+        raise ValueError(f"{key}={value!r} is not one of: {', '.join(choices)}")
 
 
-def create_backbone(name: str, pretrained: bool | str, **kwargs) -> nn.Module:
-    """timm.create_model with ImageNet weights from the hub (True), none (False) or a local file."""
+def check_backbone(name: str) -> None:
     if not timm.is_model(name):
         raise ValueError(
             f"model.backbone={name!r} is not a timm model. This project's configs: vgg16, mobilenet, "
             "xception, inception_v3, resnet18, resnet50, densenet121, efficientnet_b0; any name "
             "from timm.list_models() also works."
         )
+
+
+def create_backbone(name: str, pretrained: bool | str, **kwargs) -> nn.Module:
+    """timm.create_model with ImageNet weights from the hub (True), none (False) or a local file."""
+    check_backbone(name)
     if pretrained is False or pretrained is None:
         return timm.create_model(name, pretrained=False, **kwargs)
     if pretrained is True:
@@ -122,9 +126,9 @@ def build_network(
     **_: object,
 ) -> PneumoniaNet:
     """The network for one stage from plain options (the same options are stored in checkpoints)."""
-    _check_choice("adapter", adapter, ADAPTERS)
-    _check_choice("head", head, HEADS)
-    _check_choice("freeze", freeze, FREEZE)
+    check_choice("model.adapter", adapter, ADAPTERS)
+    check_choice("model.head", head, HEADS)
+    check_choice("model.freeze", freeze, FREEZE)
     in_chans = 3 if adapter == "conv" else 1  # in_chans=1: timm sums the RGB filters of conv 1
     if adapter == "conv":
         # A trainable 1->3 convolution; starting as "copy gray into R, G and B" keeps the

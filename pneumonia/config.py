@@ -1,0 +1,138 @@
+"""Typed schemas for the config groups, registered in Hydra's ConfigStore.
+
+Types are checked when Hydra composes the config (a wrong type or an unknown key fails
+there, naming the key); `validate(cfg)` then checks values (choices, ranges, the backbone
+name) before any data is read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from pneumonia.models.network import ADAPTERS, FREEZE, HEADS, check_backbone
+from pneumonia.models.network import check_choice as _choice
+
+
+def _fraction(key: str, value: float, high_inclusive: bool = False) -> None:
+    if not (0.0 <= value < 1.0 or (high_inclusive and value == 1.0)):
+        raise ValueError(f"{key}={value} must be in [0, 1{']' if high_inclusive else ')'}")
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    backbone: str = MISSING
+    pretrained: Any = True  # true | false | path to a weights file
+    adapter: str = "none"
+    head: str = "linear"
+    freeze: str = "none"
+    input_size: int = 224
+
+    def __post_init__(self) -> None:
+        check_backbone(self.backbone)
+        _choice("model.adapter", self.adapter, ADAPTERS)
+        _choice("model.head", self.head, HEADS)
+        _choice("model.freeze", self.freeze, FREEZE)
+        if not isinstance(self.pretrained, (bool, str)):
+            raise ValueError(f"model.pretrained={self.pretrained!r} must be true, false or a file path")
+        if self.input_size < 32:
+            raise ValueError(f"model.input_size={self.input_size} is too small (at least 32)")
+
+
+@dataclass
+class CropConfig:
+    enabled: bool = True
+    width: float = 0.35
+    height: float = 0.20
+
+    def __post_init__(self) -> None:
+        _fraction("data.crop.width", self.width)
+        _fraction("data.crop.height", self.height)
+
+
+@dataclass
+class AugmentConfig:
+    hflip: float = 0.5
+    brightness: Optional[list[float]] = field(default_factory=lambda: [-0.1, 0.1])
+    contrast: Optional[list[float]] = field(default_factory=lambda: [0.0, 0.1])
+
+    def __post_init__(self) -> None:
+        _fraction("data.augment.hflip", self.hflip, high_inclusive=True)
+        for key in ("brightness", "contrast"):
+            bounds = getattr(self, key)
+            if bounds is not None and (len(bounds) != 2 or bounds[0] > bounds[1]):
+                raise ValueError(f"data.augment.{key}={bounds} must be [low, high] with low <= high")
+
+
+@dataclass
+class SyntheticConfig:
+    patients_per_class: int = 40
+    images_per_patient: int = 2
+    min_size: int = 160
+    max_size: int = 320
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    root: str = MISSING
+    split: str = "official"
+    split_seed: int = 0
+    val_fraction: float = 0.15
+    test_fraction: float = 0.2
+    normalization: str = "backbone"
+    crop: CropConfig = field(default_factory=CropConfig)
+    augment: Optional[AugmentConfig] = field(default_factory=AugmentConfig)
+    batch_size: int = 32
+    num_workers: int = 4
+    pin_memory: bool = False
+    persistent_workers: bool = True
+    cache: bool = True
+    cache_dir: str = MISSING
+    cache_workers: int = 0
+    synthetic: Optional[SyntheticConfig] = None
+
+    def __post_init__(self) -> None:
+        _choice("data.split", self.split, ("official", "random"))
+        _choice("data.normalization", self.normalization, ("backbone", "unit"))
+        _fraction("data.val_fraction", self.val_fraction)
+        _fraction("data.test_fraction", self.test_fraction)
+        if self.batch_size < 1:
+            raise ValueError(f"data.batch_size={self.batch_size} must be at least 1")
+        for key in ("num_workers", "cache_workers"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"data.{key}={getattr(self, key)} must not be negative")
+
+
+@dataclass
+class StageConfig:
+    name: str = "binary"
+
+    def __post_init__(self) -> None:
+        _choice("stage.name", self.name, ("binary", "subtype"))
+
+
+def register() -> None:
+    store = ConfigStore.instance()
+    store.store(group="model", name="schema", node=ModelConfig)
+    store.store(group="data", name="schema", node=DataConfig)
+    store.store(group="stage", name="schema", node=StageConfig)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Value checks of the typed groups and the optimizer, before any long work."""
+    for group in ("model", "data", "stage"):
+        OmegaConf.to_object(cfg[group])  # runs each schema's __post_init__
+    lr = cfg.optimizer.get("lr")
+    if not isinstance(lr, (int, float)) or lr <= 0:
+        raise ValueError(f"optimizer.lr={lr} must be a positive number")
+    epochs = cfg.trainer.get("max_epochs")
+    if not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"trainer.max_epochs={epochs} must be a positive integer")
+
+
+register()

@@ -1,0 +1,55 @@
+"""Typed config schemas: bad values fail at start-up, naming the key."""
+
+import pytest
+
+from pneumonia.config import validate
+from pneumonia.train import train
+from tests.conftest import compose_train
+
+
+@pytest.mark.parametrize("override, key", [
+    ("model.input_size=abc", "model.input_size"),
+    ("data.batch_size=1.5", "data.batch_size"),
+    ("data.cache=maybe", "data.cache"),
+])
+def test_wrong_type_fails_at_composition_naming_the_key(tmp_path, override, key):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_train(tmp_path, ["data.root=/data", override])
+    assert key in str(err.value) + str(err.value.__cause__)
+
+
+def test_unknown_key_fails_at_composition(tmp_path):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="model.adaptr"):
+        compose_train(tmp_path, ["data.root=/data", "model.adaptr=conv"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.backbone=vgg61", r"model.backbone='vgg61' is not a timm model.*vgg16, mobilenet"),
+    ("model.head=mlp", r"model.head='mlp' is not one of: linear, deep_mlp"),
+    ("model.input_size=8", r"model.input_size=8 is too small"),
+    ("optimizer.lr=-0.01", r"optimizer.lr=-0.01 must be a positive number"),
+    ("data.crop.width=1.2", r"data.crop.width=1.2 must be in \[0, 1\)"),
+    ("data.val_fraction=1.5", r"data.val_fraction=1.5 must be in \[0, 1\)"),
+    ("data.split=kfold", r"data.split='kfold' is not one of: official, random"),
+    ("data.augment.brightness=[0.1,-0.1]", r"data.augment.brightness=\[0.1, -0.1\] must be \[low, high\]"),
+    ("stage=subtype stage.name=tertiary", r"stage.name='tertiary' is not one of: binary, subtype"),
+    ("trainer.max_epochs=0", r"trainer.max_epochs=0 must be a positive integer"),
+])
+def test_bad_value_fails_before_any_work_naming_the_key(tmp_path, override, message):
+    cfg = compose_train(tmp_path, ["data.root=/nonexistent", "logger=none", *override.split()])
+    with pytest.raises(ValueError, match=message):
+        validate(cfg)
+    with pytest.raises(ValueError, match=message):
+        train(cfg)  # before the (missing) data folder is even looked at
+    assert not (tmp_path / "run").exists()
+
+
+def test_every_shipped_experiment_validates(tmp_path):
+    from tests.conftest import CONF
+
+    for experiment in sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")):
+        validate(compose_train(tmp_path, [f"experiment={experiment}", "data.root=/data"]))
