@@ -8,9 +8,10 @@ from typing import Any
 
 import hydra
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.loggers import MLFlowLogger
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from pneumonia.config import validate
 from pneumonia.data import KermanyDataModule
@@ -49,6 +50,7 @@ def build_datamodule(cfg: DictConfig) -> KermanyDataModule:
         cache_workers=data.cache_workers,
         pin_memory=data.pin_memory,
         persistent_workers=data.persistent_workers,
+        shuffle_seed=cfg.seed,
     )
 
 
@@ -81,7 +83,41 @@ def build_module(cfg: DictConfig, datamodule: KermanyDataModule) -> StageClassif
         augment=OmegaConf.to_container(cfg.data.augment) if cfg.data.augment else None,
         channels_last=cfg.speed.channels_last,
         compile=cfg.speed.compile,
+        seed=cfg.seed,
     )
+
+
+class EpochSeed(L.Callback):
+    """Reseed the global RNGs at each epoch start from (seed, epoch) (dropout, loader workers),
+    so a resumed run draws like an uninterrupted one. The shuffle (EpochShuffle) and the batch
+    augmentation (seeded by step) do not depend on the global RNG at all."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        L.seed_everything(self.seed * 100_003 + trainer.current_epoch, workers=True, verbose=False)
+
+
+def resolve_resume(ref: str, tracking_uri: str | None) -> tuple[Path, Path, str | None]:
+    """(last checkpoint, the run's output folder, its MLflow run id) from a run folder, a
+    checkpoint file or an MLflow run id."""
+    path = Path(str(ref)).expanduser()
+    if path.is_dir():
+        checkpoint = path / "checkpoints" / "last.ckpt"
+    elif path.is_file():
+        checkpoint = path
+    elif tracking_uri and len(str(ref)) == 32:
+        from mlflow.tracking import MlflowClient
+
+        folder = MlflowClient(tracking_uri).get_run(str(ref)).data.tags.get("output_dir")
+        checkpoint = Path(folder or "/nonexistent") / "checkpoints" / "last.ckpt"
+    else:
+        raise FileNotFoundError(f"resume={ref}: not a run folder, a checkpoint or an MLflow run id")
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"resume={ref}: no checkpoint at {checkpoint}")
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    return checkpoint, checkpoint.parent.parent, saved.get("mlflow_run_id")
 
 
 def _check_output_dir(output_dir: Path) -> None:
@@ -93,13 +129,14 @@ def _check_output_dir(output_dir: Path) -> None:
         )
 
 
-def build_logger(cfg: DictConfig) -> tuple[MLFlowLogger | bool, str | None]:
-    """The MLflow logger and its tracking URI, the server checked before any long work."""
+def build_logger(cfg: DictConfig, run_id: str | None = None) -> tuple[MLFlowLogger | bool, str | None]:
+    """The MLflow logger (continuing `run_id` if given) and its tracking URI, the server
+    checked before any long work."""
     if not cfg.get("logger"):
         return False, None
     logger_cfg = cfg.logger
     uri = logger_cfg.tracking_uri
-    overrides: dict[str, Any] = {}
+    overrides: dict[str, Any] = {"run_id": run_id} if run_id else {}
     try:
         check_server(uri)
     except TrackingServerError:
@@ -134,25 +171,34 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Train one stage. Returns the MLflow run id, the best checkpoint and its validation metrics."""
     validate(cfg)
     L.seed_everything(cfg.seed, workers=True)
-    output_dir = Path(cfg.paths.output_dir)
-    _check_output_dir(output_dir)
-    logger, tracking_uri = build_logger(cfg)
+    resume_from, run_id = None, None
+    if cfg.get("resume"):
+        resume_from, output_dir, run_id = resolve_resume(cfg.resume, cfg.logger.tracking_uri
+                                                         if cfg.get("logger") else None)
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(output_dir)  # continue in the interrupted run's folder
+        log.info("Resuming from %s (MLflow run %s)", resume_from, run_id)
+    else:
+        output_dir = Path(cfg.paths.output_dir)
+        _check_output_dir(output_dir)
+    logger, tracking_uri = build_logger(cfg, run_id)
     datamodule = build_datamodule(cfg)
     module = build_module(cfg, datamodule)
-    manifest = datamodule.write_manifest(output_dir / "split_manifest.csv")
+    if resume_from is None:  # a resumed run keeps the files (and MLflow params) it has
+        manifest = datamodule.write_manifest(output_dir / "split_manifest.csv")
+        config_file = output_dir / "config.yaml"
+        OmegaConf.save(cfg, config_file, resolve=True)
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    config_file = output_dir / "config.yaml"
-    OmegaConf.save(cfg, config_file, resolve=True)
-
-    if isinstance(logger, MLFlowLogger):
+    if isinstance(logger, MLFlowLogger) and resume_from is None:
         log_run_inputs(logger, resolved, datamodule.preprocessing.to_dict(), [manifest, config_file],
-                       _run_tags(cfg))
+                       {**_run_tags(cfg), "output_dir": str(output_dir.resolve())})
     callbacks = [hydra.utils.instantiate(c) for c in cfg.callbacks.values() if c]
+    callbacks.append(EpochSeed(cfg.seed))
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=logger, callbacks=callbacks,
                                                  **_trainer_overrides(cfg))
     log.info("Training %s/%s on %s: %s", cfg.stage.name, cfg.model.name, datamodule.root,
              {s: datamodule.class_counts(s) for s in ("train", "val", "test")})
-    trainer.fit(module, datamodule=datamodule)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
 
     result: dict[str, Any] = {
         "run_id": logger.run_id if isinstance(logger, MLFlowLogger) else None,

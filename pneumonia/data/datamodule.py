@@ -8,7 +8,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pneumonia.data.cache import build_cache
 from pneumonia.data.kermany import DataError, Record, scan_kermany, split_records, write_manifest
@@ -34,6 +34,26 @@ class XrayDataset(Dataset):
         if self.augment is not None:
             image = self.augment(image=image)["image"]
         return torch.from_numpy(self.preprocessing.normalize(image)), self.targets[index]
+
+
+class EpochShuffle(Sampler[int]):
+    """A shuffle fixed by (seed, epoch), so a resumed run sees the same order.
+
+    Lightning calls `set_epoch` before each training epoch (and wraps this sampler for DDP).
+    """
+
+    def __init__(self, size: int, seed: int = 0):
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        yield from torch.randperm(self.size, generator=generator).tolist()
 
 
 class CachedDataset(Dataset):
@@ -84,8 +104,10 @@ class KermanyDataModule(L.LightningDataModule):
         cache_workers: int = 0,
         pin_memory: bool = False,
         persistent_workers: bool = True,
+        shuffle_seed: int = 0,
     ) -> None:
         super().__init__()
+        self.shuffle_seed = shuffle_seed
         if cache and not cache_dir:
             raise ValueError("data.cache=true needs data.cache_dir")
         self.cache_dir = Path(cache_dir).expanduser() if cache and cache_dir else None
@@ -155,10 +177,11 @@ class KermanyDataModule(L.LightningDataModule):
         return XrayDataset(self.splits[split], self.stage, self.preprocessing, aug)
 
     def _loader(self, split: str, train: bool) -> DataLoader:
+        data = self.dataset(split, augment=train)
         return DataLoader(
-            self.dataset(split, augment=train),
+            data,
             batch_size=self.batch_size,
-            shuffle=train,
+            sampler=EpochShuffle(len(data), self.shuffle_seed) if train else None,
             num_workers=self.num_workers,
             persistent_workers=self.persistent_workers and self.num_workers > 0,
             pin_memory=self.pin_memory,

@@ -59,6 +59,7 @@ class StageClassifier(L.LightningModule):
         augment: dict | None = None,
         channels_last: bool = False,
         compile: bool = False,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)  # train() logs the whole resolved config
@@ -84,7 +85,10 @@ class StageClassifier(L.LightningModule):
         if images.dtype == torch.uint8:
             images = images.float().div_(255.0)
             if self.trainer.training and self.hparams.augment:
-                images = batch_augment(images, **self.hparams.augment)
+                # drawn from (seed, step): a resumed run augments exactly like an uninterrupted one
+                generator = torch.Generator(images.device)
+                generator.manual_seed(self.hparams.seed * 100_003 + self.global_step)
+                images = batch_augment(images, **self.hparams.augment, generator=generator)
             pre = self.hparams.preprocessing
             images = (images - pre["mean"]) / pre["std"]
         if self.hparams.channels_last:
