@@ -160,10 +160,13 @@ def _run_tags(cfg: DictConfig) -> dict[str, str]:
 
 def _trainer_overrides(cfg: DictConfig) -> dict[str, Any]:
     # Plain DDP re-launches the script, which inside a Hydra sweep re-runs the whole sweep in
-    # every child rank; spawned workers do not. (Single runs keep plain DDP, which works.)
+    # every child rank; spawned workers do not. Under SLURM (submitit_slurm with
+    # tasks_per_node = devices) every rank already is its own process and plain DDP is right.
     if in_multirun() and cfg.trainer.get("strategy") == "ddp":
-        log.warning("trainer.strategy=ddp inside a multirun: using ddp_spawn instead")
-        return {"strategy": "ddp_spawn"}
+        launcher = str(HydraConfig.get().launcher.get("_target_", ""))
+        if "SlurmLauncher" not in launcher:
+            log.warning("trainer.strategy=ddp inside a local multirun: using ddp_spawn instead")
+            return {"strategy": "ddp_spawn"}
     return {}
 
 
