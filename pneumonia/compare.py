@@ -62,9 +62,10 @@ def _fmt(value) -> str:
     return "-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
-def format_table(rows: list[dict]) -> str:
-    table = [COLUMNS, *([_fmt(r[c]) for c in COLUMNS] for r in rows)]
-    widths = [max(len(row[i]) for row in table) for i in range(len(COLUMNS))]
+def format_table(rows: list[dict], columns: tuple[str, ...] = COLUMNS) -> str:
+    """Aligned plain-text table of `columns` (missing values shown as "-")."""
+    table = [columns, *([_fmt(r.get(c)) for c in columns] for r in rows)]
+    widths = [max(len(row[i]) for row in table) for i in range(len(columns))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)

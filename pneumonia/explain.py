@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from pneumonia.attribution import METHODS, attribution_map
 from pneumonia.io import IMAGE_SUFFIXES, ImageReadError, read_grayscale
-from pneumonia.pipeline import CLASSES, TwoStagePipeline, resolve_checkpoint, stage_inputs
+from pneumonia.pipeline import CLASSES, TwoStagePipeline, resolve_checkpoint
 from pneumonia.report import plot_explanation
 from pneumonia.stages import STAGE_CLASSES
 
@@ -116,8 +116,9 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
                 rows.append({"file": str(path.relative_to(input_dir)), "status": "failed",
                              "reason": err.reason})
         if images:
-            pred = pipeline.predict_images(images, cfg.device)
-            seen, batch = stage_inputs(module, images)
+            batches = pipeline.stage_batches(images)  # preprocess each image once per stage
+            pred = pipeline.predict_batches(batches, cfg.device)
+            seen, batch = batches[cfg.stage]
             positive = pred.p_pneumonia if cfg.stage == "binary" else pred.p_viral_given_pneumonia
             target = torch.as_tensor((positive >= thresholds[cfg.stage]).astype(np.int64))
             started = time.perf_counter()

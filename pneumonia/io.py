@@ -34,6 +34,12 @@ def _open_image(path: Path):
             raise ImageReadError(path, f"refused: too many pixels for an X-ray ({err})") from err
 
 
+def _unreadable(path: Path, reason: str) -> ImageReadError:
+    """The error for a file PIL could not read; an empty file says so plainly."""
+    size = path.stat().st_size if path.exists() else 0
+    return ImageReadError(path, "empty file" if size == 0 else reason)
+
+
 def is_image_file(path: Path) -> bool:
     """True for files this project reads; hidden files such as `.DS_Store` are not."""
     return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES
@@ -54,9 +60,7 @@ def image_size(path: Path | str) -> tuple[int, int]:
             width, height = img.size
             fmt = img.format
     except (UnidentifiedImageError, OSError) as err:
-        size = path.stat().st_size if path.exists() else 0
-        reason = "empty file" if size == 0 else f"not a readable image ({err.__class__.__name__})"
-        raise ImageReadError(path, reason) from err
+        raise _unreadable(path, f"not a readable image ({err.__class__.__name__})") from err
     if width <= 0 or height <= 0:
         raise ImageReadError(path, f"image has no pixels ({width}x{height})")
     if fmt == "JPEG" and not _jpeg_has_end_marker(path):
@@ -131,6 +135,4 @@ def read_grayscale(path: Path | str) -> np.ndarray:
                 return _stretch_to_uint8(np.asarray(img))
             return np.asarray(img.convert("L"), dtype=np.uint8)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        size = path.stat().st_size if path.exists() else 0
-        reason = "empty file" if size == 0 else f"cannot decode image ({err})"
-        raise ImageReadError(path, reason) from err
+        raise _unreadable(path, f"cannot decode image ({err})") from err

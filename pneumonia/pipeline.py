@@ -9,7 +9,6 @@ thresholds are fitted on the validation split only and saved with the pipeline.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -23,10 +22,10 @@ from pneumonia.data.transforms import Preprocessing
 from pneumonia.metrics import threshold_for_sensitivity, youden_threshold
 from pneumonia.models import StageClassifier
 from pneumonia.stages import STAGE_CLASSES, stage_targets
+from pneumonia.tracking import is_run_id
 
 CLASSES = ("normal", "bacterial", "viral")
 OPERATING_POINTS = ("youden", "sensitivity", "default")
-_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
 class CheckpointError(ValueError):
@@ -47,7 +46,7 @@ def resolve_checkpoint(ref: str, stage: str, tracking_uri: str | None, download_
     path = Path(str(ref)).expanduser()
     if path.is_file():
         return path
-    if str(ref) != "latest" and not _RUN_ID.match(str(ref)):
+    if str(ref) != "latest" and not is_run_id(ref):
         raise CheckpointError(f"{stage}={ref}: no such checkpoint file, and not an MLflow run id")
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
@@ -230,14 +229,18 @@ class TwoStagePipeline:
     def predict(self, records: list[Record], **loader) -> Prediction:
         return self.predict_logits(self.logits(records, **loader))
 
+    def stage_batches(self, images: list[np.ndarray]) -> dict[str, tuple[list[np.ndarray], torch.Tensor]]:
+        """Each stage's view of decoded (H, W) uint8 images (see `stage_inputs`)."""
+        return {name: stage_inputs(module, images) for name, module in self.stages.items()}
+
     @torch.inference_mode()
-    def predict_images(self, images: list[np.ndarray], device: str = "cpu") -> Prediction:
-        """Predictions for decoded (H, W) uint8 images, each stage preprocessing its own way."""
-        logits = {}
-        for name, module in self.stages.items():
-            _, batch = stage_inputs(module, images)
-            logits[name] = module.to(device)(batch.to(device)).float().cpu().numpy()
+    def predict_batches(self, batches: dict[str, tuple[list[np.ndarray], torch.Tensor]],
+                        device: str = "cpu") -> Prediction:
+        """Predictions from `stage_batches` output."""
+        logits = {name: module.to(device)(batches[name][1].to(device)).float().cpu().numpy()
+                  for name, module in self.stages.items()}
         return self.predict_logits(logits)
+
 
     def stage_thresholds(self) -> dict[str, float]:
         """The decision threshold of each stage at the chosen operating point."""

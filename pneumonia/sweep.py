@@ -20,6 +20,8 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from pneumonia.compare import format_table
+
 log = logging.getLogger(__name__)
 RESULT_FILE = "job_result.json"
 COLUMNS = ("job", "overrides", "status", "val/auroc", "val/acc", "run_id", "error")
@@ -54,18 +56,6 @@ def collect(sweep_dir: Path) -> list[dict]:
     return sorted(rows, key=lambda r: r["job"])
 
 
-def format_rows(rows: list[dict]) -> str:
-    def cell(row, key):
-        value = row.get(key)
-        return "-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
-
-    table = [COLUMNS, *([cell(r, c) for c in COLUMNS] for r in rows)]
-    widths = [max(len(row[i]) for row in table) for i in range(len(COLUMNS))]
-    lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in table]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
 class SweepSummary(Callback):
     """Prints and saves `sweep_summary.csv` at the end of a multirun."""
 
@@ -76,7 +66,7 @@ class SweepSummary(Callback):
             writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)
-        print(f"\nSweep {sweep_dir.name}: {len(rows)} jobs\n{format_rows(rows)}\n"
+        print(f"\nSweep {sweep_dir.name}: {len(rows)} jobs\n{format_table(rows, COLUMNS)}\n"
               f"Saved: {sweep_dir / 'sweep_summary.csv'}")
         failed = [r for r in rows if r["status"] != "COMPLETED"]
         if failed:

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.loggers import MLFlowLogger
 from mlflow.tracking import MlflowClient
+
+
+_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def is_run_id(ref: object) -> bool:
+    """True for strings shaped like an MLflow run id (32 hex digits)."""
+    return bool(_RUN_ID.match(str(ref)))
 
 
 class TrackingServerError(RuntimeError):

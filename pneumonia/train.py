@@ -19,7 +19,13 @@ from pneumonia.data.synthetic import make_synthetic_dataset
 from pneumonia.models import StageClassifier, normalization_stats
 from pneumonia.stages import STAGE_CLASSES, check_stage
 from pneumonia.sweep import in_multirun
-from pneumonia.tracking import TrackingServerError, check_server, log_results, log_run_inputs
+from pneumonia.tracking import (
+    TrackingServerError,
+    check_server,
+    is_run_id,
+    log_results,
+    log_run_inputs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +113,7 @@ def resolve_resume(ref: str, tracking_uri: str | None) -> tuple[Path, Path, str 
         checkpoint = path / "checkpoints" / "last.ckpt"
     elif path.is_file():
         checkpoint = path
-    elif tracking_uri and len(str(ref)) == 32:
+    elif tracking_uri and is_run_id(ref):
         from mlflow.tracking import MlflowClient
 
         folder = MlflowClient(tracking_uri).get_run(str(ref)).data.tags.get("output_dir")
