@@ -95,6 +95,7 @@ class DataConfig:
     cache_dir: str = MISSING
     cache_workers: int = 0
     synthetic: Optional[SyntheticConfig] = None
+    skip_bad: bool = False
 
     def __post_init__(self) -> None:
         _choice("data.split", self.split, ("official", "random"))

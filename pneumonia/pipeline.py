@@ -184,7 +184,9 @@ class TwoStagePipeline:
         """Every image with its split, rebuilt from the recorded settings (root may be moved)."""
         settings = self.data_settings()
         root = Path(root or settings["root"])
-        return split_records(scan_kermany(root), settings["split"], settings["val_fraction"],
+        # a run trained with data.skip_bad left the same unreadable files out of its split
+        records = scan_kermany(root, skip_bad=bool(settings.get("skip_bad", False)))
+        return split_records(records, settings["split"], settings["val_fraction"],
                              settings["test_fraction"], settings["split_seed"])
 
     def logits(self, records: list[Record], **loader) -> dict[str, np.ndarray]:

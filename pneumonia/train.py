@@ -57,6 +57,7 @@ def build_datamodule(cfg: DictConfig) -> KermanyDataModule:
         pin_memory=data.pin_memory,
         persistent_workers=data.persistent_workers,
         shuffle_seed=cfg.seed,
+        skip_bad=data.skip_bad,
     )
 
 
@@ -85,7 +86,8 @@ def build_module(cfg: DictConfig, datamodule: KermanyDataModule) -> StageClassif
         label_smoothing=cfg.loss.label_smoothing,
         pretrained=pretrained,
         data={"root": str(datamodule.root), "split": cfg.data.split, "split_seed": cfg.data.split_seed,
-              "val_fraction": cfg.data.val_fraction, "test_fraction": cfg.data.test_fraction},
+              "val_fraction": cfg.data.val_fraction, "test_fraction": cfg.data.test_fraction,
+              "skip_bad": cfg.data.skip_bad},
         augment=OmegaConf.to_container(cfg.data.augment) if cfg.data.augment else None,
         channels_last=cfg.speed.channels_last,
         compile=cfg.speed.compile,
@@ -194,12 +196,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule = build_datamodule(cfg)
     module = build_module(cfg, datamodule)
     if resume_from is None:  # a resumed run keeps the files (and MLflow params) it has
-        manifest = datamodule.write_manifest(output_dir / "split_manifest.csv")
-        config_file = output_dir / "config.yaml"
-        OmegaConf.save(cfg, config_file, resolve=True)
+        files = [datamodule.write_manifest(output_dir / "split_manifest.csv"), output_dir / "config.yaml"]
+        OmegaConf.save(cfg, files[1], resolve=True)
+        skipped = {}
+        if cfg.data.skip_bad:
+            files.append(datamodule.write_skipped(output_dir / "bad_files.csv"))
+            skipped = {"data/skipped_files": len(datamodule.skipped)}
     resolved = OmegaConf.to_container(cfg, resolve=True)
     if isinstance(logger, MLFlowLogger) and resume_from is None:
-        log_run_inputs(logger, resolved, datamodule.preprocessing.to_dict(), [manifest, config_file],
+        log_run_inputs(logger, {**resolved, **skipped}, datamodule.preprocessing.to_dict(), files,
                        {**_run_tags(cfg), "output_dir": str(output_dir.resolve())})
     callbacks = [hydra.utils.instantiate(c) for c in cfg.callbacks.values() if c]
     callbacks.append(EpochSeed(cfg.seed))

@@ -167,3 +167,57 @@ def test_checkpoint_that_would_run_code_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="evil.ckpt: not a loadable stage checkpoint"):
         load_stage(evil, "binary")
     assert not marker.exists()
+
+
+def _bad_files(root: Path) -> dict[Path, str]:
+    """Three unreadable files in three folders, with the reason each must be reported with."""
+    text = root / "train" / "NORMAL" / "IM-9002-0001.jpeg"
+    text.write_text("a text file named .jpeg\n")
+    good = next((root / "test" / "PNEUMONIA").glob("*.jpeg"))
+    truncated = good.with_name("person9999_bacteria_1.jpeg")
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    empty = root / "train" / "PNEUMONIA" / "person9998_virus_1.jpeg"
+    empty.write_bytes(b"")
+    return {text.resolve(): "not a readable image (UnidentifiedImageError)",
+            truncated.resolve(): "truncated JPEG (no end-of-image marker)",
+            empty.resolve(): "empty file"}
+
+
+@pytest.mark.slow
+def test_skip_bad_trains_on_the_rest_and_records_the_skipped_files(data, tmp_path, caplog):
+    import csv
+
+    from mlflow.tracking import MlflowClient
+    from omegaconf import open_dict
+
+    bad = _bad_files(data)
+    args = ["experiment=demo", f"data.root={data}", "data.synthetic=null", "debug=short",
+            "model.input_size=64", "data.batch_size=4", "logger=mlflow"]
+
+    strict = compose_train(tmp_path, args)
+    with pytest.raises(DataError) as refused:
+        train(strict)
+    message = str(refused.value)
+    assert message.startswith("3 unreadable image file(s)") and "data.skip_bad=true" in message
+    for path, reason in bad.items():
+        assert f"{path}: {reason}" in message
+    assert not (tmp_path / "run").exists()  # stopped before anything was written
+
+    cfg = compose_train(tmp_path, [*args, "data.skip_bad=true"])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "skipping")
+    result = train(cfg)
+    assert "Skipping 3 unreadable image file(s)" in caplog.text
+
+    client = MlflowClient(cfg.paths.tracking_uri)
+    run = client.get_run(result["run_id"])
+    assert run.info.status == "FINISHED" and result["best_checkpoint"]
+    assert run.data.params["data/skipped_files"] == "3"
+    logged = Path(client.download_artifacts(run.info.run_id, "bad_files.csv", str(tmp_path / "dl")))
+    rows = list(csv.DictReader(logged.open()))
+    assert {Path(r["path"]): r["reason"] for r in rows} == bad and len(rows) == 3
+    out = Path(cfg.paths.output_dir)
+    assert (out / "bad_files.csv").read_bytes() == logged.read_bytes()
+    manifest = {Path(r["path"]) for r in csv.DictReader((out / "split_manifest.csv").open())}
+    assert not manifest & set(bad)
+    assert len(manifest) == len(list(data.rglob("*.jpeg"))) - 3  # every other image is used

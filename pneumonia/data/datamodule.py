@@ -11,7 +11,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pneumonia.data.cache import build_cache
-from pneumonia.data.kermany import DataError, Record, scan_kermany, split_records, write_manifest
+from pneumonia.data.kermany import (
+    DataError,
+    Record,
+    scan_with_skipped,
+    split_records,
+    write_manifest,
+    write_skipped,
+)
 from pneumonia.data.transforms import Preprocessing, build_augmentation
 from pneumonia.io import read_grayscale
 from pneumonia.stages import STAGE_CLASSES, stage_target, stage_targets
@@ -105,6 +112,7 @@ class KermanyDataModule(L.LightningDataModule):
         pin_memory: bool = False,
         persistent_workers: bool = True,
         shuffle_seed: int = 0,
+        skip_bad: bool = False,
     ) -> None:
         super().__init__()
         self.shuffle_seed = shuffle_seed
@@ -119,7 +127,9 @@ class KermanyDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.augment = dict(augment) if augment else None
-        self.manifest = split_records(scan_kermany(self.root), split, val_fraction, test_fraction, seed)
+        # skip_bad: unreadable files are left out before the split, so no epoch ever meets them
+        records, self.skipped = scan_with_skipped(self.root, skip_bad=skip_bad)
+        self.manifest = split_records(records, split, val_fraction, test_fraction, seed)
         self.splits = {
             name: [r for r in self.manifest if r.split == name and stage_target(stage, r.label) is not None]
             for name in ("train", "val", "test")
@@ -158,6 +168,9 @@ class KermanyDataModule(L.LightningDataModule):
 
     def write_manifest(self, path: Path) -> Path:
         return write_manifest(self.manifest, path)
+
+    def write_skipped(self, path: Path) -> Path:
+        return write_skipped(self.skipped, path)
 
     def prepare_data(self) -> None:
         """Build the preprocessed caches once (Lightning calls this on one process per node)."""

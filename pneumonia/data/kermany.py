@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import random
 import re
 from collections import Counter, defaultdict
@@ -14,6 +15,7 @@ from pneumonia.io import ImageReadError, image_size, is_image_file
 LABELS = ("normal", "bacterial", "viral")
 CLASS_FOLDERS = ("NORMAL", "PNEUMONIA")
 SPLIT_FOLDERS = ("train", "val", "test")
+log = logging.getLogger(__name__)
 
 # person1_bacteria_1.jpeg, person447_virus_921_1.jpeg
 _PNEUMONIA_NAME = re.compile(r"^(person\d+)_(bacteria|virus)_", re.IGNORECASE)
@@ -52,10 +54,18 @@ def parse_name(class_folder: str, filename: str) -> tuple[str, str]:
     return subtype, match.group(1).lower()
 
 
-def scan_kermany(root: Path | str, folders: tuple[str, ...] = SPLIT_FOLDERS) -> list[Record]:
-    """Every readable image under root/{train,val,test}/{NORMAL,PNEUMONIA}.
+def scan_kermany(root: Path | str, folders: tuple[str, ...] = SPLIT_FOLDERS,
+                 skip_bad: bool = False) -> list[Record]:
+    """Every readable image under root/{train,val,test}/{NORMAL,PNEUMONIA} (see scan_with_skipped)."""
+    return scan_with_skipped(root, folders, skip_bad)[0]
 
-    Reads only file headers. Raises DataError naming the folder or the files that are wrong.
+
+def scan_with_skipped(root: Path | str, folders: tuple[str, ...] = SPLIT_FOLDERS,
+                      skip_bad: bool = False) -> tuple[list[Record], list[ImageReadError]]:
+    """The readable images under root/{train,val,test}/{NORMAL,PNEUMONIA} and the unreadable ones.
+
+    Reads only file headers. Raises DataError naming the folder or the files that are wrong;
+    with skip_bad, unreadable files are left out with a warning instead, and returned.
     """
     root = Path(root).expanduser()
     if not root.is_dir():
@@ -79,17 +89,31 @@ def scan_kermany(root: Path | str, folders: tuple[str, ...] = SPLIT_FOLDERS) -> 
                 try:
                     width, height = image_size(path)
                 except ImageReadError as err:
-                    bad.append(str(err))
+                    bad.append(err)
                     continue
                 records.append(Record(path, label, patient, folder, width, height))
     if bad:
-        shown = "\n  ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
-        raise DataError(f"{len(bad)} unreadable image file(s) under {root}:\n  {shown}")
+        shown = "\n  ".join(map(str, bad[:20])) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
+        if not skip_bad:
+            raise DataError(f"{len(bad)} unreadable image file(s) under {root}:\n  {shown}\n"
+                            "Remove or replace them, or pass data.skip_bad=true to train without them.")
+        log.warning("Skipping %d unreadable image file(s) under %s (data.skip_bad=true):\n  %s",
+                    len(bad), root, shown)
     train_labels = Counter("normal" if r.label == "normal" else "pneumonia" for r in records if r.folder == "train")
     for name in ("normal", "pneumonia"):
         if train_labels[name] == 0:
             raise DataError(f"{root / 'train' / name.upper()} holds no images")
-    return records
+    return records, bad
+
+
+def write_skipped(skipped: list[ImageReadError], path: Path) -> Path:
+    """The files a run left out (data.skip_bad=true), one row each: path, reason."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "reason"])
+        writer.writerows([str(err.path), err.reason] for err in skipped)
+    return path
 
 
 def _group_split(records: list[Record], fraction: float, rng: random.Random) -> tuple[list, list]:
