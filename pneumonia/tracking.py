@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import platform
 import re
+import subprocess
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +15,45 @@ from mlflow.tracking import MlflowClient
 
 
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+PACKAGES = ("torch", "torchvision", "lightning", "timm", "numpy", "mlflow", "albumentations")
+PROJECT = Path(__file__).resolve().parents[1]  # the repository root in a source checkout
+
+
+def git_state(repo: Path = PROJECT) -> tuple[str, str]:
+    """(commit, "true"/"false" for uncommitted changes) of the code, or ("unknown", "unknown")
+    outside a git checkout of it (an installed package, no git)."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True,
+                              timeout=30, check=True).stdout.strip()
+
+    try:
+        # a package installed inside some other repository (a .venv in a checkout) is not it
+        if Path(git("rev-parse", "--show-toplevel")).resolve() != repo.resolve():
+            return "unknown", "unknown"
+        return git("rev-parse", "HEAD"), str(bool(git("status", "--porcelain"))).lower()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown", "unknown"
+
+
+def environment(repo: Path = PROJECT) -> dict[str, str]:
+    """What a run needs to be reproduced: Python and package versions, the git commit."""
+    env = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            env[name] = version(name)
+        except PackageNotFoundError:
+            env[name] = "not installed"
+    env["git_commit"], env["git_dirty"] = git_state(repo)
+    return env
+
+
+def write_environment(path: Path) -> tuple[Path, dict[str, str]]:
+    """environment.json in a run's folder, and the MLflow tags that carry the same facts."""
+    env = environment()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(env, indent=2) + "\n")
+    return path, {k if k.startswith("git_") else f"version/{k}": v for k, v in env.items()}
 
 
 def is_run_id(ref: object) -> bool:

@@ -25,6 +25,7 @@ from pneumonia.tracking import (
     is_run_id,
     log_results,
     log_run_inputs,
+    write_environment,
 )
 
 log = logging.getLogger(__name__)
@@ -198,6 +199,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if resume_from is None:  # a resumed run keeps the files (and MLflow params) it has
         files = [datamodule.write_manifest(output_dir / "split_manifest.csv"), output_dir / "config.yaml"]
         OmegaConf.save(cfg, files[1], resolve=True)
+        env_file, env_tags = write_environment(output_dir / "environment.json")
+        files.append(env_file)
         skipped = {}
         if cfg.data.skip_bad:
             files.append(datamodule.write_skipped(output_dir / "bad_files.csv"))
@@ -205,7 +208,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     if isinstance(logger, MLFlowLogger) and resume_from is None:
         log_run_inputs(logger, {**resolved, **skipped}, datamodule.preprocessing.to_dict(), files,
-                       {**_run_tags(cfg), "output_dir": str(output_dir.resolve())})
+                       {**_run_tags(cfg), **env_tags, "output_dir": str(output_dir.resolve())})
     callbacks = [hydra.utils.instantiate(c) for c in cfg.callbacks.values() if c]
     callbacks.append(EpochSeed(cfg.seed))
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=logger, callbacks=callbacks,
