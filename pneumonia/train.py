@@ -13,6 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from pneumonia.checkpoint_io import AtomicCheckpointIO
 from pneumonia.config import validate
 from pneumonia.data import KermanyDataModule
 from pneumonia.data.synthetic import make_synthetic_dataset
@@ -212,7 +213,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     callbacks = [hydra.utils.instantiate(c) for c in cfg.callbacks.values() if c]
     callbacks.append(EpochSeed(cfg.seed))
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=logger, callbacks=callbacks,
-                                                 **_trainer_overrides(cfg))
+                                                 plugins=[AtomicCheckpointIO()], **_trainer_overrides(cfg))
     log.info("Training %s/%s on %s: %s", cfg.stage.name, cfg.model.name, datamodule.root,
              {s: datamodule.class_counts(s) for s in ("train", "val", "test")})
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
