@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -46,11 +48,38 @@ def synthetic_root(tmp_path_factory) -> Path:
 
 
 def tree_hashes(root: Path) -> dict[str, str]:
-    """sha256 of every file under root (follows symlinks), to show inputs are untouched."""
+    """sha256 of every file under root (follows symlinks) and every folder, to show inputs are
+    untouched: no byte changed, nothing added or removed."""
     return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*")) if p.is_file()
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "folder"
+        for p in sorted(root.rglob("*")) if p.is_file() or p.is_dir()
     }
+
+
+@contextmanager
+def read_only(root: Path):
+    """Files 0o444 and folders 0o555 under root (symlinks left alone), modes restored after.
+
+    root ignores these bits, so tests that run as root prove with tree_hashes instead.
+    """
+    paths = [p for p in [root, *root.rglob("*")] if not p.is_symlink()]
+    modes = {p: p.stat().st_mode & 0o7777 for p in paths}
+    for path in paths:
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    try:
+        yield root
+    finally:
+        for path in paths:
+            path.chmod(modes[path])
+
+
+@pytest.fixture
+def read_only_data(synthetic_root, tmp_path) -> Path:
+    """A read-only copy of the synthetic data set."""
+    root = tmp_path / "read-only-data"
+    shutil.copytree(synthetic_root, root)
+    with read_only(root):
+        yield root
 
 
 @pytest.fixture(scope="session")

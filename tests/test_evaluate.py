@@ -14,7 +14,7 @@ from pneumonia.data.kermany import DataError
 from pneumonia.evaluate import evaluate
 from pneumonia.metrics import youden_threshold
 from pneumonia.pipeline import CheckpointError, TwoStagePipeline, combine, softmax_positive
-from tests.conftest import CONF, compose_train
+from tests.conftest import CONF, compose_train, tree_hashes
 
 
 def test_composed_probabilities_sum_to_one_and_reduce_to_each_stage():
@@ -48,16 +48,19 @@ def _evaluate_cfg(work: Path, out: Path, **values):
 
 
 @pytest.mark.slow
-def test_evaluation_report_end_to_end(trained, tmp_path):
+def test_evaluation_report_end_to_end(trained, tmp_path, read_only_data):
     work, runs = trained
-    # one stage by checkpoint path, the other by MLflow run id; `latest` resolves to the same
+    before = tree_hashes(read_only_data)
+    # one stage by checkpoint path, the other by MLflow run id; `latest` resolves to the same;
+    # the data: a read-only copy of the training folder
     cfg = _evaluate_cfg(work, tmp_path / "report", binary=runs["binary"]["best_checkpoint"],
-                        subtype=runs["subtype"]["run_id"])
+                        subtype=runs["subtype"]["run_id"], data={"root": str(read_only_data)})
     from pneumonia.pipeline import resolve_checkpoint
 
     latest = resolve_checkpoint("latest", "subtype", cfg.paths.tracking_uri, tmp_path / "dl")
     assert latest == Path(runs["subtype"]["best_checkpoint"]).resolve()
     result = evaluate(cfg)
+    assert tree_hashes(read_only_data) == before  # only ever read
     out = tmp_path / "report"
     for name in ("metrics.json", "predictions.csv", "report.md", "pipeline.json", "confusion_stage1.png",
                  "confusion_stage2.png", "confusion_pipeline.png", "roc_stage1.png", "roc_stage2.png",

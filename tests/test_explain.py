@@ -17,7 +17,7 @@ from pneumonia.attribution import Probabilities, attribution_map, occlusion_map
 from pneumonia.explain import explain
 from pneumonia.io import ImageReadError, read_grayscale
 from pneumonia.models import build_network
-from tests.conftest import CONF, tree_hashes
+from tests.conftest import CONF, read_only, tree_hashes
 
 
 def test_batched_occlusion_equals_captum_one_at_a_time():
@@ -157,12 +157,9 @@ def xray_folder(tmp_path, synthetic_root) -> Path:
 def test_explain_a_folder(trained, xray_folder, tmp_path):
     work, runs = trained
     before = tree_hashes(xray_folder)
-    # read-only as a user would find it (root ignores the bits: the hashes are the proof)
-    for path in xray_folder.iterdir():
-        path.chmod(0o444)
-    xray_folder.chmod(0o555)
     out = tmp_path / "explained"
-    result = explain(_explain_cfg(work, xray_folder, out, runs, window=15, stride=10))
+    with read_only(xray_folder):  # as a user would find it (the hashes are the proof under root)
+        result = explain(_explain_cfg(work, xray_folder, out, runs, window=15, stride=10))
     assert tree_hashes(xray_folder) == before  # inputs are byte-for-byte unchanged
 
     rows = {r["file"]: r for r in csv.DictReader((out / "summary.csv").open())}
@@ -202,9 +199,9 @@ def test_explain_a_folder(trained, xray_folder, tmp_path):
     assert {"summary.csv", "index.html", "reports"} <= artifacts
 
     # never overwritten without the flag, never written inside the input folder
-    with pytest.raises(FileExistsError, match="already holds results"):
+    with read_only(xray_folder), pytest.raises(FileExistsError, match="already holds results"):
         explain(_explain_cfg(work, xray_folder, out, runs))
-    with pytest.raises(ValueError, match="inside the input folder"):
+    with read_only(xray_folder), pytest.raises(ValueError, match="inside the input folder"):
         explain(_explain_cfg(work, xray_folder, xray_folder / "out", runs))
     assert tree_hashes(xray_folder) == before
 

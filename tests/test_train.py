@@ -21,12 +21,12 @@ def test_fast_dev_run_for_each_backbone(model, synthetic_root, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("stage, classes", [("binary", ["normal", "pneumonia"]),
                                             ("subtype", ["bacterial", "viral"])])
-def test_training_logs_a_complete_mlflow_run(stage, classes, synthetic_root, tmp_path):
-    before = tree_hashes(synthetic_root)
-    cfg = compose_train(tmp_path, ["experiment=demo", f"stage={stage}", f"data.root={synthetic_root}",
+def test_training_logs_a_complete_mlflow_run(stage, classes, read_only_data, tmp_path):
+    before = tree_hashes(read_only_data)
+    cfg = compose_train(tmp_path, ["experiment=demo", f"stage={stage}", f"data.root={read_only_data}",
                                    "data.synthetic=null", "debug=short", "model.input_size=64", *FAST])
     result = train(cfg)
-    assert tree_hashes(synthetic_root) == before  # the data folder is only ever read
+    assert tree_hashes(read_only_data) == before  # the data folder is only ever read
 
     client = MlflowClient(cfg.paths.tracking_uri)
     run = client.get_run(result["run_id"])
