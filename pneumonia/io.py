@@ -134,5 +134,7 @@ def read_grayscale(path: Path | str) -> np.ndarray:
             if img.mode in ("I;16", "I;16B", "I;16L", "I"):
                 return _stretch_to_uint8(np.asarray(img))
             return np.asarray(img.convert("L"), dtype=np.uint8)
+    except ImageReadError:
+        raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise _unreadable(path, f"cannot decode image ({err})") from err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -54,6 +55,16 @@ def tree_hashes(root: Path) -> dict[str, str]:
         str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "folder"
         for p in sorted(root.rglob("*")) if p.is_file() or p.is_dir()
     }
+
+
+def corrupt_pixels(source: Path, dest: Path) -> Path:
+    """A copy of a JPEG with a sound header and end marker but garbage entropy-coded data:
+    it passes the header scan and fails to decode ("broken data stream")."""
+    data = bytearray(source.read_bytes())
+    n = len(data)
+    data[n // 3: n // 3 + n // 4] = random.Random(0).randbytes(n // 4)
+    dest.write_bytes(bytes(data))
+    return dest
 
 
 @contextmanager

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from pneumonia.data.cache import build_cache, cache_key, decode_preprocessed
-from pneumonia.data.kermany import scan_kermany
+from pneumonia.data.kermany import DataError, scan_kermany
 from pneumonia.data.transforms import Preprocessing, apply_brightness_contrast, batch_augment
 from pneumonia.io import read_grayscale
-from tests.conftest import SHARED_DATA, compose_train, needs_real_data
+from tests.conftest import SHARED_DATA, compose_train, corrupt_pixels, needs_real_data
 
 # JPEG draft mode decodes at a reduced scale: the tolerance we hold it to, in grey levels.
 DRAFT_MEAN_TOLERANCE, DRAFT_P99_TOLERANCE = 1.0, 4
@@ -113,3 +113,18 @@ def test_damaged_cache_is_detected_and_rebuilt(data, tmp_path):
     np.testing.assert_array_equal(build_cache(records, pre, cache), good)
     array_file.write_bytes(bytes(raw[:500]))  # truncated
     np.testing.assert_array_equal(build_cache(records, pre, cache), good)
+
+
+def test_undecodable_images_are_all_named_before_training(data, tmp_path):
+    records = [r for r in scan_kermany(data) if r.folder == "train"][:10]
+    for r in records[2:4]:
+        corrupt_pixels(r.path, r.path)
+    scan_kermany(data)  # their headers still pass the scan: only decoding finds them
+    cache = tmp_path / "cache"
+    with pytest.raises(DataError) as err:
+        build_cache(records, Preprocessing(48, 0.5, 0.25), cache)
+    message = str(err.value)
+    assert message.startswith("2 undecodable image file(s)") and "data.skip_bad=true" in message
+    for r in records[2:4]:
+        assert f"{r.path}: cannot decode image (broken data stream" in message
+    assert not list(cache.iterdir())  # no cache, not even a temporary file, is left

@@ -20,9 +20,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from pneumonia.data.kermany import Record
+from pneumonia.data.kermany import Record, unreadable_error
 from pneumonia.data.transforms import Preprocessing, ProportionalCrop
-from pneumonia.io import read_grayscale
+from pneumonia.io import ImageReadError, read_grayscale
 
 log = logging.getLogger(__name__)
 VERSION = 1
@@ -35,17 +35,20 @@ def decode_preprocessed(path: Path, pre: Preprocessing, draft: bool = True) -> n
     """The (S, S) uint8 image `pre` would give, decoding JPEGs at reduced size where exact enough."""
     if not draft or path.suffix.lower() not in (".jpeg", ".jpg"):
         return pre(read_grayscale(path))
-    with Image.open(path) as img:
-        width, height = img.size
-        box = ProportionalCrop(**pre.crop).crop_box(width, height) if pre.crop else (0, 0, width, height)
-        scale = DRAFT_MARGIN * pre.image_size / min(box[2] - box[0], box[3] - box[1])
-        if scale < 1:
-            img.draft("L", (math.ceil(width * scale), math.ceil(height * scale)))
-        img = img.convert("L")
-        sx, sy = img.width / width, img.height / height
-        scaled = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
-        out = img.resize((pre.image_size, pre.image_size), Image.BILINEAR, box=scaled)
-        return np.asarray(out, dtype=np.uint8)
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            box = ProportionalCrop(**pre.crop).crop_box(width, height) if pre.crop else (0, 0, width, height)
+            scale = DRAFT_MARGIN * pre.image_size / min(box[2] - box[0], box[3] - box[1])
+            if scale < 1:
+                img.draft("L", (math.ceil(width * scale), math.ceil(height * scale)))
+            img = img.convert("L")
+            sx, sy = img.width / width, img.height / height
+            scaled = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+            out = img.resize((pre.image_size, pre.image_size), Image.BILINEAR, box=scaled)
+            return np.asarray(out, dtype=np.uint8)
+    except (OSError, SyntaxError, ValueError) as err:  # a sound header over broken pixel data
+        raise ImageReadError(path, f"cannot decode image ({err})") from err
 
 
 def cache_key(records: list[Record], pre: Preprocessing) -> str:
@@ -92,14 +95,21 @@ def build_cache(records: list[Record], pre: Preprocessing, cache_dir: Path, work
         out = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=shape)
         workers = workers or min(8, os.cpu_count() or 1)
 
+        failed: list[ImageReadError] = []
+
         def work(i: int) -> None:
-            out[i] = decode_preprocessed(records[i].path, pre)
+            try:
+                out[i] = decode_preprocessed(records[i].path, pre)
+            except ImageReadError as err:
+                failed.append(err)
 
         try:
             # PIL releases the GIL while decoding and resizing, so threads run in parallel.
             with ThreadPoolExecutor(workers) as pool:
                 list(tqdm(pool.map(work, range(len(records))), total=len(records), desc=desc,
                           unit="image", leave=False))
+            if failed:  # all of them at once, before the first epoch
+                raise unreadable_error(records[0].path.parents[2], sorted(failed, key=str), "undecodable")
             out.flush()
             del out
             meta = {"shape": list(shape), "checksum": _checksum(tmp), "images": len(records),

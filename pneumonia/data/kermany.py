@@ -10,7 +10,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from pneumonia.io import ImageReadError, image_size, is_image_file
+from pneumonia.io import ImageReadError, image_size, is_image_file, read_grayscale
 
 LABELS = ("normal", "bacterial", "viral")
 CLASS_FOLDERS = ("NORMAL", "PNEUMONIA")
@@ -25,6 +25,13 @@ _NORMAL_NAME = re.compile(r"^((?:NORMAL2-)?IM-\d+)-", re.IGNORECASE)
 
 class DataError(ValueError):
     """The data folder does not hold what the run needs."""
+
+
+def unreadable_error(root: Path, errors: list[ImageReadError], what: str = "unreadable") -> DataError:
+    """One error listing the files (the first 20) that stop a run, and the way around them."""
+    shown = "\n  ".join(map(str, errors[:20])) + (f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else "")
+    return DataError(f"{len(errors)} {what} image file(s) under {root}:\n  {shown}\n"
+                     "Remove or replace them, or pass data.skip_bad=true to train without them.")
 
 
 @dataclass(frozen=True)
@@ -64,8 +71,9 @@ def scan_with_skipped(root: Path | str, folders: tuple[str, ...] = SPLIT_FOLDERS
                       skip_bad: bool = False) -> tuple[list[Record], list[ImageReadError]]:
     """The readable images under root/{train,val,test}/{NORMAL,PNEUMONIA} and the unreadable ones.
 
-    Reads only file headers. Raises DataError naming the folder or the files that are wrong;
-    with skip_bad, unreadable files are left out with a warning instead, and returned.
+    Reads only file headers. Raises DataError naming the folder or the files that are wrong.
+    With skip_bad, every image is also decoded (a file can have a sound header and broken
+    pixels), and the files that fail are left out with a warning instead, and returned.
     """
     root = Path(root).expanduser()
     if not root.is_dir():
@@ -88,17 +96,17 @@ def scan_with_skipped(root: Path | str, folders: tuple[str, ...] = SPLIT_FOLDERS
                 label, patient = parse_name(class_folder, path.name)
                 try:
                     width, height = image_size(path)
+                    if skip_bad:
+                        read_grayscale(path)
                 except ImageReadError as err:
                     bad.append(err)
                     continue
                 records.append(Record(path, label, patient, folder, width, height))
+    if bad and not skip_bad:
+        raise unreadable_error(root, bad)
     if bad:
-        shown = "\n  ".join(map(str, bad[:20])) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
-        if not skip_bad:
-            raise DataError(f"{len(bad)} unreadable image file(s) under {root}:\n  {shown}\n"
-                            "Remove or replace them, or pass data.skip_bad=true to train without them.")
         log.warning("Skipping %d unreadable image file(s) under %s (data.skip_bad=true):\n  %s",
-                    len(bad), root, shown)
+                    len(bad), root, "\n  ".join(map(str, bad)))
     train_labels = Counter("normal" if r.label == "normal" else "pneumonia" for r in records if r.folder == "train")
     for name in ("normal", "pneumonia"):
         if train_labels[name] == 0:
