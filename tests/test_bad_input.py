@@ -221,6 +221,15 @@ def test_skip_bad_trains_on_the_rest_and_records_the_skipped_files(data, tmp_pat
     assert {Path(r["path"]): r["reason"] for r in rows} == bad and len(rows) == 4
     out = Path(cfg.paths.output_dir)
     assert (out / "bad_files.csv").read_bytes() == logged.read_bytes()
-    manifest = {Path(r["path"]) for r in csv.DictReader((out / "split_manifest.csv").open())}
+    rows = list(csv.DictReader((out / "split_manifest.csv").open()))
+    manifest = {Path(r["path"]) for r in rows}
     assert not manifest & set(bad)
     assert len(manifest) == len(list(data.rglob("*.jpeg"))) - 4  # every other image is used
+
+    # evaluation rebuilds the same split from the checkpoint's settings, bad files and all
+    from pneumonia.models import StageClassifier
+    from pneumonia.pipeline import TwoStagePipeline
+
+    module = StageClassifier.load_from_checkpoint(result["best_checkpoint"])
+    rebuilt = TwoStagePipeline(module, module).split()
+    assert {(str(r.path), r.split) for r in rebuilt} == {(r["path"], r["split"]) for r in rows}
