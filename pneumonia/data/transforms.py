@@ -78,10 +78,17 @@ def batch_augment(images: torch.Tensor, hflip: float = 0.5, brightness=(-0.1, 0.
         return (torch.rand(n, 1, 1, 1, generator=generator, device=device) * (hi - lo) + lo)
 
     if hflip:
-        flip = torch.rand(n, generator=generator, device=device) < hflip
+        flip = flip_mask(n, hflip, generator, device)
         images = torch.where(flip[:, None, None, None], images.flip(-1), images)
     alpha, beta = 1 + uniform(contrast), uniform(brightness)
     return apply_brightness_contrast(images, alpha, beta)
+
+
+def flip_mask(n: int, hflip: float, generator: torch.Generator | None = None,
+              device: torch.device | str = "cpu") -> torch.Tensor:
+    """Which of n images to mirror: the first draw of `batch_augment`, shared with the feature
+    cache so that both paths mirror the same images for the same generator."""
+    return torch.rand(n, generator=generator, device=device) < hflip
 
 
 def apply_brightness_contrast(images: torch.Tensor, alpha, beta) -> torch.Tensor:
