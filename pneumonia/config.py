@@ -94,6 +94,7 @@ class DataConfig:
     cache: bool = True
     cache_dir: str = MISSING
     cache_workers: int = 0
+    feature_cache: bool = False
     synthetic: Optional[SyntheticConfig] = None
 
     def __post_init__(self) -> None:
@@ -123,10 +124,35 @@ def register() -> None:
     store.store(group="stage", name="schema", node=StageConfig)
 
 
+def check_feature_cache(cfg: DictConfig) -> None:
+    """data.feature_cache stores the frozen part's features once: only valid when nothing
+    before the head trains and the only augmentation is a horizontal flip."""
+    if not cfg.data.feature_cache:
+        return
+    changes = []
+    if cfg.model.freeze != "features":
+        changes.append(f"model.freeze=features (now {cfg.model.freeze})")
+    if cfg.model.adapter != "none":
+        changes.append(f"model.adapter=none (now {cfg.model.adapter}, which trains)")
+    if not cfg.data.cache:
+        changes.append("data.cache=true (features are computed from the preprocessed cache)")
+    for key in ("brightness", "contrast"):
+        bounds = cfg.data.augment.get(key) if cfg.data.augment else None
+        if bounds is not None:
+            changes.append(f"data.augment.{key}=null (now {list(bounds)})")
+    if changes:
+        raise ValueError(
+            "data.feature_cache=true computes the backbone's features once per image (and its "
+            "mirror), so nothing before the head may train and the only augmentation may be "
+            f"data.augment.hflip. Set {', '.join(changes)}; or data.feature_cache=false."
+        )
+
+
 def validate(cfg: DictConfig) -> None:
     """Value checks of the typed groups and the optimizer, before any long work."""
     for group in ("model", "data", "stage"):
         OmegaConf.to_object(cfg[group])  # runs each schema's __post_init__
+    check_feature_cache(cfg)
     lr = cfg.optimizer.get("lr")
     if not isinstance(lr, (int, float)) or lr <= 0:
         raise ValueError(f"optimizer.lr={lr} must be a positive number")

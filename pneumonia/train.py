@@ -54,6 +54,7 @@ def build_datamodule(cfg: DictConfig) -> KermanyDataModule:
         cache=data.cache,
         cache_dir=data.cache_dir,
         cache_workers=data.cache_workers,
+        feature_cache=data.feature_cache,
         pin_memory=data.pin_memory,
         persistent_workers=data.persistent_workers,
         shuffle_seed=cfg.seed,
@@ -74,7 +75,7 @@ def class_weights(setting: Any, datamodule: KermanyDataModule) -> list[float] | 
 def build_module(cfg: DictConfig, datamodule: KermanyDataModule) -> StageClassifier:
     model = OmegaConf.to_container(cfg.model, resolve=True)
     pretrained = model.pop("pretrained")
-    return StageClassifier(
+    module = StageClassifier(
         model=model,
         classes=list(STAGE_CLASSES[cfg.stage.name]),
         stage=cfg.stage.name,
@@ -91,6 +92,8 @@ def build_module(cfg: DictConfig, datamodule: KermanyDataModule) -> StageClassif
         compile=cfg.speed.compile,
         seed=cfg.seed,
     )
+    module.cached_features = cfg.data.feature_cache  # batches are features; not saved in checkpoints
+    return module
 
 
 class EpochSeed(L.Callback):

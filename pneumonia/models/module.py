@@ -17,7 +17,7 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 
-from pneumonia.data.transforms import batch_augment
+from pneumonia.data.transforms import batch_augment, flip_mask
 from pneumonia.models.network import build_network
 
 
@@ -42,6 +42,11 @@ class StageClassifier(L.LightningModule):
     `data` records the data root and split settings, so evaluation finds the same test split.
     Batches of uint8 images (the preprocessed cache) are normalised here, after the transfer
     to the device, and augmented with `augment` in training.
+
+    With `cached_features` set (train() sets it for data.feature_cache=true; it is not saved,
+    so the checkpoint stays an ordinary one) batches hold the frozen part's features per view
+    (N, V, C, H, W) and only the head runs; in training, the mirrored view (V = 2) is picked
+    with probability `augment["hflip"]`, the same draw that flips images on the image path.
     """
 
     def __init__(
@@ -76,19 +81,35 @@ class StageClassifier(L.LightningModule):
         self.metrics = nn.ModuleDict({f"{s}_metrics": _metrics(len(classes)) for s in ("train", "val", "test")})
 
     mlflow_run_id: str | None = None
+    cached_features: bool = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
+    def _augment_generator(self, device: torch.device) -> torch.Generator:
+        # drawn from (seed, step): a resumed run augments exactly like an uninterrupted one
+        generator = torch.Generator(device)
+        generator.manual_seed(self.hparams.seed * 100_003 + self.global_step)
+        return generator
+
+    def _pick_view(self, views: torch.Tensor) -> torch.Tensor:
+        """Cached features (N, V, C, H, W) -> (N, C, H, W): in training with V = 2 the mirror's
+        with probability hflip, else the image's own."""
+        if self.trainer.training and views.shape[1] == 2:
+            flip = flip_mask(len(views), self.hparams.augment["hflip"],
+                             self._augment_generator(views.device), views.device)
+            return torch.where(flip[:, None, None, None], views[:, 1], views[:, 0])
+        return views[:, 0]
+
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         images, targets = batch
+        if self.cached_features:
+            return self._pick_view(images), targets
         if images.dtype == torch.uint8:
             images = images.float().div_(255.0)
             if self.trainer.training and self.hparams.augment:
-                # drawn from (seed, step): a resumed run augments exactly like an uninterrupted one
-                generator = torch.Generator(images.device)
-                generator.manual_seed(self.hparams.seed * 100_003 + self.global_step)
-                images = batch_augment(images, **self.hparams.augment, generator=generator)
+                images = batch_augment(images, **self.hparams.augment,
+                                       generator=self._augment_generator(images.device))
             pre = self.hparams.preprocessing
             images = (images - pre["mean"]) / pre["std"]
         if self.hparams.channels_last:
@@ -104,8 +125,8 @@ class StageClassifier(L.LightningModule):
         self.mlflow_run_id = checkpoint.get("mlflow_run_id")
 
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> torch.Tensor:
-        images, targets = batch
-        logits = self(images)
+        inputs, targets = batch
+        logits = self.net.classify(inputs) if self.cached_features else self(inputs)
         loss = F.cross_entropy(
             logits, targets, weight=self.class_weights, label_smoothing=self.hparams.label_smoothing
         )
