@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hydra
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -41,7 +42,8 @@ class StageClassifier(L.LightningModule):
     `StageClassifier.load_from_checkpoint(path, pretrained=False)` (its weights are in it).
     `data` records the data root and split settings, so evaluation finds the same test split.
     Batches of uint8 images (the preprocessed cache) are normalised here, after the transfer
-    to the device, and augmented with `augment` in training.
+    to the device, and augmented with `augment` in training. `mixup` > 0 blends each training
+    batch with a shuffled copy of itself, the weight drawn from Beta(mixup, mixup).
     """
 
     def __init__(
@@ -54,6 +56,7 @@ class StageClassifier(L.LightningModule):
         scheduler: dict | None = None,
         class_weights: list[float] | None = None,
         label_smoothing: float = 0.0,
+        mixup: float = 0.0,
         pretrained: bool | str = False,
         data: dict | None = None,
         augment: dict | None = None,
@@ -85,15 +88,21 @@ class StageClassifier(L.LightningModule):
         if images.dtype == torch.uint8:
             images = images.float().div_(255.0)
             if self.trainer.training and self.hparams.augment:
-                # drawn from (seed, step): a resumed run augments exactly like an uninterrupted one
-                generator = torch.Generator(images.device)
-                generator.manual_seed(self.hparams.seed * 100_003 + self.global_step)
-                images = batch_augment(images, **self.hparams.augment, generator=generator)
+                images = batch_augment(images, **self.hparams.augment, generator=self._step_generator(images.device))
             pre = self.hparams.preprocessing
             images = (images - pre["mean"]) / pre["std"]
         if self.hparams.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return images, targets
+
+    def _step_generator(self, device: torch.device) -> torch.Generator:
+        # drawn from (seed, step): a resumed run augments exactly like an uninterrupted one
+        generator = torch.Generator(device)
+        return generator.manual_seed(self.hparams.seed * 100_003 + self.global_step)
+
+    def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, targets, weight=self.class_weights,
+                               label_smoothing=self.hparams.label_smoothing)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Lets evaluation link its report to the training run that made the weights.
@@ -105,10 +114,15 @@ class StageClassifier(L.LightningModule):
 
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> torch.Tensor:
         images, targets = batch
-        logits = self(images)
-        loss = F.cross_entropy(
-            logits, targets, weight=self.class_weights, label_smoothing=self.hparams.label_smoothing
-        )
+        if split == "train" and self.hparams.mixup > 0:
+            rng = np.random.default_rng([self.hparams.seed, self.global_step])
+            lam = float(rng.beta(self.hparams.mixup, self.hparams.mixup))
+            perm = torch.from_numpy(rng.permutation(len(targets))).to(images.device)
+            logits = self(lam * images + (1 - lam) * images[perm])
+            loss = lam * self._loss(logits, targets) + (1 - lam) * self._loss(logits, targets[perm])
+        else:
+            logits = self(images)
+            loss = self._loss(logits, targets)
         probs = logits.detach().float().softmax(dim=1)
         for name, metric in self.metrics[f"{split}_metrics"].items():
             metric.update(probs[:, 1] if name == "auroc" else probs, targets)
