@@ -59,13 +59,24 @@ class AugmentConfig:
     hflip: float = 0.5
     brightness: Optional[list[float]] = field(default_factory=lambda: [-0.1, 0.1])
     contrast: Optional[list[float]] = field(default_factory=lambda: [0.0, 0.1])
+    gamma: Optional[list[float]] = None   # [low, high] exponents, e.g. [0.7, 1.4]
+    scale: Optional[list[float]] = None   # zoom [low, high], e.g. [0.9, 1.15]
+    rotate: float = 0.0                   # degrees, either way
+    translate: float = 0.0                # fraction of the side, either way
 
     def __post_init__(self) -> None:
         _fraction("data.augment.hflip", self.hflip, high_inclusive=True)
-        for key in ("brightness", "contrast"):
+        for key in ("brightness", "contrast", "gamma", "scale"):
             bounds = getattr(self, key)
             if bounds is not None and (len(bounds) != 2 or bounds[0] > bounds[1]):
                 raise ValueError(f"data.augment.{key}={bounds} must be [low, high] with low <= high")
+        for key in ("gamma", "scale"):
+            bounds = getattr(self, key)
+            if bounds is not None and bounds[0] <= 0:
+                raise ValueError(f"data.augment.{key}={bounds} must be positive")
+        if not 0 <= self.rotate <= 180:
+            raise ValueError(f"data.augment.rotate={self.rotate} must be in [0, 180] degrees")
+        _fraction("data.augment.translate", self.translate)
 
 
 @dataclass
@@ -86,6 +97,7 @@ class DataConfig:
     test_fraction: float = 0.2
     normalization: str = "backbone"
     crop: CropConfig = field(default_factory=CropConfig)
+    equalize: bool = False
     augment: Optional[AugmentConfig] = field(default_factory=AugmentConfig)
     batch_size: int = 32
     num_workers: int = 4
@@ -136,10 +148,15 @@ def check_feature_cache(cfg: DictConfig) -> None:
         changes.append(f"model.adapter=none (now {cfg.model.adapter}, which trains)")
     if not cfg.data.cache:
         changes.append("data.cache=true (features are computed from the preprocessed cache)")
-    for key in ("brightness", "contrast"):
-        bounds = cfg.data.augment.get(key) if cfg.data.augment else None
-        if bounds is not None:
-            changes.append(f"data.augment.{key}=null (now {list(bounds)})")
+    augment = cfg.data.augment or {}
+    for key in ("brightness", "contrast", "gamma", "scale"):
+        if augment.get(key) is not None:
+            changes.append(f"data.augment.{key}=null (now {list(augment[key])})")
+    for key in ("rotate", "translate"):
+        if augment.get(key):
+            changes.append(f"data.augment.{key}=0 (now {augment[key]})")
+    if cfg.get("loss", {}).get("mixup"):
+        changes.append(f"loss.mixup=0 (now {cfg.loss.mixup}: mixed images have no cached features)")
     if changes:
         raise ValueError(
             "data.feature_cache=true computes the backbone's features once per image (and its "
@@ -156,6 +173,9 @@ def validate(cfg: DictConfig) -> None:
     lr = cfg.optimizer.get("lr")
     if not isinstance(lr, (int, float)) or lr <= 0:
         raise ValueError(f"optimizer.lr={lr} must be a positive number")
+    mixup = cfg.get("loss", {}).get("mixup", 0.0)
+    if not isinstance(mixup, (int, float)) or mixup < 0:
+        raise ValueError(f"loss.mixup={mixup} must be 0 (off) or a positive Beta parameter")
     epochs = cfg.trainer.get("max_epochs")
     if not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"trainer.max_epochs={epochs} must be a positive integer")

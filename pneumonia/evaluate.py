@@ -74,7 +74,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     downloads = output_dir / "checkpoints"
     ckpts = {stage: resolve_checkpoint(cfg[stage], stage, cfg.paths.tracking_uri, downloads / stage)
              for stage in ("binary", "subtype")}
-    pipeline = TwoStagePipeline.from_checkpoints(ckpts["binary"], ckpts["subtype"])
+    pipeline = TwoStagePipeline.from_checkpoints(ckpts["binary"], ckpts["subtype"], tta=cfg.tta)
     records = pipeline.split(cfg.data.root)
     val = [r for r in records if r.split == "val"]
     held_out = [r for r in records if r.split == cfg.split]
@@ -95,6 +95,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     boot = cfg.bootstrap
     metrics: dict[str, Any] = {
         "split": cfg.split,
+        "tta": cfg.tta,
         "n_images": len(held_out),
         "checkpoints": {k: str(v) for k, v in ckpts.items()},
         "training_runs": {k: m.mlflow_run_id for k, m in pipeline.stages.items()},

@@ -90,14 +90,20 @@ def load_stage(path: Path, stage: str) -> StageClassifier:
     return module.eval()
 
 
+def forward_logits(module: StageClassifier, images: torch.Tensor, tta: bool = False) -> torch.Tensor:
+    """Logits of normalised images; with `tta` the mean with those of the mirrored images."""
+    logits = module(images).float()
+    return (logits + module(images.flip(-1)).float()) / 2 if tta else logits
+
+
 @torch.inference_mode()
 def stage_logits(module: StageClassifier, records: list[Record], batch_size: int = 32,
-                 num_workers: int = 0, device: str = "cpu") -> np.ndarray:
+                 num_workers: int = 0, device: str = "cpu", tta: bool = False) -> np.ndarray:
     """(N, 2) logits of one stage for these images, preprocessed as that stage was trained."""
     data = XrayDataset(records, module.hparams.stage, Preprocessing(**module.hparams.preprocessing))
     loader = DataLoader(data, batch_size=batch_size, num_workers=num_workers)
     module = module.to(device)
-    out = [module(images.to(device)).float().cpu() for images, _ in loader]
+    out = [forward_logits(module, images.to(device), tta).cpu() for images, _ in loader]
     return torch.cat(out).numpy() if out else np.zeros((0, 2), np.float32)
 
 
@@ -155,18 +161,22 @@ class Prediction:
 
 
 class TwoStagePipeline:
-    """Two stage checkpoints, calibrated on validation data, as one three-class classifier."""
+    """Two stage checkpoints, calibrated on validation data, as one three-class classifier.
+
+    `tta`: each stage's logits are the mean over the image and its mirror image."""
 
     def __init__(self, binary: StageClassifier, subtype: StageClassifier,
-                 calibration: Calibration | None = None, checkpoints: dict[str, str] | None = None):
+                 calibration: Calibration | None = None, checkpoints: dict[str, str] | None = None,
+                 tta: bool = False):
         self.stages = {"binary": binary, "subtype": subtype}
         self.calibration = calibration
         self.checkpoints = checkpoints or {}
+        self.tta = tta
 
     @classmethod
-    def from_checkpoints(cls, binary: Path | str, subtype: Path | str) -> TwoStagePipeline:
+    def from_checkpoints(cls, binary: Path | str, subtype: Path | str, tta: bool = False) -> TwoStagePipeline:
         return cls(load_stage(Path(binary), "binary"), load_stage(Path(subtype), "subtype"),
-                   checkpoints={"binary": str(binary), "subtype": str(subtype)})
+                   checkpoints={"binary": str(binary), "subtype": str(subtype)}, tta=tta)
 
     def data_settings(self) -> dict:
         """The split both stages were trained on; they must agree or the test split leaks."""
@@ -188,7 +198,7 @@ class TwoStagePipeline:
                              settings["test_fraction"], settings["split_seed"])
 
     def logits(self, records: list[Record], **loader) -> dict[str, np.ndarray]:
-        return {name: stage_logits(m, records, **loader) for name, m in self.stages.items()}
+        return {name: stage_logits(m, records, tta=self.tta, **loader) for name, m in self.stages.items()}
 
     def calibrate(self, val: list[Record], target_sensitivity: float = 0.99,
                   operating_point: str = "youden", **loader) -> Calibration:
@@ -237,7 +247,7 @@ class TwoStagePipeline:
     def predict_batches(self, batches: dict[str, tuple[list[np.ndarray], torch.Tensor]],
                         device: str = "cpu") -> Prediction:
         """Predictions from `stage_batches` output."""
-        logits = {name: module.to(device)(batches[name][1].to(device)).float().cpu().numpy()
+        logits = {name: forward_logits(module.to(device), batches[name][1].to(device), self.tta).cpu().numpy()
                   for name, module in self.stages.items()}
         return self.predict_logits(logits)
 
@@ -258,13 +268,14 @@ class TwoStagePipeline:
 
     def save(self, path: Path) -> Path:
         """The pipeline as JSON: the two checkpoints and the validation calibration."""
-        path.write_text(json.dumps({"checkpoints": self.checkpoints,
+        path.write_text(json.dumps({"checkpoints": self.checkpoints, "tta": self.tta,
                                     "calibration": asdict(self.calibration)}, indent=2))
         return path
 
     @classmethod
     def load(cls, path: Path) -> TwoStagePipeline:
         saved = json.loads(Path(path).read_text())
-        pipeline = cls.from_checkpoints(saved["checkpoints"]["binary"], saved["checkpoints"]["subtype"])
+        pipeline = cls.from_checkpoints(saved["checkpoints"]["binary"], saved["checkpoints"]["subtype"],
+                                        tta=saved.get("tta", False))
         pipeline.calibration = Calibration(**saved["calibration"])
         return pipeline

@@ -98,6 +98,7 @@ class KermanyDataModule(L.LightningDataModule):
         test_fraction: float = 0.2,
         seed: int = 0,
         crop: dict | None = None,
+        equalize: bool = False,
         augment: dict | None = None,
         batch_size: int = 32,
         num_workers: int = 0,
@@ -140,7 +141,8 @@ class KermanyDataModule(L.LightningDataModule):
                 "width_fraction": float(crop.get("width", 0.35)),
                 "height_fraction": float(crop.get("height", 0.20)),
             }
-        self.preprocessing = Preprocessing(image_size=image_size, mean=mean, std=std, crop=crop_stats)
+        self.preprocessing = Preprocessing(image_size=image_size, mean=mean, std=std, crop=crop_stats,
+                                           equalize=equalize)
 
     def _check_classes(self) -> None:
         classes = STAGE_CLASSES[self.stage]

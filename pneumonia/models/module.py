@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hydra
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -41,7 +42,8 @@ class StageClassifier(L.LightningModule):
     `StageClassifier.load_from_checkpoint(path, pretrained=False)` (its weights are in it).
     `data` records the data root and split settings, so evaluation finds the same test split.
     Batches of uint8 images (the preprocessed cache) are normalised here, after the transfer
-    to the device, and augmented with `augment` in training.
+    to the device, and augmented with `augment` in training. `mixup` > 0 blends each training
+    batch with a shuffled copy of itself, the weight drawn from Beta(mixup, mixup).
 
     With `cached_features` set (train() sets it for data.feature_cache=true; it is not saved,
     so the checkpoint stays an ordinary one) batches hold the frozen part's features per view
@@ -59,6 +61,7 @@ class StageClassifier(L.LightningModule):
         scheduler: dict | None = None,
         class_weights: list[float] | None = None,
         label_smoothing: float = 0.0,
+        mixup: float = 0.0,
         pretrained: bool | str = False,
         data: dict | None = None,
         augment: dict | None = None,
@@ -116,6 +119,10 @@ class StageClassifier(L.LightningModule):
             images = images.contiguous(memory_format=torch.channels_last)
         return images, targets
 
+    def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, targets, weight=self.class_weights,
+                               label_smoothing=self.hparams.label_smoothing)
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Lets evaluation link its report to the training run that made the weights.
         run_id = getattr(self.logger, "run_id", None) if self._trainer is not None else None
@@ -126,10 +133,16 @@ class StageClassifier(L.LightningModule):
 
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> torch.Tensor:
         inputs, targets = batch
-        logits = self.net.classify(inputs) if self.cached_features else self(inputs)
-        loss = F.cross_entropy(
-            logits, targets, weight=self.class_weights, label_smoothing=self.hparams.label_smoothing
-        )
+        forward = self.net.classify if self.cached_features else self
+        if split == "train" and self.hparams.mixup > 0:
+            rng = np.random.default_rng([self.hparams.seed, self.global_step])
+            lam = float(rng.beta(self.hparams.mixup, self.hparams.mixup))
+            perm = torch.from_numpy(rng.permutation(len(targets))).to(inputs.device)
+            logits = forward(lam * inputs + (1 - lam) * inputs[perm])
+            loss = lam * self._loss(logits, targets) + (1 - lam) * self._loss(logits, targets[perm])
+        else:
+            logits = forward(inputs)
+            loss = self._loss(logits, targets)
         probs = logits.detach().float().softmax(dim=1)
         for name, metric in self.metrics[f"{split}_metrics"].items():
             metric.update(probs[:, 1] if name == "auroc" else probs, targets)
