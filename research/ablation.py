@@ -37,7 +37,7 @@ VARIANTS: dict[str, list[str]] = {
               "data.augment.contrast=[-0.2,0.2]"],
     "mixup": ["loss.mixup=0.4"],
     "label_smoothing": ["loss.label_smoothing=0.1"],
-    "size160": ["model.input_size=160"],
+    "size128": ["model.input_size=128"],
     "no_class_weights": ["loss.class_weights=null"],
 }
 TTA_VARIANTS = {"tta"}
@@ -81,7 +81,7 @@ def run(variant: str, seed: int, stage: str, epochs: int, data: str, out: Path,
                f"data.root={data}", f"trainer.max_epochs={epochs}", f"hydra.run.dir={trained}",
                f"logger.experiment_name=ablation-{stage}", f"+logger.tags.variant={base}",
                f"logger.run_name='{base}/seed={seed}'", "log_best_checkpoint=false",
-               *VARIANTS[base], *extra]
+               *extra, *VARIANTS[base]]
         print("$", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
     seconds = time.perf_counter() - start
@@ -136,7 +136,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--out", type=Path, default=Path("outputs/ablation"))
     parser.add_argument("--table", action="store_true", help="only print the table of finished rows")
-    parser.add_argument("overrides", nargs="*", help="extra train.py overrides for every run")
+    parser.add_argument("overrides", nargs="*",
+                        help="train.py overrides for every run, before the variant's own")
     args = parser.parse_args()
     unknown = set(args.variants) - set(VARIANTS)
     if unknown:
