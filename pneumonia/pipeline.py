@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
 from pneumonia.data.datamodule import XrayDataset
@@ -96,6 +97,64 @@ def forward_logits(module: StageClassifier, images: torch.Tensor, tta: bool = Fa
     return (logits + module(images.flip(-1)).float()) / 2 if tta else logits
 
 
+class MeanLogits(nn.Module):
+    """The mean of several networks' logits."""
+
+    def __init__(self, nets: list[nn.Module]):
+        super().__init__()
+        self.nets = nn.ModuleList(nets)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([net(x).float() for net in self.nets]).mean(0)
+
+
+class StageEnsemble(nn.Module):
+    """Checkpoints of one stage trained alike (e.g. several seeds) as one model: the mean of
+    their logits. Stands in for a StageClassifier in the pipeline: `hparams` are the first
+    member's (all must share stage, preprocessing and data split), `net` averages the nets."""
+
+    def __init__(self, members: list[StageClassifier], paths: list[Path]):
+        super().__init__()
+        first = members[0].hparams
+        for member, path in zip(members[1:], paths[1:]):
+            for key in ("stage", "preprocessing", "data"):
+                if member.hparams.get(key) != first.get(key):
+                    raise CheckpointError(f"{path}: its {key} differs from {paths[0]}'s; an ensemble's "
+                                          "members must be trained alike on the same split")
+        self.members = nn.ModuleList(members)
+        self.net = MeanLogits([m.net for m in members])
+
+    @property
+    def hparams(self):
+        return self.members[0].hparams
+
+    @property
+    def mlflow_run_id(self) -> str | None:
+        ids = [m.mlflow_run_id for m in self.members if m.mlflow_run_id]
+        return ",".join(ids) or None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def load_stages(paths: Path | list[Path], stage: str) -> StageClassifier | StageEnsemble:
+    """One checkpoint, or a list of them averaged as a `StageEnsemble`."""
+    if not isinstance(paths, (list, tuple)):
+        return load_stage(Path(paths), stage)
+    if len(paths) == 1:
+        return load_stage(Path(paths[0]), stage)
+    return StageEnsemble([load_stage(Path(p), stage) for p in paths], [Path(p) for p in paths]).eval()
+
+
+def resolve_checkpoints(refs, stage: str, tracking_uri: str | None, download_dir: Path) -> Path | list[Path]:
+    """`resolve_checkpoint` for one reference, or for each of a list (an ensemble)."""
+    if isinstance(refs, str) or not hasattr(refs, "__iter__"):
+        return resolve_checkpoint(refs, stage, tracking_uri, download_dir)
+    if len(refs) == 0:
+        raise CheckpointError(f"{stage}=[]: give at least one checkpoint or run id")
+    return [resolve_checkpoint(r, stage, tracking_uri, download_dir / str(i)) for i, r in enumerate(refs)]
+
+
 @torch.inference_mode()
 def stage_logits(module: StageClassifier, records: list[Record], batch_size: int = 32,
                  num_workers: int = 0, device: str = "cpu", tta: bool = False) -> np.ndarray:
@@ -174,9 +233,13 @@ class TwoStagePipeline:
         self.tta = tta
 
     @classmethod
-    def from_checkpoints(cls, binary: Path | str, subtype: Path | str, tta: bool = False) -> TwoStagePipeline:
-        return cls(load_stage(Path(binary), "binary"), load_stage(Path(subtype), "subtype"),
-                   checkpoints={"binary": str(binary), "subtype": str(subtype)}, tta=tta)
+    def from_checkpoints(cls, binary, subtype, tta: bool = False) -> TwoStagePipeline:
+        """Each stage from one checkpoint path or a list of them (averaged)."""
+        def names(paths):
+            return [str(p) for p in paths] if isinstance(paths, (list, tuple)) else str(paths)
+
+        return cls(load_stages(binary, "binary"), load_stages(subtype, "subtype"),
+                   checkpoints={"binary": names(binary), "subtype": names(subtype)}, tta=tta)
 
     def data_settings(self) -> dict:
         """The split both stages were trained on; they must agree or the test split leaks."""

@@ -2,6 +2,7 @@
 mixup and flip test-time augmentation."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +13,15 @@ from pneumonia.data.cache import cache_key, decode_preprocessed
 from pneumonia.data.kermany import scan_kermany
 from pneumonia.data.transforms import Preprocessing, batch_augment, build_augmentation, random_affine
 from pneumonia.io import read_grayscale
-from pneumonia.pipeline import TwoStagePipeline, forward_logits
+from pneumonia.attribution import attribution_map
+from pneumonia.pipeline import (
+    CheckpointError,
+    StageEnsemble,
+    TwoStagePipeline,
+    forward_logits,
+    load_stage,
+    load_stages,
+)
 from tests.conftest import compose_train
 
 NO_PHOTOMETRIC = dict(hflip=0.0, brightness=None, contrast=None)
@@ -120,14 +129,58 @@ def test_mixup_changes_training_and_stays_reproducible(synthetic_root, tmp_path)
     assert mixed != plain and mixed == again
 
 
+def _checkpoints(runs, stage):
+    """Two checkpoints of one stage with different weights: the best one and a perturbed copy."""
+    best = Path(runs[stage]["best_checkpoint"])
+    other = best.parent / "perturbed.ckpt"
+    if not other.is_file():
+        saved = torch.load(best, weights_only=True)
+        generator = torch.Generator().manual_seed(0)
+        for value in saved["state_dict"].values():
+            if value.is_floating_point():
+                value.add_(torch.randn(value.shape, generator=generator) * 0.05)
+        torch.save(saved, other)
+    return [str(best), str(other)]
+
+
 @pytest.mark.slow
-def test_evaluation_with_tta_records_it_and_pipeline_keeps_it(trained, tmp_path):
+def test_an_ensemble_averages_its_members_logits(trained, tmp_path):
+    work, runs = trained
+    paths = _checkpoints(runs, "binary")
+    ensemble = load_stages(paths, "binary")
+    members = [load_stage(Path(p), "binary") for p in paths]
+    images = torch.randn(4, 1, 64, 64)
+    with torch.no_grad():
+        outputs = [m(images) for m in members]
+        assert not torch.allclose(*outputs)  # the members differ, so the mean is a real test
+        torch.testing.assert_close(ensemble(images), (outputs[0] + outputs[1]) / 2)
+    assert ensemble.hparams.preprocessing == members[0].hparams.preprocessing
+    # a member preprocessed differently cannot join
+    saved = torch.load(paths[1], weights_only=True)
+    saved["hyper_parameters"]["preprocessing"]["image_size"] = 32
+    odd = tmp_path / "odd.ckpt"
+    torch.save(saved, odd)
+    with pytest.raises(CheckpointError, match="preprocessing differs"):
+        load_stages([paths[0], str(odd)], "binary")
+    with pytest.raises(ValueError, match="gradcam explains one network"):
+        attribution_map("gradcam", ensemble.net, images[:1], torch.tensor([1]))
+
+
+@pytest.mark.slow
+def test_evaluation_of_ensembles_with_tta_is_recorded_and_reloads(trained, tmp_path):
     from pneumonia.evaluate import evaluate
     from tests.test_evaluate import _evaluate_cfg
 
     work, runs = trained
-    cfg = _evaluate_cfg(work, tmp_path / "report", binary=runs["binary"]["best_checkpoint"],
-                        subtype=runs["subtype"]["best_checkpoint"], tta=True, log_to_mlflow=False)
-    evaluate(cfg)
-    assert json.loads((tmp_path / "report" / "metrics.json").read_text())["tta"] is True
-    assert TwoStagePipeline.load(tmp_path / "report" / "pipeline.json").tta is True
+    cfg = _evaluate_cfg(work, tmp_path / "report", binary=_checkpoints(runs, "binary"),
+                        subtype=runs["subtype"]["run_id"], tta=True, log_to_mlflow=True)
+    result = evaluate(cfg)
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert metrics["tta"] is True and metrics["checkpoints"]["binary"] == _checkpoints(runs, "binary")
+    pipeline = TwoStagePipeline.load(tmp_path / "report" / "pipeline.json")
+    assert pipeline.tta is True and isinstance(pipeline.stages["binary"], StageEnsemble)
+    from mlflow.tracking import MlflowClient
+
+    tags = MlflowClient(cfg.paths.tracking_uri).get_run(result["run_id"]).data.tags
+    assert tags["binary_checkpoint"] == ",".join(_checkpoints(runs, "binary"))
+    assert tags["subtype_run_id"] == runs["subtype"]["run_id"]
