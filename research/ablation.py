@@ -24,7 +24,7 @@ import numpy as np
 
 from pneumonia.data.kermany import scan_kermany, split_records
 from pneumonia.metrics import auroc, youden_threshold
-from pneumonia.pipeline import load_stage, softmax_positive, stage_logits
+from pneumonia.pipeline import load_stage, load_stages, softmax_positive, stage_logits
 from pneumonia.stages import stage_targets
 
 # Each idea as overrides on top of experiment=scratch_cpu. "tta" changes scoring only.
@@ -46,9 +46,10 @@ FIELDS = ["variant", "seed", "stage", "epochs", "train_seconds", "best_epoch", "
           "test_specificity", "run_id", "checkpoint"]
 
 
-def score(checkpoint: Path, stage: str, tta: bool) -> dict[str, float]:
-    """Validation and test figures of one checkpoint, the threshold chosen on validation."""
-    module = load_stage(checkpoint, stage)
+def score(checkpoints: list[Path], stage: str, tta: bool) -> dict[str, float]:
+    """Validation and test figures of a checkpoint (or the mean of several), the threshold
+    chosen on validation."""
+    module = load_stages(checkpoints, stage)
     d = module.hparams.data
     records = split_records(scan_kermany(d["root"]), d["split"], d["val_fraction"], d["test_fraction"],
                             d["split_seed"])
@@ -85,8 +86,8 @@ def run(variant: str, seed: int, stage: str, epochs: int, data: str, out: Path,
         print("$", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
     seconds = time.perf_counter() - start
-    checkpoint = sorted((trained / "checkpoints").glob("best-*.ckpt"))[-1]
-    figures = score(checkpoint, stage, tta=variant in TTA_VARIANTS)
+    checkpoint = best_checkpoint(out, base, seed, stage)
+    figures = score([checkpoint], stage, tta=variant in TTA_VARIANTS)
     module = load_stage(checkpoint, stage)
     row = {"variant": variant, "seed": seed, "stage": stage, "epochs": epochs,
            "train_seconds": round(seconds), "best_epoch": checkpoint.name.split("epoch")[1][:2],
@@ -101,6 +102,19 @@ def run(variant: str, seed: int, stage: str, epochs: int, data: str, out: Path,
         for key, value in figures.items():
             client.log_metric(module.mlflow_run_id, f"score/{key}", value)
     return row
+
+
+def best_checkpoint(out: Path, variant: str, seed: int, stage: str) -> Path:
+    return sorted((out / variant / f"seed{seed}" / stage / "checkpoints").glob("best-*.ckpt"))[-1]
+
+
+def ensemble_row(variant: str, seeds: list[int], stage: str, epochs: int, out: Path) -> dict:
+    """The mean of the logits of one variant's seeds, scored like a single run."""
+    checkpoints = [best_checkpoint(out, variant, s, stage) for s in seeds]
+    figures = score(checkpoints, stage, tta=False)
+    return {"variant": f"{variant}_ensemble", "seed": "+".join(map(str, seeds)), "stage": stage,
+            "epochs": epochs, **{k: round(v, 4) for k, v in figures.items()},
+            "checkpoint": " ".join(map(str, checkpoints))}
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -127,6 +141,16 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def append(scores: Path, row: dict) -> None:
+    new = not scores.is_file()
+    with scores.open("a", newline="") as f:
+        writer = csv.DictWriter(f, FIELDS, restval="")
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+    print(row, flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True)
@@ -136,6 +160,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--out", type=Path, default=Path("outputs/ablation"))
     parser.add_argument("--table", action="store_true", help="only print the table of finished rows")
+    parser.add_argument("--ensemble", metavar="VARIANT",
+                        help="score the mean of this finished variant's seeds as one more row")
     parser.add_argument("overrides", nargs="*",
                         help="train.py overrides for every run, before the variant's own")
     args = parser.parse_args()
@@ -150,15 +176,10 @@ def main() -> None:
                 done = {(r["variant"], r["seed"], r["stage"], r["epochs"]) for r in read_rows(scores)}
                 if (variant, str(seed), args.stage, str(args.epochs)) in done:
                     continue
-                row = run(variant, seed, args.stage, args.epochs, args.data, args.out, args.overrides)
-                new = not scores.is_file()
-                scores.parent.mkdir(parents=True, exist_ok=True)
-                with scores.open("a", newline="") as f:
-                    writer = csv.DictWriter(f, FIELDS)
-                    if new:
-                        writer.writeheader()
-                    writer.writerow(row)
-                print(row, flush=True)
+                append(scores, run(variant, seed, args.stage, args.epochs, args.data, args.out,
+                                   args.overrides))
+    if args.ensemble:
+        append(scores, ensemble_row(args.ensemble, args.seeds, args.stage, args.epochs, args.out))
     print(table(read_rows(scores)))
 
 
