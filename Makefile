@@ -9,7 +9,7 @@ MLFLOW_PORT ?= 5000
 MLFLOW_BACKEND ?= sqlite:///$(CURDIR)/mlflow-server.db
 MLFLOW_ARTIFACTS ?= $(CURDIR)/mlflow-server-artifacts
 
-.PHONY: venv demo test mlflow-ui mlflow-server
+.PHONY: venv demo test scratch-cpu mlflow-ui mlflow-server
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,14 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest
+
+# The from-scratch CPU recipe on real data (docs/results.md): both stages, then the
+# two-stage evaluation on the test folder with thresholds chosen on validation.
+# make scratch-cpu DATA=/path/to/chest_xray
+scratch-cpu: venv
+	@test -n "$(DATA)" || (echo "usage: make scratch-cpu DATA=/path/to/chest_xray" >&2; exit 2)
+	$(PY) train.py -m experiment=scratch_cpu data.root=$(DATA)
+	$(PY) evaluate.py binary=latest subtype=latest tta=true
 
 mlflow-ui: venv
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db \

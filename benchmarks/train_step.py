@@ -1,34 +1,44 @@
-"""Training-step throughput for a frozen backbone: plain graph vs the frozen-feature fast path.
+"""Training-step throughput for a frozen backbone: plain graph, frozen-feature fast path, feature cache.
 
 python -m benchmarks.train_step [--models mobilenetv3_large_100 vgg16] [--size 224] [--batch 16]
 
 adapter none + freeze features: nothing before the frozen layers trains, so the fast path
 runs them without an autograd graph and backward covers only the classifier. "plain"
-is the same network with the fast path switched off. Images per second of forward +
-backward + optimizer step, best of `--repeat` timed rounds after a warm-up, one process.
-(The optional per-image feature cache of issue 6 is not built yet: no row for it.)
+is the same network with the fast path switched off. "feature cache" (data.feature_cache=true)
+runs only the head: each step reads the batch's stored features (image and mirror, float32,
+from a memory-mapped file in a temporary folder), picks a view per image like the hflip
+draw, and runs forward + backward + step of the head. Building that cache (two forward
+passes of the frozen part per training image, once) is printed below each table.
+Images per second of forward + backward + optimizer step, best of `--repeat` timed rounds
+after a warm-up, one process.
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from benchmarks.common import header, print_rows
+from pneumonia.data.features import build_feature_cache
+from pneumonia.data.transforms import flip_mask
 from pneumonia.models import build_network
 
 
-def images_per_second(net, images, targets, steps: int, repeat: int) -> float:
+def images_per_second(net, forward, inputs, targets, steps: int, repeat: int) -> float:
+    """Throughput of optimizer steps on `forward(inputs)` (the whole net, or only its head)."""
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=1e-3)
     net.train()
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(net(images), targets).backward()
+        F.cross_entropy(forward(inputs), targets).backward()
         optimizer.step()
 
     step()  # warm-up
@@ -38,7 +48,26 @@ def images_per_second(net, images, targets, steps: int, repeat: int) -> float:
         for _ in range(steps):
             step()
         best = min(best, time.perf_counter() - start)
-    return steps * len(images) / best
+    return steps * len(targets) / best
+
+
+def feature_cache_rows(net, images: torch.Tensor, targets, args) -> tuple[list, float]:
+    """The head-only row on features read from a memory-mapped cache, and the build speed."""
+    pixels = (images * 40 + 120).clamp(0, 255).to(torch.uint8)[:, 0].cpu().numpy()
+    with tempfile.TemporaryDirectory() as folder:
+        start = time.perf_counter()
+        cache = build_feature_cache(pixels, "benchmark", net, 0.45, 0.22, views=2, cache_dir=Path(folder),
+                                    batch_size=len(pixels), device=args.device)
+        build = len(pixels) / (time.perf_counter() - start)
+        generator = torch.Generator().manual_seed(0)
+
+        def head_on_cache(_):
+            views = torch.from_numpy(np.array(cache)).to(args.device)
+            flip = flip_mask(len(views), 0.5, generator).to(args.device)
+            return net.classify(torch.where(flip[:, None, None, None], views[:, 1], views[:, 0]))
+
+        speed = images_per_second(net, head_on_cache, None, targets, args.steps, args.repeat)
+    return [("feature cache (head only, stored features)", speed)], build
 
 
 def main() -> None:
@@ -60,19 +89,25 @@ def main() -> None:
         targets = torch.randint(0, 2, (args.batch,), device=args.device)
         rows = []
         net.frozen_features = False
-        rows.append(("plain (graph through frozen layers)", images_per_second(net, images, targets, args.steps, args.repeat)))
+        rows.append(("plain (graph through frozen layers)",
+                     images_per_second(net, net, images, targets, args.steps, args.repeat)))
         net.frozen_features = True
-        rows.append(("fast path (no graph in frozen part)", images_per_second(net, images, targets, args.steps, args.repeat)))
+        rows.append(("fast path (no graph in frozen part)",
+                     images_per_second(net, net, images, targets, args.steps, args.repeat)))
+        cache_rows, build = feature_cache_rows(net, images, targets, args)
+        rows += cache_rows
         if args.bf16:
             device_type = "cuda" if args.device.startswith("cuda") else "cpu"
             with torch.autocast(device_type, dtype=torch.bfloat16):
-                rows.append(("fast path + bf16 autocast", images_per_second(net, images, targets, args.steps, args.repeat)))
+                rows.append(("fast path + bf16 autocast",
+                             images_per_second(net, net, images, targets, args.steps, args.repeat)))
             net_cl = net.to(memory_format=torch.channels_last)
             images_cl = images.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device_type, dtype=torch.bfloat16):
                 rows.append(("fast path + bf16 + channels_last",
-                             images_per_second(net_cl, images_cl, targets, args.steps, args.repeat)))
+                             images_per_second(net_cl, net_cl, images_cl, targets, args.steps, args.repeat)))
         print_rows(name, rows, "images/s", higher_is_better=True)
+        print(f"  (feature cache built once at {build:.2f} images/s: image + mirror, eval mode)")
 
 
 if __name__ == "__main__":

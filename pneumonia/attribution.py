@@ -64,6 +64,9 @@ def integrated_gradients_map(model: nn.Module, images: torch.Tensor, target: tor
 
 def gradcam_layer(net: nn.Module) -> nn.Module:
     """The last feature stage of a PneumoniaNet's timm backbone (timm's own feature_info)."""
+    if not hasattr(net, "backbone"):
+        raise ValueError("method=gradcam explains one network, and this stage averages several "
+                         "checkpoints: use method=occlusion or integrated_gradients")
     return net.backbone.get_submodule(net.backbone.feature_info[-1]["module"])
 
 

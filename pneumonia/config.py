@@ -59,13 +59,24 @@ class AugmentConfig:
     hflip: float = 0.5
     brightness: Optional[list[float]] = field(default_factory=lambda: [-0.1, 0.1])
     contrast: Optional[list[float]] = field(default_factory=lambda: [0.0, 0.1])
+    gamma: Optional[list[float]] = None   # [low, high] exponents, e.g. [0.7, 1.4]
+    scale: Optional[list[float]] = None   # zoom [low, high], e.g. [0.9, 1.15]
+    rotate: float = 0.0                   # degrees, either way
+    translate: float = 0.0                # fraction of the side, either way
 
     def __post_init__(self) -> None:
         _fraction("data.augment.hflip", self.hflip, high_inclusive=True)
-        for key in ("brightness", "contrast"):
+        for key in ("brightness", "contrast", "gamma", "scale"):
             bounds = getattr(self, key)
             if bounds is not None and (len(bounds) != 2 or bounds[0] > bounds[1]):
                 raise ValueError(f"data.augment.{key}={bounds} must be [low, high] with low <= high")
+        for key in ("gamma", "scale"):
+            bounds = getattr(self, key)
+            if bounds is not None and bounds[0] <= 0:
+                raise ValueError(f"data.augment.{key}={bounds} must be positive")
+        if not 0 <= self.rotate <= 180:
+            raise ValueError(f"data.augment.rotate={self.rotate} must be in [0, 180] degrees")
+        _fraction("data.augment.translate", self.translate)
 
 
 @dataclass
@@ -86,6 +97,7 @@ class DataConfig:
     test_fraction: float = 0.2
     normalization: str = "backbone"
     crop: CropConfig = field(default_factory=CropConfig)
+    equalize: bool = False
     augment: Optional[AugmentConfig] = field(default_factory=AugmentConfig)
     batch_size: int = 32
     num_workers: int = 4
@@ -94,6 +106,7 @@ class DataConfig:
     cache: bool = True
     cache_dir: str = MISSING
     cache_workers: int = 0
+    feature_cache: bool = False
     synthetic: Optional[SyntheticConfig] = None
     skip_bad: bool = False
 
@@ -124,13 +137,46 @@ def register() -> None:
     store.store(group="stage", name="schema", node=StageConfig)
 
 
+def check_feature_cache(cfg: DictConfig) -> None:
+    """data.feature_cache stores the frozen part's features once: only valid when nothing
+    before the head trains and the only augmentation is a horizontal flip."""
+    if not cfg.data.feature_cache:
+        return
+    changes = []
+    if cfg.model.freeze != "features":
+        changes.append(f"model.freeze=features (now {cfg.model.freeze})")
+    if cfg.model.adapter != "none":
+        changes.append(f"model.adapter=none (now {cfg.model.adapter}, which trains)")
+    if not cfg.data.cache:
+        changes.append("data.cache=true (features are computed from the preprocessed cache)")
+    augment = cfg.data.augment or {}
+    for key in ("brightness", "contrast", "gamma", "scale"):
+        if augment.get(key) is not None:
+            changes.append(f"data.augment.{key}=null (now {list(augment[key])})")
+    for key in ("rotate", "translate"):
+        if augment.get(key):
+            changes.append(f"data.augment.{key}=0 (now {augment[key]})")
+    if cfg.get("loss", {}).get("mixup"):
+        changes.append(f"loss.mixup=0 (now {cfg.loss.mixup}: mixed images have no cached features)")
+    if changes:
+        raise ValueError(
+            "data.feature_cache=true computes the backbone's features once per image (and its "
+            "mirror), so nothing before the head may train and the only augmentation may be "
+            f"data.augment.hflip. Set {', '.join(changes)}; or data.feature_cache=false."
+        )
+
+
 def validate(cfg: DictConfig) -> None:
     """Value checks of the typed groups and the optimizer, before any long work."""
     for group in ("model", "data", "stage"):
         OmegaConf.to_object(cfg[group])  # runs each schema's __post_init__
+    check_feature_cache(cfg)
     lr = cfg.optimizer.get("lr")
     if not isinstance(lr, (int, float)) or lr <= 0:
         raise ValueError(f"optimizer.lr={lr} must be a positive number")
+    mixup = cfg.get("loss", {}).get("mixup", 0.0)
+    if not isinstance(mixup, (int, float)) or mixup < 0:
+        raise ValueError(f"loss.mixup={mixup} must be 0 (off) or a positive Beta parameter")
     epochs = cfg.trainer.get("max_epochs")
     if not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"trainer.max_epochs={epochs} must be a positive integer")

@@ -17,7 +17,7 @@ from pneumonia.metrics import (
     expected_calibration_error,
     multiclass_metrics,
 )
-from pneumonia.pipeline import CLASSES, TwoStagePipeline, resolve_checkpoint
+from pneumonia.pipeline import CLASSES, TwoStagePipeline, resolve_checkpoints
 from pneumonia.report import (
     plot_confusion,
     plot_reliability,
@@ -72,9 +72,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     output_dir = Path(cfg.paths.output_dir)
     _check_output(output_dir, cfg.overwrite)
     downloads = output_dir / "checkpoints"
-    ckpts = {stage: resolve_checkpoint(cfg[stage], stage, cfg.paths.tracking_uri, downloads / stage)
+    ckpts = {stage: resolve_checkpoints(cfg[stage], stage, cfg.paths.tracking_uri, downloads / stage)
              for stage in ("binary", "subtype")}
-    pipeline = TwoStagePipeline.from_checkpoints(ckpts["binary"], ckpts["subtype"])
+    pipeline = TwoStagePipeline.from_checkpoints(ckpts["binary"], ckpts["subtype"], tta=cfg.tta)
     records = pipeline.split(cfg.data.root)
     val = [r for r in records if r.split == "val"]
     held_out = [r for r in records if r.split == cfg.split]
@@ -95,8 +95,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     boot = cfg.bootstrap
     metrics: dict[str, Any] = {
         "split": cfg.split,
+        "tta": cfg.tta,
         "n_images": len(held_out),
-        "checkpoints": {k: str(v) for k, v in ckpts.items()},
+        "checkpoints": pipeline.checkpoints,
         "training_runs": {k: m.mlflow_run_id for k, m in pipeline.stages.items()},
         "calibration": {
             "operating_point": calibration.operating_point,

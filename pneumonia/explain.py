@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from pneumonia.attribution import METHODS, attribution_map
 from pneumonia.io import IMAGE_SUFFIXES, ImageReadError, read_grayscale
-from pneumonia.pipeline import CLASSES, TwoStagePipeline, resolve_checkpoint
+from pneumonia.pipeline import CLASSES, TwoStagePipeline, resolve_checkpoints
 from pneumonia.report import plot_explanation
 from pneumonia.stages import STAGE_CLASSES
 
@@ -49,7 +49,7 @@ def load_pipeline(cfg: DictConfig, downloads: Path) -> TwoStagePipeline:
         return TwoStagePipeline.load(Path(cfg.pipeline))
     if not cfg.binary or not cfg.subtype:
         raise ValueError("explain needs pipeline=<pipeline.json> or binary=... and subtype=...")
-    ckpts = {s: resolve_checkpoint(cfg[s], s, cfg.paths.tracking_uri, downloads / s) for s in ("binary", "subtype")}
+    ckpts = {s: resolve_checkpoints(cfg[s], s, cfg.paths.tracking_uri, downloads / s) for s in ("binary", "subtype")}
     pipeline = TwoStagePipeline.from_checkpoints(ckpts["binary"], ckpts["subtype"])
     root = Path(pipeline.data_settings().get("root") or "")
     if root.is_dir():

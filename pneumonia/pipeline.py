@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
 from pneumonia.data.datamodule import XrayDataset
@@ -90,14 +91,78 @@ def load_stage(path: Path, stage: str) -> StageClassifier:
     return module.eval()
 
 
+def forward_logits(module: StageClassifier, images: torch.Tensor, tta: bool = False) -> torch.Tensor:
+    """Logits of normalised images; with `tta` the mean with those of the mirrored images."""
+    logits = module(images).float()
+    return (logits + module(images.flip(-1)).float()) / 2 if tta else logits
+
+
+class MeanLogits(nn.Module):
+    """The mean of several networks' logits."""
+
+    def __init__(self, nets: list[nn.Module]):
+        super().__init__()
+        self.nets = nn.ModuleList(nets)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([net(x).float() for net in self.nets]).mean(0)
+
+
+class StageEnsemble(nn.Module):
+    """Checkpoints of one stage trained alike (e.g. several seeds) as one model: the mean of
+    their logits. Stands in for a StageClassifier in the pipeline: `hparams` are the first
+    member's (all must share stage, preprocessing and data split), `net` averages the nets."""
+
+    def __init__(self, members: list[StageClassifier], paths: list[Path]):
+        super().__init__()
+        first = members[0].hparams
+        for member, path in zip(members[1:], paths[1:]):
+            for key in ("stage", "preprocessing", "data"):
+                if member.hparams.get(key) != first.get(key):
+                    raise CheckpointError(f"{path}: its {key} differs from {paths[0]}'s; an ensemble's "
+                                          "members must be trained alike on the same split")
+        self.members = nn.ModuleList(members)
+        self.net = MeanLogits([m.net for m in members])
+
+    @property
+    def hparams(self):
+        return self.members[0].hparams
+
+    @property
+    def mlflow_run_id(self) -> str | None:
+        ids = [m.mlflow_run_id for m in self.members if m.mlflow_run_id]
+        return ",".join(ids) or None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def load_stages(paths: Path | list[Path], stage: str) -> StageClassifier | StageEnsemble:
+    """One checkpoint, or a list of them averaged as a `StageEnsemble`."""
+    if not isinstance(paths, (list, tuple)):
+        return load_stage(Path(paths), stage)
+    if len(paths) == 1:
+        return load_stage(Path(paths[0]), stage)
+    return StageEnsemble([load_stage(Path(p), stage) for p in paths], [Path(p) for p in paths]).eval()
+
+
+def resolve_checkpoints(refs, stage: str, tracking_uri: str | None, download_dir: Path) -> Path | list[Path]:
+    """`resolve_checkpoint` for one reference, or for each of a list (an ensemble)."""
+    if isinstance(refs, str) or not hasattr(refs, "__iter__"):
+        return resolve_checkpoint(refs, stage, tracking_uri, download_dir)
+    if len(refs) == 0:
+        raise CheckpointError(f"{stage}=[]: give at least one checkpoint or run id")
+    return [resolve_checkpoint(r, stage, tracking_uri, download_dir / str(i)) for i, r in enumerate(refs)]
+
+
 @torch.inference_mode()
 def stage_logits(module: StageClassifier, records: list[Record], batch_size: int = 32,
-                 num_workers: int = 0, device: str = "cpu") -> np.ndarray:
+                 num_workers: int = 0, device: str = "cpu", tta: bool = False) -> np.ndarray:
     """(N, 2) logits of one stage for these images, preprocessed as that stage was trained."""
     data = XrayDataset(records, module.hparams.stage, Preprocessing(**module.hparams.preprocessing))
     loader = DataLoader(data, batch_size=batch_size, num_workers=num_workers)
     module = module.to(device)
-    out = [module(images.to(device)).float().cpu() for images, _ in loader]
+    out = [forward_logits(module, images.to(device), tta).cpu() for images, _ in loader]
     return torch.cat(out).numpy() if out else np.zeros((0, 2), np.float32)
 
 
@@ -155,18 +220,26 @@ class Prediction:
 
 
 class TwoStagePipeline:
-    """Two stage checkpoints, calibrated on validation data, as one three-class classifier."""
+    """Two stage checkpoints, calibrated on validation data, as one three-class classifier.
+
+    `tta`: each stage's logits are the mean over the image and its mirror image."""
 
     def __init__(self, binary: StageClassifier, subtype: StageClassifier,
-                 calibration: Calibration | None = None, checkpoints: dict[str, str] | None = None):
+                 calibration: Calibration | None = None, checkpoints: dict[str, str] | None = None,
+                 tta: bool = False):
         self.stages = {"binary": binary, "subtype": subtype}
         self.calibration = calibration
         self.checkpoints = checkpoints or {}
+        self.tta = tta
 
     @classmethod
-    def from_checkpoints(cls, binary: Path | str, subtype: Path | str) -> TwoStagePipeline:
-        return cls(load_stage(Path(binary), "binary"), load_stage(Path(subtype), "subtype"),
-                   checkpoints={"binary": str(binary), "subtype": str(subtype)})
+    def from_checkpoints(cls, binary, subtype, tta: bool = False) -> TwoStagePipeline:
+        """Each stage from one checkpoint path or a list of them (averaged)."""
+        def names(paths):
+            return [str(p) for p in paths] if isinstance(paths, (list, tuple)) else str(paths)
+
+        return cls(load_stages(binary, "binary"), load_stages(subtype, "subtype"),
+                   checkpoints={"binary": names(binary), "subtype": names(subtype)}, tta=tta)
 
     def data_settings(self) -> dict:
         """The split both stages were trained on; they must agree or the test split leaks."""
@@ -190,7 +263,7 @@ class TwoStagePipeline:
                              settings["test_fraction"], settings["split_seed"])
 
     def logits(self, records: list[Record], **loader) -> dict[str, np.ndarray]:
-        return {name: stage_logits(m, records, **loader) for name, m in self.stages.items()}
+        return {name: stage_logits(m, records, tta=self.tta, **loader) for name, m in self.stages.items()}
 
     def calibrate(self, val: list[Record], target_sensitivity: float = 0.99,
                   operating_point: str = "youden", **loader) -> Calibration:
@@ -239,7 +312,7 @@ class TwoStagePipeline:
     def predict_batches(self, batches: dict[str, tuple[list[np.ndarray], torch.Tensor]],
                         device: str = "cpu") -> Prediction:
         """Predictions from `stage_batches` output."""
-        logits = {name: module.to(device)(batches[name][1].to(device)).float().cpu().numpy()
+        logits = {name: forward_logits(module.to(device), batches[name][1].to(device), self.tta).cpu().numpy()
                   for name, module in self.stages.items()}
         return self.predict_logits(logits)
 
@@ -260,13 +333,14 @@ class TwoStagePipeline:
 
     def save(self, path: Path) -> Path:
         """The pipeline as JSON: the two checkpoints and the validation calibration."""
-        path.write_text(json.dumps({"checkpoints": self.checkpoints,
+        path.write_text(json.dumps({"checkpoints": self.checkpoints, "tta": self.tta,
                                     "calibration": asdict(self.calibration)}, indent=2))
         return path
 
     @classmethod
     def load(cls, path: Path) -> TwoStagePipeline:
         saved = json.loads(Path(path).read_text())
-        pipeline = cls.from_checkpoints(saved["checkpoints"]["binary"], saved["checkpoints"]["subtype"])
+        pipeline = cls.from_checkpoints(saved["checkpoints"]["binary"], saved["checkpoints"]["subtype"],
+                                        tta=saved.get("tta", False))
         pipeline.calibration = Calibration(**saved["calibration"])
         return pipeline

@@ -132,7 +132,8 @@ def log_evaluation(tracking_uri: str, artifact_dir: str, experiment: str, metric
     tags = {"mlflow.runName": f"evaluate/{models['binary']}+{models['subtype']}/{metrics['split']}",
             "split": metrics["split"]}
     for stage, module in pipeline.stages.items():
-        tags[f"{stage}_checkpoint"] = pipeline.checkpoints[stage]
+        checkpoint = pipeline.checkpoints[stage]
+        tags[f"{stage}_checkpoint"] = ",".join(checkpoint) if isinstance(checkpoint, list) else checkpoint
         if module.mlflow_run_id:
             tags[f"{stage}_run_id"] = module.mlflow_run_id
     run = client.create_run(experiment_id(client, experiment, artifact_dir), tags=tags)

@@ -50,12 +50,14 @@ def build_datamodule(cfg: DictConfig) -> KermanyDataModule:
         test_fraction=data.test_fraction,
         seed=data.split_seed,
         crop=OmegaConf.to_container(data.crop) if data.crop else None,
+        equalize=data.equalize,
         augment=OmegaConf.to_container(data.augment) if data.augment else None,
         batch_size=data.batch_size,
         num_workers=data.num_workers,
         cache=data.cache,
         cache_dir=data.cache_dir,
         cache_workers=data.cache_workers,
+        feature_cache=data.feature_cache,
         pin_memory=data.pin_memory,
         persistent_workers=data.persistent_workers,
         shuffle_seed=cfg.seed,
@@ -77,7 +79,7 @@ def class_weights(setting: Any, datamodule: KermanyDataModule) -> list[float] | 
 def build_module(cfg: DictConfig, datamodule: KermanyDataModule) -> StageClassifier:
     model = OmegaConf.to_container(cfg.model, resolve=True)
     pretrained = model.pop("pretrained")
-    return StageClassifier(
+    module = StageClassifier(
         model=model,
         classes=list(STAGE_CLASSES[cfg.stage.name]),
         stage=cfg.stage.name,
@@ -86,6 +88,7 @@ def build_module(cfg: DictConfig, datamodule: KermanyDataModule) -> StageClassif
         scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True) if cfg.scheduler else None,
         class_weights=class_weights(cfg.loss.class_weights, datamodule),
         label_smoothing=cfg.loss.label_smoothing,
+        mixup=cfg.loss.mixup,
         pretrained=pretrained,
         data={"root": str(datamodule.root), "split": cfg.data.split, "split_seed": cfg.data.split_seed,
               "val_fraction": cfg.data.val_fraction, "test_fraction": cfg.data.test_fraction,
@@ -95,6 +98,8 @@ def build_module(cfg: DictConfig, datamodule: KermanyDataModule) -> StageClassif
         compile=cfg.speed.compile,
         seed=cfg.seed,
     )
+    module.cached_features = cfg.data.feature_cache  # batches are features; not saved in checkpoints
+    return module
 
 
 class EpochSeed(L.Callback):

@@ -3,7 +3,9 @@
 Each split's images are stored as one uint8 array (N, S, S) in `<cache_dir>/<key>.u8`, with
 `<key>.json` beside it. The key hashes the data files (path, size, modification time) and
 the preprocessing settings, so any change makes a new cache; the JSON holds a checksum of
-the array, so a damaged file is detected and rebuilt, never used.
+the array, so a damaged file is detected and rebuilt, never used. `cached_array` is that
+mechanism (validate, else build into a temporary file, checksum, move into place) for any
+array, and is shared with the feature cache (`pneumonia.data.features`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -46,7 +49,7 @@ def decode_preprocessed(path: Path, pre: Preprocessing, draft: bool = True) -> n
             sx, sy = img.width / width, img.height / height
             scaled = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
             out = img.resize((pre.image_size, pre.image_size), Image.BILINEAR, box=scaled)
-            return np.asarray(out, dtype=np.uint8)
+            return pre.finish(np.asarray(out, dtype=np.uint8))
     except (OSError, SyntaxError, ValueError) as err:  # a sound header over broken pixel data
         raise ImageReadError(path, f"cannot decode image ({err})") from err
 
@@ -67,16 +70,44 @@ def _checksum(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _valid(array_file: Path, meta_file: Path, shape: tuple[int, ...]) -> bool:
+def _valid(array_file: Path, meta_file: Path, shape: tuple[int, ...], dtype: np.dtype) -> bool:
     if not (array_file.is_file() and meta_file.is_file()):
         return False
     try:
         meta = json.loads(meta_file.read_text())
     except (OSError, ValueError):
         return False
-    if array_file.stat().st_size != int(np.prod(shape)) or meta.get("shape") != list(shape):
+    if array_file.stat().st_size != int(np.prod(shape)) * dtype.itemsize or meta.get("shape") != list(shape):
         return False
     return meta.get("checksum") == _checksum(array_file)
+
+
+def cached_array(array_file: Path, shape: tuple[int, ...], dtype, fill: Callable[[np.memmap], None],
+                 meta: dict) -> np.memmap:
+    """A read-only memory map of `array_file`, first built by `fill` unless a valid one exists.
+
+    Valid means: the JSON beside it (same name, `.json`) records this shape and the file's
+    checksum. Building writes a temporary file and moves it into place, so a killed build
+    never leaves a file that looks valid. `meta` is stored in the JSON for people to read.
+    """
+    dtype = np.dtype(dtype)
+    meta_file = array_file.with_suffix(".json")
+    if not _valid(array_file, meta_file, shape, dtype):
+        if array_file.exists():
+            log.warning("Cache %s is damaged or incomplete: rebuilding it", array_file)
+        array_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = array_file.with_suffix(f".tmp{os.getpid()}")
+        try:
+            out = np.memmap(tmp, dtype=dtype, mode="w+", shape=shape)
+            fill(out)
+            out.flush()
+            del out
+            meta = {"shape": list(shape), "dtype": dtype.name, "checksum": _checksum(tmp), **meta}
+            tmp.replace(array_file)
+            meta_file.write_text(json.dumps(meta))
+        finally:
+            tmp.unlink(missing_ok=True)
+    return np.memmap(array_file, dtype=dtype, mode="r", shape=shape)
 
 
 def build_cache(records: list[Record], pre: Preprocessing, cache_dir: Path, workers: int = 0,
@@ -84,17 +115,9 @@ def build_cache(records: list[Record], pre: Preprocessing, cache_dir: Path, work
     """The split's preprocessed images, built now if no valid cache exists (in parallel)."""
     if not records:
         return np.zeros((0, pre.image_size, pre.image_size), np.uint8)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    key = cache_key(records, pre)
-    array_file, meta_file = cache_dir / f"{key}.u8", cache_dir / f"{key}.json"
-    shape = (len(records), pre.image_size, pre.image_size)
-    if not _valid(array_file, meta_file, shape):
-        if array_file.exists():
-            log.warning("Cache %s is damaged or incomplete: rebuilding it", array_file)
-        tmp = array_file.with_suffix(f".tmp{os.getpid()}")
-        out = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=shape)
-        workers = workers or min(8, os.cpu_count() or 1)
+    workers = workers or min(8, os.cpu_count() or 1)
 
+    def fill(out: np.memmap) -> None:
         failed: list[ImageReadError] = []
 
         def work(i: int) -> None:
@@ -103,19 +126,13 @@ def build_cache(records: list[Record], pre: Preprocessing, cache_dir: Path, work
             except ImageReadError as err:
                 failed.append(err)
 
-        try:
-            # PIL releases the GIL while decoding and resizing, so threads run in parallel.
-            with ThreadPoolExecutor(workers) as pool:
-                list(tqdm(pool.map(work, range(len(records))), total=len(records), desc=desc,
-                          unit="image", leave=False))
-            if failed:  # all of them at once, before the first epoch
-                raise unreadable_error(records[0].path.parents[2], sorted(failed, key=str), "undecodable")
-            out.flush()
-            del out
-            meta = {"shape": list(shape), "checksum": _checksum(tmp), "images": len(records),
-                    "preprocessing": pre.to_dict(), "version": VERSION}
-            tmp.replace(array_file)
-            meta_file.write_text(json.dumps(meta))
-        finally:
-            tmp.unlink(missing_ok=True)
-    return np.memmap(array_file, dtype=np.uint8, mode="r", shape=shape)
+        # PIL releases the GIL while decoding and resizing, so threads run in parallel.
+        with ThreadPoolExecutor(workers) as pool:
+            list(tqdm(pool.map(work, range(len(records))), total=len(records), desc=desc,
+                      unit="image", leave=False))
+        if failed:  # all of them at once, before the first epoch
+            raise unreadable_error(records[0].path.parents[2], sorted(failed, key=str), "undecodable")
+
+    return cached_array(cache_dir / f"{cache_key(records, pre)}.u8",
+                        (len(records), pre.image_size, pre.image_size), np.uint8, fill,
+                        {"images": len(records), "preprocessing": pre.to_dict(), "version": VERSION})

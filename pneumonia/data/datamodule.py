@@ -10,7 +10,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from pneumonia.data.cache import build_cache
+from pneumonia.data.cache import build_cache, cache_key
+from pneumonia.data.features import build_feature_cache
 from pneumonia.data.kermany import (
     DataError,
     Record,
@@ -64,22 +65,23 @@ class EpochShuffle(Sampler[int]):
 
 
 class CachedDataset(Dataset):
-    """Preprocessed uint8 images (1, S, S) from the cache; the module normalises and augments
-    whole batches (on the GPU when there is one)."""
+    """Rows of a cached array and the class index: preprocessed uint8 images (1, S, S), which
+    the module normalises and augments as whole batches (on the GPU when there is one), or
+    backbone features (V, C, H, W) from the feature cache."""
 
-    def __init__(self, images: np.ndarray, records: list[Record], stage: str):
-        self.images = images
+    def __init__(self, rows: np.ndarray, records: list[Record], stage: str):
+        self.rows = rows
         self.targets = stage_targets(stage, (r.label for r in records))
 
     def __len__(self) -> int:
         return len(self.targets)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return torch.from_numpy(np.array(self.images[index])[None]), self.targets[index]
+        return torch.from_numpy(np.array(self.rows[index])), self.targets[index]
 
     def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int]]:
         # One fancy-indexed read per batch instead of one per image (DataLoader uses this).
-        block = torch.from_numpy(self.images[np.asarray(indices)])[:, None]
+        block = torch.from_numpy(self.rows[np.asarray(indices)])
         return list(zip(block, (self.targets[i] for i in indices)))
 
 
@@ -103,12 +105,14 @@ class KermanyDataModule(L.LightningDataModule):
         test_fraction: float = 0.2,
         seed: int = 0,
         crop: dict | None = None,
+        equalize: bool = False,
         augment: dict | None = None,
         batch_size: int = 32,
         num_workers: int = 0,
         cache: bool = False,
         cache_dir: str | Path | None = None,
         cache_workers: int = 0,
+        feature_cache: bool = False,
         pin_memory: bool = False,
         persistent_workers: bool = True,
         shuffle_seed: int = 0,
@@ -119,6 +123,9 @@ class KermanyDataModule(L.LightningDataModule):
         if cache and not cache_dir:
             raise ValueError("data.cache=true needs data.cache_dir")
         self.cache_dir = Path(cache_dir).expanduser() if cache and cache_dir else None
+        if feature_cache and self.cache_dir is None:
+            raise ValueError("data.feature_cache=true needs data.cache=true")
+        self.feature_cache = feature_cache
         self.cache_workers = cache_workers
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers
@@ -144,7 +151,8 @@ class KermanyDataModule(L.LightningDataModule):
                 "width_fraction": float(crop.get("width", 0.35)),
                 "height_fraction": float(crop.get("height", 0.20)),
             }
-        self.preprocessing = Preprocessing(image_size=image_size, mean=mean, std=std, crop=crop_stats)
+        self.preprocessing = Preprocessing(image_size=image_size, mean=mean, std=std, crop=crop_stats,
+                                           equalize=equalize)
 
     def _check_classes(self) -> None:
         classes = STAGE_CLASSES[self.stage]
@@ -173,19 +181,36 @@ class KermanyDataModule(L.LightningDataModule):
         return write_skipped(self.skipped, path)
 
     def prepare_data(self) -> None:
-        """Build the preprocessed caches once (Lightning calls this on one process per node)."""
+        """Build the preprocessed caches once (Lightning calls this on one process per node),
+        and the feature cache with the trainer's network on its device."""
         if self.cache_dir is not None:
             for split in ("train", "val", "test"):
                 self.cached_images(split)
+        if self.feature_cache:
+            for split in ("train", "val", "test"):
+                self.cached_features(split, self.trainer.lightning_module.net, self.trainer.strategy.root_device)
 
     def cached_images(self, split: str) -> np.ndarray:
         return build_cache(self.splits[split], self.preprocessing, self.cache_dir, self.cache_workers,
                            desc=f"caching {self.stage}/{split}")
 
+    def cached_features(self, split: str, net, device=None) -> np.ndarray:
+        """(N, V, C, H, W) frozen features of `net`; V = 2 (image, mirror) for a flipped train split."""
+        views = 2 if split == "train" and self.augment and self.augment.get("hflip") else 1
+        return build_feature_cache(
+            self.cached_images(split), cache_key(self.splits[split], self.preprocessing), net,
+            self.preprocessing.mean, self.preprocessing.std, views, self.cache_dir, self.batch_size,
+            device, desc=f"features {self.stage}/{split}")
+
     def dataset(self, split: str, augment: bool = False) -> Dataset:
-        """Cached: uint8 images, augmented later on the batch. Plain: decoded, augmented here."""
+        """Cached: uint8 images, augmented later on the batch. Plain: decoded, augmented here.
+        Feature cache: the features of the trainer's network (hashed again here, after a
+        resumed run's weights are restored, so they always match the weights in use)."""
+        if self.feature_cache:
+            features = self.cached_features(split, self.trainer.lightning_module.net)
+            return CachedDataset(features, self.splits[split], self.stage)
         if self.cache_dir is not None:
-            return CachedDataset(self.cached_images(split), self.splits[split], self.stage)
+            return CachedDataset(self.cached_images(split)[:, None], self.splits[split], self.stage)
         aug = build_augmentation(**self.augment) if augment and self.augment else None
         return XrayDataset(self.splits[split], self.stage, self.preprocessing, aug)
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from PIL import Image
+import torch.nn.functional as F
+from PIL import Image, ImageOps
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import albumentations as A  # noqa: E402
@@ -47,6 +49,7 @@ class Preprocessing:
     mean: float
     std: float
     crop: dict | None = None  # ProportionalCrop fields, or None for no crop
+    equalize: bool = False    # histogram equalisation after the resize (exposure differences)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -58,6 +61,12 @@ class Preprocessing:
         if image.shape != (self.image_size, self.image_size):
             resized = Image.fromarray(image).resize((self.image_size, self.image_size), Image.BILINEAR)
             image = np.asarray(resized)
+        return self.finish(image)
+
+    def finish(self, image: np.ndarray) -> np.ndarray:
+        """The steps after the resize, shared with the cache's reduced-size decode."""
+        if self.equalize:
+            image = np.asarray(ImageOps.equalize(Image.fromarray(image)))
         return image
 
     def normalize(self, image: np.ndarray) -> np.ndarray:
@@ -66,10 +75,13 @@ class Preprocessing:
 
 
 def batch_augment(images: torch.Tensor, hflip: float = 0.5, brightness=(-0.1, 0.1),
-                  contrast=(0.0, 0.1), generator: torch.Generator | None = None) -> torch.Tensor:
+                  contrast=(0.0, 0.1), gamma=None, scale=None, rotate: float = 0.0,
+                  translate: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
     """The same augmentation as `build_augmentation`, on a float batch (N, 1, H, W) in [0, 1].
 
-    Runs on whatever device the batch is on; each image draws its own parameters.
+    Runs on whatever device the batch is on; each image draws its own parameters. Order:
+    flip, affine (zoom `scale`, rotation up to `rotate` degrees, shift up to `translate` of
+    the side, black outside the image), gamma, then brightness and contrast.
     """
     n, device = images.shape[0], images.device
 
@@ -78,10 +90,36 @@ def batch_augment(images: torch.Tensor, hflip: float = 0.5, brightness=(-0.1, 0.
         return (torch.rand(n, 1, 1, 1, generator=generator, device=device) * (hi - lo) + lo)
 
     if hflip:
-        flip = torch.rand(n, generator=generator, device=device) < hflip
+        flip = flip_mask(n, hflip, generator, device)
         images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+    if scale or rotate or translate:
+        images = random_affine(images, uniform(scale or (1.0, 1.0)), uniform((-rotate, rotate)),
+                               uniform((-translate, translate)), uniform((-translate, translate)))
+    if gamma:
+        log_gamma = uniform((math.log(gamma[0]), math.log(gamma[1])))
+        images = images.clamp(min=1e-6).pow(log_gamma.exp())
     alpha, beta = 1 + uniform(contrast), uniform(brightness)
     return apply_brightness_contrast(images, alpha, beta)
+
+
+def flip_mask(n: int, hflip: float, generator: torch.Generator | None = None,
+              device: torch.device | str = "cpu") -> torch.Tensor:
+    """Which of n images to mirror: the first draw of `batch_augment`, shared with the feature
+    cache so that both paths mirror the same images for the same generator."""
+    return torch.rand(n, generator=generator, device=device) < hflip
+
+
+def random_affine(images: torch.Tensor, scale, degrees, shift_x, shift_y) -> torch.Tensor:
+    """Zoom by `scale` (> 1 enlarges), rotate by `degrees` and shift by a fraction of the side;
+    each argument (N, 1, 1, 1)."""
+    angle = degrees.flatten() * math.pi / 180
+    cos, sin, inv = angle.cos(), angle.sin(), 1 / scale.flatten()
+    theta = torch.stack([
+        torch.stack([cos * inv, -sin * inv, -2 * shift_x.flatten()], 1),
+        torch.stack([sin * inv, cos * inv, -2 * shift_y.flatten()], 1),
+    ], 1)
+    grid = F.affine_grid(theta.to(images.dtype), list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 def apply_brightness_contrast(images: torch.Tensor, alpha, beta) -> torch.Tensor:
@@ -89,14 +127,22 @@ def apply_brightness_contrast(images: torch.Tensor, alpha, beta) -> torch.Tensor
     return (images * alpha + beta).clamp_(0.0, 1.0)
 
 
-def build_augmentation(hflip: float = 0.5, brightness=(-0.1, 0.1), contrast=(0.0, 0.1)) -> A.Compose:
-    """Train-time augmentation on uint8 images.
+def build_augmentation(hflip: float = 0.5, brightness=(-0.1, 0.1), contrast=(0.0, 0.1), gamma=None,
+                       scale=None, rotate: float = 0.0, translate: float = 0.0) -> A.Compose:
+    """Train-time augmentation on uint8 images (the path without the preprocessed cache).
 
     albumentations 2.0.8 applies contrast as img * (1 + c) + b * 255 (not centred on the mean).
+    Flip, brightness and contrast match `batch_augment` exactly for the same parameters; the
+    affine and gamma steps are the same transforms drawn the same way, not bit-identical.
     """
     transforms = []
     if hflip:
         transforms.append(A.HorizontalFlip(p=hflip))
+    if scale or rotate or translate:
+        transforms.append(A.Affine(scale=tuple(scale or (1.0, 1.0)), rotate=(-rotate, rotate),
+                                   translate_percent=(-translate, translate), fill=0, p=1.0))
+    if gamma:
+        transforms.append(A.RandomGamma(gamma_limit=(gamma[0] * 100, gamma[1] * 100), p=1.0))
     if brightness is not None or contrast is not None:
         transforms.append(
             A.RandomBrightnessContrast(

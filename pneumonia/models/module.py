@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hydra
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,7 +18,7 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 
-from pneumonia.data.transforms import batch_augment
+from pneumonia.data.transforms import batch_augment, flip_mask
 from pneumonia.models.network import build_network
 
 
@@ -41,7 +42,13 @@ class StageClassifier(L.LightningModule):
     `StageClassifier.load_from_checkpoint(path, pretrained=False)` (its weights are in it).
     `data` records the data root and split settings, so evaluation finds the same test split.
     Batches of uint8 images (the preprocessed cache) are normalised here, after the transfer
-    to the device, and augmented with `augment` in training.
+    to the device, and augmented with `augment` in training. `mixup` > 0 blends each training
+    batch with a shuffled copy of itself, the weight drawn from Beta(mixup, mixup).
+
+    With `cached_features` set (train() sets it for data.feature_cache=true; it is not saved,
+    so the checkpoint stays an ordinary one) batches hold the frozen part's features per view
+    (N, V, C, H, W) and only the head runs; in training, the mirrored view (V = 2) is picked
+    with probability `augment["hflip"]`, the same draw that flips images on the image path.
     """
 
     def __init__(
@@ -54,6 +61,7 @@ class StageClassifier(L.LightningModule):
         scheduler: dict | None = None,
         class_weights: list[float] | None = None,
         label_smoothing: float = 0.0,
+        mixup: float = 0.0,
         pretrained: bool | str = False,
         data: dict | None = None,
         augment: dict | None = None,
@@ -76,24 +84,44 @@ class StageClassifier(L.LightningModule):
         self.metrics = nn.ModuleDict({f"{s}_metrics": _metrics(len(classes)) for s in ("train", "val", "test")})
 
     mlflow_run_id: str | None = None
+    cached_features: bool = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
+    def _augment_generator(self, device: torch.device) -> torch.Generator:
+        # drawn from (seed, step): a resumed run augments exactly like an uninterrupted one
+        generator = torch.Generator(device)
+        generator.manual_seed(self.hparams.seed * 100_003 + self.global_step)
+        return generator
+
+    def _pick_view(self, views: torch.Tensor) -> torch.Tensor:
+        """Cached features (N, V, C, H, W) -> (N, C, H, W): in training with V = 2 the mirror's
+        with probability hflip, else the image's own."""
+        if self.trainer.training and views.shape[1] == 2:
+            flip = flip_mask(len(views), self.hparams.augment["hflip"],
+                             self._augment_generator(views.device), views.device)
+            return torch.where(flip[:, None, None, None], views[:, 1], views[:, 0])
+        return views[:, 0]
+
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         images, targets = batch
+        if self.cached_features:
+            return self._pick_view(images), targets
         if images.dtype == torch.uint8:
             images = images.float().div_(255.0)
             if self.trainer.training and self.hparams.augment:
-                # drawn from (seed, step): a resumed run augments exactly like an uninterrupted one
-                generator = torch.Generator(images.device)
-                generator.manual_seed(self.hparams.seed * 100_003 + self.global_step)
-                images = batch_augment(images, **self.hparams.augment, generator=generator)
+                images = batch_augment(images, **self.hparams.augment,
+                                       generator=self._augment_generator(images.device))
             pre = self.hparams.preprocessing
             images = (images - pre["mean"]) / pre["std"]
         if self.hparams.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return images, targets
+
+    def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, targets, weight=self.class_weights,
+                               label_smoothing=self.hparams.label_smoothing)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Lets evaluation link its report to the training run that made the weights.
@@ -104,11 +132,17 @@ class StageClassifier(L.LightningModule):
         self.mlflow_run_id = checkpoint.get("mlflow_run_id")
 
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> torch.Tensor:
-        images, targets = batch
-        logits = self(images)
-        loss = F.cross_entropy(
-            logits, targets, weight=self.class_weights, label_smoothing=self.hparams.label_smoothing
-        )
+        inputs, targets = batch
+        forward = self.net.classify if self.cached_features else self
+        if split == "train" and self.hparams.mixup > 0:
+            rng = np.random.default_rng([self.hparams.seed, self.global_step])
+            lam = float(rng.beta(self.hparams.mixup, self.hparams.mixup))
+            perm = torch.from_numpy(rng.permutation(len(targets))).to(inputs.device)
+            logits = forward(lam * inputs + (1 - lam) * inputs[perm])
+            loss = lam * self._loss(logits, targets) + (1 - lam) * self._loss(logits, targets[perm])
+        else:
+            logits = forward(inputs)
+            loss = self._loss(logits, targets)
         probs = logits.detach().float().softmax(dim=1)
         for name, metric in self.metrics[f"{split}_metrics"].items():
             metric.update(probs[:, 1] if name == "auroc" else probs, targets)

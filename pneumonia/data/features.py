@@ -1,0 +1,108 @@
+"""A feature cache for frozen backbones: the frozen part runs once per image, then only the head.
+
+When nothing before the head trains (model.freeze=features, model.adapter=none) and the only
+augmentation is a horizontal flip, an image's features can take just two values: those of
+the image and those of its mirror. Both are computed once, in eval mode, and stored beside the
+preprocessed images as one float32 array (N, V, C, H, W) per split (V = 2 views, the image
+and its mirror, for training with a flip; else 1), built and checked by the same
+`cached_array` as the images (checksum, temporary file moved into place).
+
+float32, not float16: the head then sees what the full network would compute, up to float
+rounding, so training on the cache is the same training; float16 would halve the file but
+add about 1e-3 relative error and overflow past 65504 on backbones with unbounded activations.
+
+The key covers the split's preprocessed-image key (files and preprocessing), the backbone,
+the views and a hash of the frozen weights themselves (every parameter and buffer of the
+adapter and backbone that does not train). Hub weights, a weights file and a seeded random
+initialisation are thus all identified by the numbers the features are computed with: another
+file, seed or release of the weights makes another cache, the same weights reuse it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pneumonia.data.cache import cached_array
+
+if TYPE_CHECKING:  # pneumonia.models imports pneumonia.data
+    from pneumonia.models.network import PneumoniaNet
+
+VERSION = 1
+DTYPE = np.float32
+
+
+def frozen_weights_digest(net: PneumoniaNet) -> str:
+    """blake2b of the tensors the features are computed with (adapter and backbone, except
+    the parameters that train, such as timm's classifier)."""
+    trainable = {name for name, p in net.named_parameters() if p.requires_grad}
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in net.state_dict().items():
+        if name in trainable or not name.startswith(("adapter.", "backbone.")):
+            continue
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}\n".encode())
+        digest.update(flat.view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def backbone_name(net: PneumoniaNet) -> str:
+    return getattr(net.backbone, "pretrained_cfg", {}).get("architecture") or type(net.backbone).__name__
+
+
+def feature_key(image_key: str, backbone: str, weights: str, views: int) -> str:
+    spec = {"version": VERSION, "images": image_key, "backbone": backbone, "weights": weights,
+            "views": views, "dtype": np.dtype(DTYPE).name}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def check_cacheable(net: PneumoniaNet) -> None:
+    if not net.frozen_features or any(p.requires_grad for p in net.adapter.parameters()):
+        raise ValueError("the feature cache needs frozen features and no trainable adapter "
+                         "(model.freeze=features, model.adapter=none)")
+
+
+@torch.inference_mode()
+def compute_features(net: PneumoniaNet, images: np.ndarray, mean: float, std: float,
+                     mirror: bool = False) -> torch.Tensor:
+    """Features of uint8 images (n, S, S), normalised exactly as StageClassifier does it."""
+    device = next(net.parameters()).device
+    x = torch.from_numpy(np.asarray(images))[:, None].to(device).float().div_(255.0)
+    if mirror:
+        x = x.flip(-1)
+    return net.features((x - mean) / std)
+
+
+def build_feature_cache(images: np.ndarray, image_key: str, net: PneumoniaNet, mean: float, std: float,
+                        views: int, cache_dir: Path, batch_size: int = 32,
+                        device: torch.device | str | None = None, desc: str = "features") -> np.memmap:
+    """(N, views, C, H, W) float32 features of the frozen part for the preprocessed `images`
+    (view 1: the mirrored image), computed in eval mode on `device` unless a valid cache exists."""
+    check_cacheable(net)
+    home, was_training = next(net.parameters()).device, net.training
+    net.eval().to(device or home)
+    try:
+        size = images.shape[-1]
+        shape = tuple(compute_features(net, np.zeros((1, size, size), np.uint8), mean, std).shape[1:])
+        if len(images) == 0:
+            return np.zeros((0, views, *shape), DTYPE)
+        key = feature_key(image_key, backbone_name(net), frozen_weights_digest(net), views)
+
+        def fill(out: np.memmap) -> None:
+            for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False):
+                block = images[start:start + batch_size]
+                for view in range(views):
+                    features = compute_features(net, block, mean, std, mirror=view == 1)
+                    out[start:start + len(block), view] = features.float().cpu().numpy()
+
+        return cached_array(Path(cache_dir) / f"{key}.f32", (len(images), views, *shape), DTYPE, fill,
+                            {"images": image_key, "backbone": backbone_name(net), "views": views,
+                             "version": VERSION})
+    finally:
+        net.train(was_training).to(home)

@@ -1,0 +1,187 @@
+"""Ablation runs for experiment=scratch_cpu: one row per idea, each trained with several seeds.
+
+python -m research.ablation --data ../shared/data/kermany224 [--variants baseline equalize ...]
+       [--seeds 0 1] [--stage binary] [--epochs 8] [--out outputs/ablation]
+
+Each (variant, seed) is a real `train.py` run (logged to MLflow experiment `ablation-<stage>`,
+tagged `variant`). Its best checkpoint (chosen on validation AUROC) is then scored: the
+decision threshold is Youden's on the validation split, then applied unchanged to the test
+split. The test split is only measured here, never used to choose anything. Scores are
+logged to the run as `score/*` metrics and appended to `<out>/scores.csv`; a finished
+(variant, seed, stage) is not run again. The table printed at the end averages the seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pneumonia.data.kermany import scan_kermany, split_records
+from pneumonia.metrics import auroc, youden_threshold
+from pneumonia.pipeline import load_stage, load_stages, softmax_positive, stage_logits
+from pneumonia.stages import stage_targets
+
+# Each idea as overrides on top of experiment=scratch_cpu. "tta" changes scoring only.
+VARIANTS: dict[str, list[str]] = {
+    "baseline": [],
+    "tta": [],
+    "equalize": ["data.equalize=true"],
+    "affine": ["data.augment.scale=[0.9,1.15]", "data.augment.rotate=10", "data.augment.translate=0.06"],
+    "gamma": ["data.augment.gamma=[0.7,1.4]", "data.augment.brightness=[-0.2,0.2]",
+              "data.augment.contrast=[-0.2,0.2]"],
+    "mixup": ["loss.mixup=0.4"],
+    "label_smoothing": ["loss.label_smoothing=0.1"],
+    "size128": ["model.input_size=128"],
+    "no_class_weights": ["loss.class_weights=null"],
+}
+TTA_VARIANTS = {"tta"}
+FIELDS = ["variant", "seed", "stage", "epochs", "train_seconds", "best_epoch", "val_auroc", "val_acc",
+          "threshold", "test_auroc", "test_acc", "test_acc_at_0.5", "test_sensitivity",
+          "test_specificity", "run_id", "checkpoint"]
+
+
+def score(checkpoints: list[Path], stage: str, tta: bool) -> dict[str, float]:
+    """Validation and test figures of a checkpoint (or the mean of several), the threshold
+    chosen on validation."""
+    module = load_stages(checkpoints, stage)
+    d = module.hparams.data
+    records = split_records(scan_kermany(d["root"]), d["split"], d["val_fraction"], d["test_fraction"],
+                            d["split_seed"])
+    out: dict[str, float] = {}
+    probs = {}
+    for split in ("val", "test"):
+        rs = [r for r in records if r.split == split]
+        y = np.array(stage_targets(stage, (r.label for r in rs)))
+        keep = y >= 0
+        logits = stage_logits(module, [r for r, k in zip(rs, keep) if k], num_workers=2, tta=tta)
+        probs[split] = (y[keep], softmax_positive(logits))
+    yv, pv = probs["val"]
+    t = youden_threshold(yv, pv)
+    yt, pt = probs["test"]
+    out.update(val_auroc=auroc(yv, pv), val_acc=float(((pv >= t) == yv).mean()), threshold=t,
+               test_auroc=auroc(yt, pt), test_acc=float(((pt >= t) == yt).mean()),
+               test_sensitivity=float((pt[yt == 1] >= t).mean()),
+               test_specificity=float((pt[yt == 0] < t).mean()))
+    out["test_acc_at_0.5"] = float(((pt >= 0.5) == yt).mean())
+    return out
+
+
+def run(variant: str, seed: int, stage: str, epochs: int, data: str, out: Path,
+        extra: list[str]) -> dict:
+    base = "baseline" if variant in TTA_VARIANTS else variant
+    trained = (out / base / f"seed{seed}" / stage).resolve()
+    start = time.perf_counter()
+    if not any((trained / "checkpoints").glob("best-*.ckpt")):
+        cmd = [sys.executable, "train.py", "experiment=scratch_cpu", f"stage={stage}", f"seed={seed}",
+               f"data.root={data}", f"trainer.max_epochs={epochs}", f"hydra.run.dir={trained}",
+               f"logger.experiment_name=ablation-{stage}", f"+logger.tags.variant={base}",
+               f"logger.run_name='{base}/seed={seed}'", "log_best_checkpoint=false",
+               *extra, *VARIANTS[base]]
+        print("$", " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True)
+    seconds = time.perf_counter() - start
+    checkpoint = best_checkpoint(out, base, seed, stage)
+    figures = score([checkpoint], stage, tta=variant in TTA_VARIANTS)
+    module = load_stage(checkpoint, stage)
+    row = {"variant": variant, "seed": seed, "stage": stage, "epochs": epochs,
+           "train_seconds": round(seconds), "best_epoch": checkpoint.name.split("epoch")[1][:2],
+           "run_id": module.mlflow_run_id, "checkpoint": str(checkpoint),
+           **{k: round(v, 4) for k, v in figures.items()}}
+    if module.mlflow_run_id and variant not in TTA_VARIANTS:
+        from mlflow.tracking import MlflowClient
+        from omegaconf import OmegaConf
+
+        uri = OmegaConf.load(trained / "config.yaml").logger.tracking_uri
+        client = MlflowClient(uri)
+        for key, value in figures.items():
+            client.log_metric(module.mlflow_run_id, f"score/{key}", value)
+    return row
+
+
+def best_checkpoint(out: Path, variant: str, seed: int, stage: str) -> Path:
+    return sorted((out / variant / f"seed{seed}" / stage / "checkpoints").glob("best-*.ckpt"))[-1]
+
+
+def ensemble_row(variant: str, seeds: list[int], stage: str, epochs: int, out: Path) -> dict:
+    """The mean of the logits of one variant's seeds, scored like a single run."""
+    checkpoints = [best_checkpoint(out, variant, s, stage) for s in seeds]
+    figures = score(checkpoints, stage, tta=False)
+    return {"variant": f"{variant}_ensemble", "seed": "+".join(map(str, seeds)), "stage": stage,
+            "epochs": epochs, **{k: round(v, 4) for k, v in figures.items()},
+            "checkpoint": " ".join(map(str, checkpoints))}
+
+
+def read_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown: mean over seeds per (stage, variant), with the spread (min-max) of test accuracy."""
+    lines = ["| stage | variant | seeds | val AUROC | val acc | test AUROC | test acc (min-max) | "
+             "test sens | test spec |", "|---|---|---|---|---|---|---|---|---|"]
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["stage"], r["variant"]), []).append(r)
+    for (stage, variant), rs in groups.items():
+        def mean(key: str) -> float:
+            return float(np.mean([float(r[key]) for r in rs]))
+        accs = [float(r["test_acc"]) for r in rs]
+        lines.append(f"| {stage} | {variant} | {len(rs)} | {mean('val_auroc'):.4f} | {mean('val_acc'):.4f} | "
+                     f"{mean('test_auroc'):.4f} | {mean('test_acc'):.4f} ({min(accs):.3f}-{max(accs):.3f}) | "
+                     f"{mean('test_sensitivity'):.3f} | {mean('test_specificity'):.3f} |")
+    return "\n".join(lines)
+
+
+def append(scores: Path, row: dict) -> None:
+    new = not scores.is_file()
+    with scores.open("a", newline="") as f:
+        writer = csv.DictWriter(f, FIELDS, restval="")
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+    print(row, flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--stage", default="binary", choices=("binary", "subtype"))
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--out", type=Path, default=Path("outputs/ablation"))
+    parser.add_argument("--table", action="store_true", help="only print the table of finished rows")
+    parser.add_argument("--ensemble", metavar="VARIANT",
+                        help="score the mean of this finished variant's seeds as one more row")
+    parser.add_argument("overrides", nargs="*",
+                        help="train.py overrides for every run, before the variant's own")
+    args = parser.parse_args()
+    unknown = set(args.variants) - set(VARIANTS)
+    if unknown:
+        parser.error(f"unknown variants {sorted(unknown)}; choose from {list(VARIANTS)}")
+    scores = args.out / "scores.csv"
+    args.out.mkdir(parents=True, exist_ok=True)
+    if not args.table:
+        for variant in args.variants:
+            for seed in args.seeds:
+                done = {(r["variant"], r["seed"], r["stage"], r["epochs"]) for r in read_rows(scores)}
+                if (variant, str(seed), args.stage, str(args.epochs)) in done:
+                    continue
+                append(scores, run(variant, seed, args.stage, args.epochs, args.data, args.out,
+                                   args.overrides))
+    if args.ensemble:
+        append(scores, ensemble_row(args.ensemble, args.seeds, args.stage, args.epochs, args.out))
+    print(table(read_rows(scores)))
+
+
+if __name__ == "__main__":
+    main()
