@@ -18,6 +18,7 @@ from pneumonia.metrics import (
     multiclass_metrics,
 )
 from pneumonia.pipeline import CLASSES, TwoStagePipeline, resolve_checkpoints
+from pneumonia.sweep import sweep_checkpoints
 from pneumonia.report import (
     plot_confusion,
     plot_reliability,
@@ -65,14 +66,20 @@ def _check_output(output_dir: Path, overwrite: bool) -> None:
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Calibrate on validation, then report stage 1, stage 2 and the pipeline on `cfg.split`."""
-    if not cfg.binary or not cfg.subtype:
-        raise ValueError("evaluate needs binary=<checkpoint or run id> and subtype=<checkpoint or run id>")
+    refs = {"binary": cfg.binary, "subtype": cfg.subtype}
+    if cfg.sweep:
+        if cfg.binary or cfg.subtype:
+            raise ValueError("give sweep=<multirun folder> or binary=... and subtype=..., not both")
+        refs = sweep_checkpoints(Path(cfg.sweep))
+    if not refs.get("binary") or not refs.get("subtype"):
+        raise ValueError("evaluate needs binary=<checkpoint or run id> and subtype=<checkpoint or run id>, "
+                         "or sweep=<a multirun folder that trained both stages>")
     if cfg.split not in ("test", "val"):
         raise ValueError(f"split={cfg.split!r} is not one of: test, val")
     output_dir = Path(cfg.paths.output_dir)
     _check_output(output_dir, cfg.overwrite)
     downloads = output_dir / "checkpoints"
-    ckpts = {stage: resolve_checkpoints(cfg[stage], stage, cfg.paths.tracking_uri, downloads / stage)
+    ckpts = {stage: resolve_checkpoints(refs[stage], stage, cfg.paths.tracking_uri, downloads / stage)
              for stage in ("binary", "subtype")}
     pipeline = TwoStagePipeline.from_checkpoints(ckpts["binary"], ckpts["subtype"], tta=cfg.tta)
     records = pipeline.split(cfg.data.root)

@@ -152,6 +152,8 @@ def resolve_checkpoints(refs, stage: str, tracking_uri: str | None, download_dir
         return resolve_checkpoint(refs, stage, tracking_uri, download_dir)
     if len(refs) == 0:
         raise CheckpointError(f"{stage}=[]: give at least one checkpoint or run id")
+    if len(refs) == 1:
+        return resolve_checkpoint(refs[0], stage, tracking_uri, download_dir)
     return [resolve_checkpoint(r, stage, tracking_uri, download_dir / str(i)) for i, r in enumerate(refs)]
 
 

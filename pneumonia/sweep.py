@@ -45,8 +45,9 @@ def run_job(cfg: DictConfig, task: Callable[[DictConfig], dict[str, Any]]) -> di
         record.update(status="FAILED", error=f"{err.__class__.__name__}: {err}")
         (out / RESULT_FILE).write_text(json.dumps(record))
         return None
-    record.update(status="COMPLETED", run_id=result.get("run_id"), **{
-        k: result["metrics"].get(k) for k in ("val/auroc", "val/acc")})
+    record.update(status="COMPLETED", run_id=result.get("run_id"), stage=cfg.stage.name,
+                  best_checkpoint=result.get("best_checkpoint"),
+                  **{k: result["metrics"].get(k) for k in ("val/auroc", "val/acc")})
     (out / RESULT_FILE).write_text(json.dumps(record))
     return result
 
@@ -54,6 +55,21 @@ def run_job(cfg: DictConfig, task: Callable[[DictConfig], dict[str, Any]]) -> di
 def collect(sweep_dir: Path) -> list[dict]:
     rows = [json.loads(p.read_text()) for p in sorted(sweep_dir.glob(f"*/{RESULT_FILE}"))]
     return sorted(rows, key=lambda r: r["job"])
+
+
+def sweep_checkpoints(sweep_dir: Path) -> dict[str, list[str]]:
+    """Each stage's best checkpoints from a finished sweep (e.g. several seeds, to average)."""
+    rows = collect(sweep_dir)
+    if not rows:
+        raise FileNotFoundError(f"sweep={sweep_dir}: no {RESULT_FILE} in its job folders")
+    failed = [str(r["job"]) for r in rows if r["status"] != "COMPLETED"]
+    if failed:
+        raise ValueError(f"sweep={sweep_dir}: job(s) {', '.join(failed)} failed; an ensemble "
+                         "would silently miss them (evaluate the checkpoints by hand instead)")
+    found: dict[str, list[str]] = {}
+    for r in rows:
+        found.setdefault(r.get("stage", "?"), []).append(r.get("best_checkpoint") or r["run_id"])
+    return found
 
 
 class SweepSummary(Callback):

@@ -184,3 +184,42 @@ def test_evaluation_of_ensembles_with_tta_is_recorded_and_reloads(trained, tmp_p
     tags = MlflowClient(cfg.paths.tracking_uri).get_run(result["run_id"]).data.tags
     assert tags["binary_checkpoint"] == ",".join(_checkpoints(runs, "binary"))
     assert tags["subtype_run_id"] == runs["subtype"]["run_id"]
+
+
+def _job(folder: Path, job: int, stage: str, checkpoint: str, status: str = "COMPLETED") -> None:
+    (folder / f"{job}_{stage}").mkdir(parents=True)
+    (folder / f"{job}_{stage}" / "job_result.json").write_text(json.dumps(
+        {"job": job, "status": status, "stage": stage, "best_checkpoint": checkpoint, "run_id": None}))
+
+
+def test_sweep_checkpoints_group_by_stage_and_refuse_failed_jobs(tmp_path):
+    from pneumonia.sweep import sweep_checkpoints
+
+    for job, (stage, ckpt) in enumerate([("binary", "b0"), ("subtype", "s0"), ("binary", "b1")]):
+        _job(tmp_path / "ok", job, stage, ckpt)
+    assert sweep_checkpoints(tmp_path / "ok") == {"binary": ["b0", "b1"], "subtype": ["s0"]}
+    _job(tmp_path / "bad", 0, "binary", "b0")
+    _job(tmp_path / "bad", 1, "binary", "", status="FAILED")
+    with pytest.raises(ValueError, match=r"job\(s\) 1 failed"):
+        sweep_checkpoints(tmp_path / "bad")
+    with pytest.raises(FileNotFoundError, match="no job_result.json"):
+        sweep_checkpoints(tmp_path / "empty")
+
+
+@pytest.mark.slow
+def test_evaluate_a_sweep_averages_each_stages_jobs(trained, tmp_path):
+    from pneumonia.evaluate import evaluate
+    from tests.test_evaluate import _evaluate_cfg
+
+    work, runs = trained
+    binary = _checkpoints(runs, "binary")
+    for job, (stage, ckpt) in enumerate([("binary", binary[0]), ("binary", binary[1]),
+                                         ("subtype", runs["subtype"]["best_checkpoint"])]):
+        _job(tmp_path / "sweep", job, stage, ckpt)
+    cfg = _evaluate_cfg(work, tmp_path / "report", sweep=str(tmp_path / "sweep"), log_to_mlflow=False)
+    evaluate(cfg)
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert metrics["checkpoints"] == {"binary": binary, "subtype": runs["subtype"]["best_checkpoint"]}
+    cfg = _evaluate_cfg(work, tmp_path / "other", sweep=str(tmp_path / "sweep"), binary=binary[0])
+    with pytest.raises(ValueError, match="not both"):
+        evaluate(cfg)
