@@ -40,7 +40,7 @@ test: venv
 scratch-cpu: venv
 	@test -n "$(DATA)" || (echo "usage: make scratch-cpu DATA=/path/to/chest_xray" >&2; exit 2)
 	$(PY) train.py -m experiment=scratch_cpu data.root=$(DATA)
-	$(PY) evaluate.py binary=latest subtype=latest tta=true
+	$(PY) evaluate.py sweep=$$(ls -td multirun/scratch_cpu/*/ | head -1) tta=true
 
 mlflow-ui: venv
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db \
