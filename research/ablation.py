@@ -27,7 +27,9 @@ from pneumonia.metrics import auroc, youden_threshold
 from pneumonia.pipeline import load_stage, load_stages, softmax_positive, stage_logits
 from pneumonia.stages import stage_targets
 
-# Each idea as overrides on top of experiment=scratch_cpu. "tta" changes scoring only.
+# The ablation's baseline: experiment=scratch_cpu without the ideas it keeps (affine), one
+# model per run. Each idea: overrides on top of it. "tta" changes scoring only.
+BASE = ["data.augment.scale=null", "data.augment.rotate=0", "data.augment.translate=0"]
 VARIANTS: dict[str, list[str]] = {
     "baseline": [],
     "tta": [],
@@ -82,7 +84,7 @@ def run(variant: str, seed: int, stage: str, epochs: int, data: str, out: Path,
                f"data.root={data}", f"trainer.max_epochs={epochs}", f"hydra.run.dir={trained}",
                f"logger.experiment_name=ablation-{stage}", f"+logger.tags.variant={base}",
                f"logger.run_name='{base}/seed={seed}'", "log_best_checkpoint=false",
-               *extra, *VARIANTS[base]]
+               *BASE, *extra, *VARIANTS[base]]
         print("$", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
     seconds = time.perf_counter() - start
