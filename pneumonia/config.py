@@ -130,11 +130,52 @@ class StageConfig:
         _choice("stage.name", self.name, ("binary", "subtype"))
 
 
+PRECISIONS = ("64", "32", "16", "bf16", "64-true", "32-true", "16-true", "bf16-true", "16-mixed",
+              "bf16-mixed", "transformer-engine", "transformer-engine-float16")
+ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "tpu", "auto")
+
+
+@dataclass
+class TrainerConfig:
+    """The Lightning Trainer arguments the configs set or tests override; any other Trainer
+    argument needs adding here (the group is closed so that a misspelt key fails)."""
+    _target_: str = "lightning.pytorch.Trainer"
+    default_root_dir: Optional[str] = None
+    accelerator: str = "cpu"
+    devices: Any = 1
+    strategy: str = "auto"
+    num_nodes: int = 1
+    precision: Any = "32-true"
+    max_epochs: int = 20
+    log_every_n_steps: int = 50
+    deterministic: Any = False
+    sync_batchnorm: bool = False
+    fast_dev_run: Any = False
+    limit_train_batches: Any = None  # an int (batches) or a fraction
+    limit_val_batches: Any = None
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: Optional[float] = None
+    enable_progress_bar: Optional[bool] = None
+
+    def __post_init__(self) -> None:
+        _choice("trainer.accelerator", self.accelerator, ACCELERATORS)
+        _choice("trainer.precision", str(self.precision), PRECISIONS)
+        if self.max_epochs < 1:
+            raise ValueError(f"trainer.max_epochs={self.max_epochs} must be a positive integer")
+        devices = self.devices
+        if not (devices == "auto" or devices == -1 or isinstance(devices, list)
+                or (isinstance(devices, int) and devices >= 1)):
+            raise ValueError(f"trainer.devices={devices} must be a positive count, -1 (all), auto or a list")
+        if self.num_nodes < 1 or self.accumulate_grad_batches < 1:
+            raise ValueError("trainer.num_nodes and trainer.accumulate_grad_batches must be at least 1")
+
+
 def register() -> None:
     store = ConfigStore.instance()
     store.store(group="model", name="schema", node=ModelConfig)
     store.store(group="data", name="schema", node=DataConfig)
     store.store(group="stage", name="schema", node=StageConfig)
+    store.store(group="trainer", name="schema", node=TrainerConfig)
 
 
 def check_feature_cache(cfg: DictConfig) -> None:
@@ -168,7 +209,7 @@ def check_feature_cache(cfg: DictConfig) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Value checks of the typed groups and the optimizer, before any long work."""
-    for group in ("model", "data", "stage"):
+    for group in ("model", "data", "stage", "trainer"):
         OmegaConf.to_object(cfg[group])  # runs each schema's __post_init__
     check_feature_cache(cfg)
     lr = cfg.optimizer.get("lr")
@@ -177,9 +218,6 @@ def validate(cfg: DictConfig) -> None:
     mixup = cfg.get("loss", {}).get("mixup", 0.0)
     if not isinstance(mixup, (int, float)) or mixup < 0:
         raise ValueError(f"loss.mixup={mixup} must be 0 (off) or a positive Beta parameter")
-    epochs = cfg.trainer.get("max_epochs")
-    if not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"trainer.max_epochs={epochs} must be a positive integer")
 
 
 register()

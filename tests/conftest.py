@@ -103,7 +103,7 @@ def trained(synthetic_root, tmp_path_factory) -> tuple[Path, dict]:
     for stage in ("binary", "subtype"):
         cfg = compose_train(work, ["experiment=demo", f"stage={stage}", f"data.root={synthetic_root}",
                                    "data.synthetic=null", "data.num_workers=0", "model.input_size=64",
-                                   "trainer.max_epochs=3", "+trainer.limit_train_batches=6"])
+                                   "trainer.max_epochs=3", "trainer.limit_train_batches=6"])
         with open_dict(cfg):
             cfg.paths.output_dir = str(work / stage)
         runs[stage] = train(cfg)

@@ -11,6 +11,8 @@ from tests.conftest import compose_train
     ("model.input_size=abc", "model.input_size"),
     ("data.batch_size=1.5", "data.batch_size"),
     ("data.cache=maybe", "data.cache"),
+    ("trainer.max_epochs=ten", "trainer.max_epochs"),
+    ("trainer.sync_batchnorm=often", "trainer.sync_batchnorm"),
 ])
 def test_wrong_type_fails_at_composition_naming_the_key(tmp_path, override, key):
     from hydra.errors import ConfigCompositionException
@@ -25,6 +27,8 @@ def test_unknown_key_fails_at_composition(tmp_path):
 
     with pytest.raises(ConfigCompositionException, match="model.adaptr"):
         compose_train(tmp_path, ["data.root=/data", "model.adaptr=conv"])
+    with pytest.raises(ConfigCompositionException, match="trainer.max_epoch"):
+        compose_train(tmp_path, ["data.root=/data", "trainer.max_epoch=3"])
 
 
 @pytest.mark.parametrize("override, message", [
@@ -38,6 +42,9 @@ def test_unknown_key_fails_at_composition(tmp_path):
     ("data.augment.brightness=[0.1,-0.1]", r"data.augment.brightness=\[0.1, -0.1\] must be \[low, high\]"),
     ("stage=subtype stage.name=tertiary", r"stage.name='tertiary' is not one of: binary, subtype"),
     ("trainer.max_epochs=0", r"trainer.max_epochs=0 must be a positive integer"),
+    ("trainer.precision=bf32", r"trainer.precision='bf32' is not one of: 64, 32"),
+    ("trainer.accelerator=gpuu", r"trainer.accelerator='gpuu' is not one of: cpu, gpu"),
+    ("trainer.devices=0", r"trainer.devices=0 must be a positive count"),
 ])
 def test_bad_value_fails_before_any_work_naming_the_key(tmp_path, override, message):
     cfg = compose_train(tmp_path, ["data.root=/nonexistent", "logger=none", *override.split()])

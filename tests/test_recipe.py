@@ -119,7 +119,7 @@ def test_mixup_changes_training_and_stays_reproducible(synthetic_root, tmp_path)
         cfg = compose_train(tmp_path / name, ["experiment=demo", f"data.root={synthetic_root}",
                                               "data.synthetic=null", "data.num_workers=0", "logger=none",
                                               "model.input_size=48", "trainer.max_epochs=1",
-                                              "+trainer.limit_train_batches=3", f"loss.mixup={mixup}"])
+                                              "trainer.limit_train_batches=3", f"loss.mixup={mixup}"])
         with open_dict(cfg):
             cfg.trainer.deterministic = True
         checkpoint = torch.load(train(cfg)["best_checkpoint"], weights_only=True)
