@@ -157,6 +157,16 @@ def resolve_checkpoints(refs, stage: str, tracking_uri: str | None, download_dir
     return [resolve_checkpoint(r, stage, tracking_uri, download_dir / str(i)) for i, r in enumerate(refs)]
 
 
+def recorded_split(settings: dict, root: str | Path | None = None) -> list[Record]:
+    """Every image with its split, rebuilt from a checkpoint's `data` settings (`root`, if
+    given, replaces the recorded folder)."""
+    root = Path(root or settings["root"])
+    # a run trained with data.skip_bad left the same unreadable files out of its split
+    records = scan_kermany(root, skip_bad=bool(settings.get("skip_bad", False)))
+    return split_records(records, settings["split"], settings["val_fraction"],
+                         settings["test_fraction"], settings["split_seed"])
+
+
 @torch.inference_mode()
 def stage_logits(module: StageClassifier, records: list[Record], batch_size: int = 32,
                  num_workers: int = 0, device: str = "cpu", tta: bool = False) -> np.ndarray:
@@ -257,12 +267,7 @@ class TwoStagePipeline:
 
     def split(self, root: str | Path | None = None) -> list[Record]:
         """Every image with its split, rebuilt from the recorded settings (root may be moved)."""
-        settings = self.data_settings()
-        root = Path(root or settings["root"])
-        # a run trained with data.skip_bad left the same unreadable files out of its split
-        records = scan_kermany(root, skip_bad=bool(settings.get("skip_bad", False)))
-        return split_records(records, settings["split"], settings["val_fraction"],
-                             settings["test_fraction"], settings["split_seed"])
+        return recorded_split(self.data_settings(), root)
 
     def logits(self, records: list[Record], **loader) -> dict[str, np.ndarray]:
         return {name: stage_logits(m, records, tta=self.tta, **loader) for name, m in self.stages.items()}
@@ -317,7 +322,6 @@ class TwoStagePipeline:
         logits = {name: forward_logits(module.to(device), batches[name][1].to(device), self.tta).cpu().numpy()
                   for name, module in self.stages.items()}
         return self.predict_logits(logits)
-
 
     def stage_thresholds(self) -> dict[str, float]:
         """The decision threshold of each stage at the chosen operating point."""

@@ -22,9 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumonia.data.kermany import scan_kermany, split_records
 from pneumonia.metrics import auroc, youden_threshold
-from pneumonia.pipeline import load_stage, load_stages, softmax_positive, stage_logits
+from pneumonia.pipeline import load_stages, recorded_split, softmax_positive, stage_logits
 from pneumonia.stages import stage_targets
 
 # The ablation's baseline: experiment=scratch_cpu without the ideas it keeps (affine), one
@@ -48,13 +47,10 @@ FIELDS = ["variant", "seed", "stage", "epochs", "train_seconds", "best_epoch", "
           "test_specificity", "run_id", "checkpoint"]
 
 
-def score(checkpoints: list[Path], stage: str, tta: bool) -> dict[str, float]:
-    """Validation and test figures of a checkpoint (or the mean of several), the threshold
+def score(module, stage: str, tta: bool) -> dict[str, float]:
+    """Validation and test figures of a loaded stage (one model or an ensemble), the threshold
     chosen on validation."""
-    module = load_stages(checkpoints, stage)
-    d = module.hparams.data
-    records = split_records(scan_kermany(d["root"]), d["split"], d["val_fraction"], d["test_fraction"],
-                            d["split_seed"])
+    records = recorded_split(module.hparams.data)
     out: dict[str, float] = {}
     probs = {}
     for split in ("val", "test"):
@@ -89,8 +85,8 @@ def run(variant: str, seed: int, stage: str, epochs: int, data: str, out: Path,
         subprocess.run(cmd, check=True)
     seconds = time.perf_counter() - start
     checkpoint = best_checkpoint(out, base, seed, stage)
-    figures = score([checkpoint], stage, tta=variant in TTA_VARIANTS)
-    module = load_stage(checkpoint, stage)
+    module = load_stages(checkpoint, stage)
+    figures = score(module, stage, tta=variant in TTA_VARIANTS)
     row = {"variant": variant, "seed": seed, "stage": stage, "epochs": epochs,
            "train_seconds": round(seconds), "best_epoch": checkpoint.name.split("epoch")[1][:2],
            "run_id": module.mlflow_run_id, "checkpoint": str(checkpoint),
@@ -113,7 +109,7 @@ def best_checkpoint(out: Path, variant: str, seed: int, stage: str) -> Path:
 def ensemble_row(variant: str, seeds: list[int], stage: str, epochs: int, out: Path) -> dict:
     """The mean of the logits of one variant's seeds, scored like a single run."""
     checkpoints = [best_checkpoint(out, variant, s, stage) for s in seeds]
-    figures = score(checkpoints, stage, tta=False)
+    figures = score(load_stages(checkpoints, stage), stage, tta=False)
     return {"variant": f"{variant}_ensemble", "seed": "+".join(map(str, seeds)), "stage": stage,
             "epochs": epochs, **{k: round(v, 4) for k, v in figures.items()},
             "checkpoint": " ".join(map(str, checkpoints))}
