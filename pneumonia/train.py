@@ -234,7 +234,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if not best or not trainer.is_global_zero:
         return result
     # Score the best checkpoint once, on one device (DDP samplers would pad the val set).
-    scorer = L.Trainer(accelerator=cfg.trainer.accelerator, devices=1, logger=False,
+    scorer = L.Trainer(accelerator=cfg.trainer.accelerator, devices=1, logger=False, enable_checkpointing=False,
                        enable_progress_bar=False, enable_model_summary=False)
     metrics = scorer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
     metrics = {k: float(v) for k, v in sorted(metrics.items()) if not k.startswith("val/confusion")}

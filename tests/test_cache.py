@@ -128,3 +128,28 @@ def test_undecodable_images_are_all_named_before_training(data, tmp_path):
     for r in records[2:4]:
         assert f"{r.path}: cannot decode image (broken data stream" in message
     assert not list(cache.iterdir())  # no cache, not even a temporary file, is left
+
+
+@pytest.fixture
+def file_size_limit():
+    """Files this process writes may not grow past the given size (SIGXFSZ ignored, so the
+    write fails with EFBIG instead of killing the process), as on a nearly full disk."""
+    import resource
+    import signal
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    yield lambda size: resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    signal.signal(signal.SIGXFSZ, handler)
+
+
+def test_a_cache_that_does_not_fit_is_a_clear_error_before_any_write(data, tmp_path, file_size_limit):
+    records = [r for r in scan_kermany(data) if r.folder == "train"][:10]
+    cache = tmp_path / "cache"
+    file_size_limit(10 * 64 * 64 - 1)  # one byte short of the (10, 64, 64) uint8 array
+    with pytest.raises(OSError, match=r"cannot reserve 40,960 bytes for the cache file .*\.tmp\d+ .*paths\.cache_dir"):
+        build_cache(records, Preprocessing(64, 0.5, 0.25), cache)
+    assert not list(cache.iterdir())  # no temporary file is left behind
+    file_size_limit(10 * 64 * 64)
+    assert build_cache(records, Preprocessing(64, 0.5, 0.25), cache).shape == (10, 64, 64)

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
@@ -82,6 +83,22 @@ def _valid(array_file: Path, meta_file: Path, shape: tuple[int, ...], dtype: np.
     return meta.get("checksum") == _checksum(array_file)
 
 
+def _reserve(path: Path, nbytes: int) -> None:
+    """Allocate the file's blocks now, so a full disk is a clear error here and not a bus
+    error (SIGBUS, which kills the process) at the first write into the memory map."""
+    with path.open("wb") as f:
+        try:
+            if hasattr(os, "posix_fallocate") and nbytes > 0:  # not on macOS
+                os.posix_fallocate(f.fileno(), 0, nbytes)
+            else:
+                f.truncate(nbytes)
+        except OSError as err:
+            free = shutil.disk_usage(path.parent).free
+            raise OSError(err.errno, f"cannot reserve {nbytes:,} bytes for the cache file {path} "
+                          f"({free:,} bytes free on that disk; {err.strerror}): free some space, "
+                          "point paths.cache_dir at a larger disk, or set data.cache=false") from err
+
+
 def cached_array(array_file: Path, shape: tuple[int, ...], dtype, fill: Callable[[np.memmap], None],
                  meta: dict) -> np.memmap:
     """A read-only memory map of `array_file`, first built by `fill` unless a valid one exists.
@@ -98,7 +115,8 @@ def cached_array(array_file: Path, shape: tuple[int, ...], dtype, fill: Callable
         array_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = array_file.with_suffix(f".tmp{os.getpid()}")
         try:
-            out = np.memmap(tmp, dtype=dtype, mode="w+", shape=shape)
+            _reserve(tmp, int(np.prod(shape)) * dtype.itemsize)
+            out = np.memmap(tmp, dtype=dtype, mode="r+", shape=shape)
             fill(out)
             out.flush()
             del out
