@@ -34,6 +34,17 @@ VARIANTS: dict[str, list[str]] = {
     "tta": [],
     "equalize": ["data.equalize=true"],
     "affine": ["data.augment.scale=[0.9,1.15]", "data.augment.rotate=10", "data.augment.translate=0.06"],
+    # on top of affine: larger zooms, turns and shifts; stronger weight decay; 96 px
+    "affine_strong": ["data.augment.scale=[0.75,1.3]", "data.augment.rotate=15", "data.augment.translate=0.1"],
+    "affine_wd": ["data.augment.scale=[0.9,1.15]", "data.augment.rotate=10", "data.augment.translate=0.06",
+                  "optimizer.weight_decay=0.05"],
+    "affine_96": ["data.augment.scale=[0.9,1.15]", "data.augment.rotate=10", "data.augment.translate=0.06",
+                  "model.input_size=96"],
+    # another architecture, for an ensemble with affine's ResNet-18s (--ensemble affine densenet121)
+    "densenet121": ["data.augment.scale=[0.9,1.15]", "data.augment.rotate=10", "data.augment.translate=0.06",
+                    "model.backbone=densenet121", "model.name=densenet121"],
+    "convnext_atto": ["data.augment.scale=[0.9,1.15]", "data.augment.rotate=10", "data.augment.translate=0.06",
+                      "model.backbone=convnext_atto", "model.name=convnext_atto"],
     "gamma": ["data.augment.gamma=[0.7,1.4]", "data.augment.brightness=[-0.2,0.2]",
               "data.augment.contrast=[-0.2,0.2]"],
     "mixup": ["loss.mixup=0.4"],
@@ -47,21 +58,22 @@ FIELDS = ["variant", "seed", "stage", "epochs", "train_seconds", "best_epoch", "
           "test_specificity", "run_id", "checkpoint"]
 
 
+def split_probabilities(module, stage: str, split: str, tta: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Targets and P(positive) of a loaded stage (one model or an ensemble) on one split of the
+    split it was trained with (images outside the stage left out)."""
+    rs = [r for r in recorded_split(module.hparams.data) if r.split == split]
+    y = np.array(stage_targets(stage, (r.label for r in rs)))
+    keep = y >= 0
+    logits = stage_logits(module, [r for r, k in zip(rs, keep) if k], num_workers=2, tta=tta)
+    return y[keep], softmax_positive(logits)
+
+
 def score(module, stage: str, tta: bool) -> dict[str, float]:
-    """Validation and test figures of a loaded stage (one model or an ensemble), the threshold
-    chosen on validation."""
-    records = recorded_split(module.hparams.data)
+    """Validation and test figures of a loaded stage, the threshold chosen on validation."""
     out: dict[str, float] = {}
-    probs = {}
-    for split in ("val", "test"):
-        rs = [r for r in records if r.split == split]
-        y = np.array(stage_targets(stage, (r.label for r in rs)))
-        keep = y >= 0
-        logits = stage_logits(module, [r for r, k in zip(rs, keep) if k], num_workers=2, tta=tta)
-        probs[split] = (y[keep], softmax_positive(logits))
-    yv, pv = probs["val"]
+    yv, pv = split_probabilities(module, stage, "val", tta)
     t = youden_threshold(yv, pv)
-    yt, pt = probs["test"]
+    yt, pt = split_probabilities(module, stage, "test", tta)
     out.update(val_auroc=auroc(yv, pv), val_acc=float(((pv >= t) == yv).mean()), threshold=t,
                test_auroc=auroc(yt, pt), test_acc=float(((pt >= t) == yt).mean()),
                test_sensitivity=float((pt[yt == 1] >= t).mean()),
@@ -106,11 +118,11 @@ def best_checkpoint(out: Path, variant: str, seed: int, stage: str) -> Path:
     return sorted((out / variant / f"seed{seed}" / stage / "checkpoints").glob("best-*.ckpt"))[-1]
 
 
-def ensemble_row(variant: str, seeds: list[int], stage: str, epochs: int, out: Path) -> dict:
-    """The mean of the logits of one variant's seeds, scored like a single run."""
-    checkpoints = [best_checkpoint(out, variant, s, stage) for s in seeds]
+def ensemble_row(variants: list[str], seeds: list[int], stage: str, epochs: int, out: Path) -> dict:
+    """The mean of the logits of the variants' seeds, scored like a single run."""
+    checkpoints = [best_checkpoint(out, v, s, stage) for v in variants for s in seeds]
     figures = score(load_stages(checkpoints, stage), stage, tta=False)
-    return {"variant": f"{variant}_ensemble", "seed": "+".join(map(str, seeds)), "stage": stage,
+    return {"variant": "+".join(variants) + "_ensemble", "seed": "+".join(map(str, seeds)), "stage": stage,
             "epochs": epochs, **{k: round(v, 4) for k, v in figures.items()},
             "checkpoint": " ".join(map(str, checkpoints))}
 
@@ -158,8 +170,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--out", type=Path, default=Path("outputs/ablation"))
     parser.add_argument("--table", action="store_true", help="only print the table of finished rows")
-    parser.add_argument("--ensemble", metavar="VARIANT",
-                        help="score the mean of this finished variant's seeds as one more row")
+    parser.add_argument("--ensemble", metavar="VARIANT", nargs="+",
+                        help="score the mean of these finished variants' seeds as one more row")
     parser.add_argument("overrides", nargs="*",
                         help="train.py overrides for every run, before the variant's own")
     args = parser.parse_args()
