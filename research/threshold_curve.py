@@ -31,7 +31,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for t in args.thresholds:
         sens, spec = (p[y == 1] >= t).mean(), (p[y == 0] < t).mean()
-        print(f"| {t:.2f} | {sens:.4f} | {spec:.4f} | {sens + spec - 1:.4f} | "
+        print(f"| {t:.3g} | {sens:.4f} | {spec:.4f} | {sens + spec - 1:.4f} | "
               f"{int((p[y == 1] < t).sum())} | {int((p[y == 0] >= t).sum())} |")
 
 
