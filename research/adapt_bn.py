@@ -1,0 +1,82 @@
+"""Is the test shift in the batch-norm statistics? Scores a stage with and without AdaBN.
+
+python -m research.adapt_bn CHECKPOINT [CHECKPOINT ...] [--stage binary]
+
+Three rows, each with the threshold (Youden) chosen on validation and applied to test:
+- plain: the networks as trained;
+- train BN: every BatchNorm layer's running mean and variance re-estimated on the clean
+  (unaugmented) training images, then used for both splits;
+- AdaBN (Li et al. 2016): re-estimated on the images being scored, the validation images for
+  the validation scores and the test images for the test scores.
+Nothing else changes and no test label is used; AdaBN does use the unlabelled test images
+(transductive), so its figures are not comparable with a model scored one image at a time.
+A diagnosis of the shift, not part of the recipe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from pneumonia.data.datamodule import XrayDataset
+from pneumonia.data.transforms import Preprocessing
+from pneumonia.metrics import auroc, youden_threshold
+from pneumonia.pipeline import load_stages, recorded_split, softmax_positive, stage_logits
+from pneumonia.stages import stage_targets
+
+
+@torch.no_grad()
+def adapt_batchnorm(module: nn.Module, records: list, batch_size: int = 64) -> nn.Module:
+    """A copy of `module` whose BatchNorm statistics are those of these images (one pass, the
+    mean of the per-batch statistics, as torch.optim.swa_utils.update_bn computes them, but
+    with only the BatchNorm layers in training mode); every weight is unchanged."""
+    adapted = copy.deepcopy(module).eval()
+    norms = [m for m in adapted.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        raise ValueError("the network has no BatchNorm layer to adapt")
+    for bn in norms:
+        bn.reset_running_stats()
+        bn.momentum = None
+        bn.train()
+    data = XrayDataset(records, module.hparams.stage, Preprocessing(**module.hparams.preprocessing))
+    for images, _ in DataLoader(data, batch_size=batch_size, shuffle=True,
+                                generator=torch.Generator().manual_seed(0), num_workers=2):
+        adapted(images)
+    return adapted.eval()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoints", nargs="+", type=Path)
+    parser.add_argument("--stage", default="binary", choices=("binary", "subtype"))
+    args = parser.parse_args()
+    module = load_stages(args.checkpoints, args.stage)
+    splits = {}
+    for split in ("train", "val", "test"):
+        rs = [r for r in recorded_split(module.hparams.data) if r.split == split]
+        y = np.array(stage_targets(args.stage, (r.label for r in rs)))
+        splits[split] = ([r for r, k in zip(rs, y >= 0) if k], y[y >= 0])
+    print("| scoring | threshold | val acc | test AUROC | test acc | test sensitivity | test specificity |")
+    print("|---|---|---|---|---|---|---|")
+    clean = adapt_batchnorm(module, splits["train"][0])
+    for name in ("plain", "train BN", "AdaBN"):
+        probs = {}
+        for split in ("val", "test"):
+            rs = splits[split][0]
+            net = {"plain": module, "train BN": clean}.get(name) or adapt_batchnorm(module, rs)
+            probs[split] = softmax_positive(stage_logits(net, rs, num_workers=2))
+        (_, yv), (_, yt) = splits["val"], splits["test"]
+        pv, pt = probs["val"], probs["test"]
+        t = youden_threshold(yv, pv)
+        print(f"| {name} | {t:.3g} | {((pv >= t) == yv).mean():.4f} | {auroc(yt, pt):.4f} | "
+              f"{((pt >= t) == yt).mean():.4f} | {(pt[yt == 1] >= t).mean():.4f} | {(pt[yt == 0] < t).mean():.4f} |")
+
+
+if __name__ == "__main__":
+    main()
