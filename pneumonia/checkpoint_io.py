@@ -40,3 +40,23 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
+        _remove_leftovers(path)
+
+
+def _remove_leftovers(path: Path) -> None:
+    """Delete the temporary files of earlier writes of `path` whose process is gone (a run
+    killed mid-write leaves one; its resumed run cleans it up at its first save)."""
+    for leftover in path.parent.glob(f".{path.name}.tmp-*"):
+        pid = leftover.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _running(int(pid)):
+            leftover.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True

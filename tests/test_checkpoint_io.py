@@ -66,3 +66,23 @@ def test_kill_while_overwriting_last_ckpt_keeps_the_old_one(synthetic_root, tmp_
     from pneumonia.train import resolve_resume
 
     assert resolve_resume(str(tmp_path / "run"), None)[0] == last  # resume picks the whole one
+
+
+def test_a_save_removes_the_leftovers_of_dead_writers_only(tmp_path):
+    from pneumonia.checkpoint_io import AtomicCheckpointIO
+
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        dead = tmp_path / f".last.ckpt.tmp-{finished.pid}"
+        alive = tmp_path / f".last.ckpt.tmp-{running.pid}"
+        other = tmp_path / f".best.ckpt.tmp-{finished.pid}"  # another checkpoint's: not ours to touch
+        for leftover in (dead, alive, other):
+            leftover.write_bytes(b"half a checkpoint")
+        AtomicCheckpointIO().save_checkpoint({"epoch": 3}, tmp_path / "last.ckpt")
+        assert torch.load(tmp_path / "last.ckpt", weights_only=True) == {"epoch": 3}
+        assert not dead.exists() and alive.exists() and other.exists()
+    finally:
+        running.kill()
+        running.wait()
