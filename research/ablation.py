@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pneumonia.data.kermany import Record
 from pneumonia.metrics import auroc, youden_threshold
 from pneumonia.pipeline import load_stages, recorded_split, softmax_positive, stage_logits
 from pneumonia.stages import stage_targets
@@ -58,28 +59,38 @@ FIELDS = ["variant", "seed", "stage", "epochs", "train_seconds", "best_epoch", "
           "test_specificity", "run_id", "checkpoint"]
 
 
-def split_probabilities(module, stage: str, split: str, tta: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Targets and P(positive) of a loaded stage (one model or an ensemble) on one split of the
-    split it was trained with (images outside the stage left out)."""
-    rs = [r for r in recorded_split(module.hparams.data) if r.split == split]
-    y = np.array(stage_targets(stage, (r.label for r in rs)))
-    keep = y >= 0
-    logits = stage_logits(module, [r for r, k in zip(rs, keep) if k], num_workers=2, tta=tta)
-    return y[keep], softmax_positive(logits)
+def stage_splits(module, stage: str, splits=("val", "test")) -> dict[str, tuple[list[Record], np.ndarray]]:
+    """For each split: the images of a loaded stage's own split that the stage classifies
+    (subtype: pneumonia only) and their targets. The folder is scanned once."""
+    records = recorded_split(module.hparams.data)
+    out = {}
+    for split in splits:
+        rs = [r for r in records if r.split == split]
+        y = np.array(stage_targets(stage, (r.label for r in rs)))
+        out[split] = ([r for r, keep in zip(rs, y >= 0) if keep], y[y >= 0])
+    return out
+
+
+def probabilities(module, records: list[Record], tta: bool = False) -> np.ndarray:
+    """P(positive class) of a loaded stage (one model or an ensemble) for these images."""
+    return softmax_positive(stage_logits(module, records, num_workers=2, tta=tta))
+
+
+def figures(yv: np.ndarray, pv: np.ndarray, yt: np.ndarray, pt: np.ndarray) -> dict[str, float]:
+    """Validation and test figures from targets and P(positive); the threshold is Youden's on
+    validation, applied unchanged to test."""
+    t = youden_threshold(yv, pv)
+    return {"val_auroc": auroc(yv, pv), "val_acc": float(((pv >= t) == yv).mean()), "threshold": t,
+            "test_auroc": auroc(yt, pt), "test_acc": float(((pt >= t) == yt).mean()),
+            "test_sensitivity": float((pt[yt == 1] >= t).mean()),
+            "test_specificity": float((pt[yt == 0] < t).mean()),
+            "test_acc_at_0.5": float(((pt >= 0.5) == yt).mean())}
 
 
 def score(module, stage: str, tta: bool) -> dict[str, float]:
-    """Validation and test figures of a loaded stage, the threshold chosen on validation."""
-    out: dict[str, float] = {}
-    yv, pv = split_probabilities(module, stage, "val", tta)
-    t = youden_threshold(yv, pv)
-    yt, pt = split_probabilities(module, stage, "test", tta)
-    out.update(val_auroc=auroc(yv, pv), val_acc=float(((pv >= t) == yv).mean()), threshold=t,
-               test_auroc=auroc(yt, pt), test_acc=float(((pt >= t) == yt).mean()),
-               test_sensitivity=float((pt[yt == 1] >= t).mean()),
-               test_specificity=float((pt[yt == 0] < t).mean()))
-    out["test_acc_at_0.5"] = float(((pt >= 0.5) == yt).mean())
-    return out
+    """`figures` of a loaded stage on its own validation and test splits."""
+    (val, yv), (test, yt) = stage_splits(module, stage).values()
+    return figures(yv, probabilities(module, val, tta), yt, probabilities(module, test, tta))
 
 
 def run(variant: str, seed: int, stage: str, epochs: int, data: str, out: Path,

@@ -19,16 +19,14 @@ import argparse
 import copy
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
 from pneumonia.data.datamodule import XrayDataset
 from pneumonia.data.transforms import Preprocessing
-from pneumonia.metrics import auroc, youden_threshold
-from pneumonia.pipeline import load_stages, recorded_split, softmax_positive, stage_logits
-from pneumonia.stages import stage_targets
+from pneumonia.pipeline import load_stages
+from research.ablation import figures, probabilities, stage_splits
 
 
 @torch.no_grad()
@@ -57,26 +55,17 @@ def main() -> None:
     parser.add_argument("--stage", default="binary", choices=("binary", "subtype"))
     args = parser.parse_args()
     module = load_stages(args.checkpoints, args.stage)
-    splits = {}
-    for split in ("train", "val", "test"):
-        rs = [r for r in recorded_split(module.hparams.data) if r.split == split]
-        y = np.array(stage_targets(args.stage, (r.label for r in rs)))
-        splits[split] = ([r for r, k in zip(rs, y >= 0) if k], y[y >= 0])
+    splits = stage_splits(module, args.stage, ("train", "val", "test"))
     print("| scoring | threshold | val acc | test AUROC | test acc | test sensitivity | test specificity |")
     print("|---|---|---|---|---|---|---|")
     clean = adapt_batchnorm(module, splits["train"][0])
-    for name in ("plain", "train BN", "AdaBN"):
-        probs = {}
-        for split in ("val", "test"):
-            rs = splits[split][0]
-            net = {"plain": module, "train BN": clean}.get(name) or adapt_batchnorm(module, rs)
-            probs[split] = softmax_positive(stage_logits(net, rs, num_workers=2))
-        (_, yv), (_, yt) = splits["val"], splits["test"]
-        pv, pt = probs["val"], probs["test"]
-        t = youden_threshold(yv, pv)
-        print(f"| {name} | {t:.3g} | {((pv >= t) == yv).mean():.4f} | {auroc(yt, pt):.4f} | "
-              f"{((pt >= t) == yt).mean():.4f} | {(pt[yt == 1] >= t).mean():.4f} | {(pt[yt == 0] < t).mean():.4f} |")
-
+    networks = {"plain": lambda images: module, "train BN": lambda images: clean,
+                "AdaBN": lambda images: adapt_batchnorm(module, images)}  # the network scoring `images`
+    (val, yv), (test, yt) = splits["val"], splits["test"]
+    for name, network in networks.items():
+        f = figures(yv, probabilities(network(val), val), yt, probabilities(network(test), test))
+        print(f"| {name} | {f['threshold']:.3g} | {f['val_acc']:.4f} | {f['test_auroc']:.4f} | "
+              f"{f['test_acc']:.4f} | {f['test_sensitivity']:.4f} | {f['test_specificity']:.4f} |")
 
 if __name__ == "__main__":
     main()

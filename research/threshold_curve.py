@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 
 from pneumonia.pipeline import load_stages
-from research.ablation import split_probabilities
+from research.ablation import probabilities, stage_splits
 
 THRESHOLDS = [0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
 
@@ -25,7 +25,9 @@ def main() -> None:
     parser.add_argument("--split", default="val", choices=("val", "test"))
     parser.add_argument("--thresholds", nargs="+", type=float, default=THRESHOLDS)
     args = parser.parse_args()
-    y, p = split_probabilities(load_stages(args.checkpoints, args.stage), args.stage, args.split)
+    module = load_stages(args.checkpoints, args.stage)
+    records, y = stage_splits(module, args.stage, (args.split,))[args.split]
+    p = probabilities(module, records)
     print(f"{args.split}: {len(y)} images, {int(y.sum())} positive")
     print("| threshold | sensitivity | specificity | J | false negatives | false positives |")
     print("|---|---|---|---|---|---|")
