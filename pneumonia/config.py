@@ -13,7 +13,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from pneumonia.models.network import ADAPTERS, FREEZE, HEADS, check_backbone
+from pneumonia.models.network import ADAPTERS, FREEZE, HEADS, check_backbone, check_norm
 from pneumonia.models.network import check_choice as _choice
 
 
@@ -31,9 +31,11 @@ class ModelConfig:
     head: str = "linear"
     freeze: str = "none"
     input_size: int = 224
+    norm: str = "batch"     # batch | group (GroupNorm in place of BatchNorm; from scratch only)
 
     def __post_init__(self) -> None:
         check_backbone(self.backbone)
+        check_norm(self.norm, self.pretrained)
         _choice("model.adapter", self.adapter, ADAPTERS)
         _choice("model.head", self.head, HEADS)
         _choice("model.freeze", self.freeze, FREEZE)

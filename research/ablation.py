@@ -44,6 +44,9 @@ VARIANTS: dict[str, list[str]] = {
     # another architecture, for an ensemble with affine's ResNet-18s (--ensemble affine densenet121)
     "densenet121": ["data.augment.scale=[0.9,1.15]", "data.augment.rotate=10", "data.augment.translate=0.06",
                     "model.backbone=densenet121", "model.name=densenet121"],
+    # densenet121 with GroupNorm in place of BatchNorm: each image normalised by its own statistics
+    "densenet121_gn": ["data.augment.scale=[0.9,1.15]", "data.augment.rotate=10", "data.augment.translate=0.06",
+                       "model.backbone=densenet121", "model.name=densenet121", "model.norm=group"],
     "convnext_atto": ["data.augment.scale=[0.9,1.15]", "data.augment.rotate=10", "data.augment.translate=0.06",
                       "model.backbone=convnext_atto", "model.name=convnext_atto"],
     "gamma": ["data.augment.gamma=[0.7,1.4]", "data.augment.brightness=[-0.2,0.2]",

@@ -9,6 +9,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
+from pneumonia.config import validate
 from pneumonia.models import StageClassifier, build_network
 from pneumonia.models.network import PretrainedWeightsError
 from tests.conftest import MODELS, REPO, compose_train
@@ -113,16 +114,46 @@ def test_unknown_backbone_lists_the_valid_ones():
         build_network("vgg61")
 
 
-@pytest.mark.parametrize("key, value", [("adapter", "rgb"), ("head", "mlp"), ("freeze", "all")])
+@pytest.mark.parametrize("key, value", [("adapter", "rgb"), ("head", "mlp"), ("freeze", "all"), ("norm", "layer")])
 def test_unknown_option_is_named(key, value):
     with pytest.raises(ValueError, match=f"model.{key}={value!r}"):
         build_network("resnet18", **{key: value})
 
 
-def test_checkpoint_rebuilds_the_model_from_plain_hparams(tmp_path):
+@pytest.mark.parametrize("backbone", ["resnet18", "densenet121"])
+def test_group_norm_normalises_each_image_by_its_own_statistics(backbone):
+    torch.manual_seed(0)
+    x = torch.randn(4, 1, 64, 64)
+    x[1:] = x[1:] * 5 + 3  # the other images of the batch are far brighter and more contrasted
+    grouped = build_network(backbone, norm="group", input_size=64).train()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in grouped.modules())
+    with torch.no_grad():
+        # in training, an image's output does not depend on the batch it comes in...
+        torch.testing.assert_close(grouped(x)[:1], grouped(x[:1]), rtol=1e-4, atol=1e-5)
+        # ...nor on the mode: no running statistics
+        torch.testing.assert_close(grouped.eval()(x[:1]), grouped.train()(x[:1]))
+        batch = build_network(backbone, norm="batch", input_size=64).train()
+        assert not torch.allclose(batch(x)[:1], batch(x[:1]), rtol=1e-4, atol=1e-5)
+    if backbone == "densenet121":  # timm's norm + activation layers keep their ReLU
+        acts = [type(m.act) for m in grouped.modules() if isinstance(m, torch.nn.GroupNorm) and hasattr(m, "act")]
+        assert len(acts) == 121 and torch.nn.ReLU in acts
+
+
+def test_group_norm_refuses_imagenet_weights(tmp_path):
+    with pytest.raises(ValueError, match="model.norm=group with model.pretrained=True.*from scratch"):
+        build_network("resnet18", pretrained=True, norm="group")
+    cfg = compose_train(tmp_path, ["model=resnet18", "model.norm=group", "data.root=/data"])
+    with pytest.raises(ValueError, match="model.pretrained=false or model.norm=batch"):
+        validate(cfg)
+    validate(compose_train(tmp_path, ["model=resnet18", "model.norm=group", "model.pretrained=false",
+                                      "data.root=/data"]))
+
+
+@pytest.mark.parametrize("norm", ["batch", "group"])
+def test_checkpoint_rebuilds_the_model_from_plain_hparams(tmp_path, norm):
     module = StageClassifier(
         model=dict(name="r18", backbone="resnet18", adapter="conv", head="deep_mlp",
-                   freeze="features", input_size=64),
+                   freeze="features", input_size=64, norm=norm),
         classes=["normal", "pneumonia"], stage="binary",
         preprocessing=dict(image_size=64, mean=0.45, std=0.22, crop=None),
         optimizer={"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-3},
