@@ -112,9 +112,9 @@ def to_group_norm(module: nn.Module, groups: int = 32) -> nn.Module:
     """Replace every BatchNorm2d in place by a GroupNorm over the same channels (timm's
     norm + activation layers keep their activation), in at most `groups` groups.
 
-    GroupNorm normalises each image by its own statistics, in training and at inference alike,
-    so a shift in feature level between the training images and a new site's images is
-    normalised away instead of meeting running averages collected on the training images.
+    GroupNorm normalises each image by its own statistics, in training and at inference alike:
+    no running averages and no dependence on the batch (small batches, one image at a time).
+    It did not help the CPU recipe with the Kermany test images (docs/results.md).
     """
     for name, child in module.named_children():
         if isinstance(child, nn.BatchNorm2d):
