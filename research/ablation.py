@@ -104,7 +104,7 @@ def score(module, stage: str, tta: bool) -> dict[str, float]:
 def run(variant: str, seed: int, stage: str, epochs: int, data: str, out: Path,
         extra: list[str]) -> dict:
     base = "baseline" if variant in TTA_VARIANTS else variant
-    trained = (out / base / f"seed{seed}" / stage).resolve()
+    trained = run_dir(out, base, seed, stage, epochs).resolve()
     start = time.perf_counter()
     if not any((trained / "checkpoints").glob("best-*.ckpt")):
         cmd = [sys.executable, "train.py", "experiment=scratch_cpu", f"stage={stage}", f"seed={seed}",
@@ -115,7 +115,7 @@ def run(variant: str, seed: int, stage: str, epochs: int, data: str, out: Path,
         print("$", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
     seconds = time.perf_counter() - start
-    checkpoint = best_checkpoint(out, base, seed, stage)
+    checkpoint = best_checkpoint(out, base, seed, stage, epochs)
     module = load_stages(checkpoint, stage)
     figures = score(module, stage, tta=variant in TTA_VARIANTS)
     row = {"variant": variant, "seed": seed, "stage": stage, "epochs": epochs,
@@ -133,13 +133,19 @@ def run(variant: str, seed: int, stage: str, epochs: int, data: str, out: Path,
     return row
 
 
-def best_checkpoint(out: Path, variant: str, seed: int, stage: str) -> Path:
-    return sorted((out / variant / f"seed{seed}" / stage / "checkpoints").glob("best-*.ckpt"))[-1]
+def run_dir(out: Path, variant: str, seed: int, stage: str, epochs: int) -> Path:
+    """One training run's folder; the epoch count is part of it, so that a longer schedule
+    trains anew instead of finding the shorter one's checkpoint."""
+    return out / variant / f"seed{seed}" / f"{stage}-{epochs}ep"
+
+
+def best_checkpoint(out: Path, variant: str, seed: int, stage: str, epochs: int) -> Path:
+    return sorted((run_dir(out, variant, seed, stage, epochs) / "checkpoints").glob("best-*.ckpt"))[-1]
 
 
 def ensemble_row(variants: list[str], seeds: list[int], stage: str, epochs: int, out: Path) -> dict:
     """The mean of the logits of the variants' seeds, scored like a single run."""
-    checkpoints = [best_checkpoint(out, v, s, stage) for v in variants for s in seeds]
+    checkpoints = [best_checkpoint(out, v, s, stage, epochs) for v in variants for s in seeds]
     figures = score(load_stages(checkpoints, stage), stage, tta=False)
     return {"variant": "+".join(variants) + "_ensemble", "seed": "+".join(map(str, seeds)), "stage": stage,
             "epochs": epochs, **{k: round(v, 4) for k, v in figures.items()},
