@@ -160,17 +160,18 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    """Markdown: mean over seeds per (stage, variant), with the spread (min-max) of test accuracy."""
-    lines = ["| stage | variant | seeds | val AUROC | val acc | test AUROC | test acc (min-max) | "
-             "test sens | test spec |", "|---|---|---|---|---|---|---|---|---|"]
-    groups: dict[tuple[str, str], list[dict]] = {}
+    """Markdown: mean over seeds per (stage, variant, epochs), with the spread (min-max) of test
+    accuracy."""
+    lines = ["| stage | variant | epochs | seeds | val AUROC | val acc | test AUROC | test acc (min-max) | "
+             "test sens | test spec |", "|---|---|---|---|---|---|---|---|---|---|"]
+    groups: dict[tuple[str, str, str], list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["stage"], r["variant"]), []).append(r)
-    for (stage, variant), rs in groups.items():
+        groups.setdefault((r["stage"], r["variant"], r["epochs"]), []).append(r)
+    for (stage, variant, epochs), rs in groups.items():
         def mean(key: str) -> float:
             return float(np.mean([float(r[key]) for r in rs]))
         accs = [float(r["test_acc"]) for r in rs]
-        lines.append(f"| {stage} | {variant} | {len(rs)} | {mean('val_auroc'):.4f} | {mean('val_acc'):.4f} | "
+        lines.append(f"| {stage} | {variant} | {epochs} | {len(rs)} | {mean('val_auroc'):.4f} | {mean('val_acc'):.4f} | "
                      f"{mean('test_auroc'):.4f} | {mean('test_acc'):.4f} ({min(accs):.3f}-{max(accs):.3f}) | "
                      f"{mean('test_sensitivity'):.3f} | {mean('test_specificity'):.3f} |")
     return "\n".join(lines)
