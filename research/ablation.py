@@ -117,18 +117,18 @@ def run(variant: str, seed: int, stage: str, epochs: int, data: str, out: Path,
     seconds = time.perf_counter() - start
     checkpoint = best_checkpoint(out, base, seed, stage, epochs)
     module = load_stages(checkpoint, stage)
-    figures = score(module, stage, tta=variant in TTA_VARIANTS)
+    result = score(module, stage, tta=variant in TTA_VARIANTS)
     row = {"variant": variant, "seed": seed, "stage": stage, "epochs": epochs,
            "train_seconds": round(seconds), "best_epoch": checkpoint.name.split("epoch")[1][:2],
            "run_id": module.mlflow_run_id, "checkpoint": str(checkpoint),
-           **{k: round(v, 4) for k, v in figures.items()}}
+           **{k: round(v, 4) for k, v in result.items()}}
     if module.mlflow_run_id and variant not in TTA_VARIANTS:
         from mlflow.tracking import MlflowClient
         from omegaconf import OmegaConf
 
         uri = OmegaConf.load(trained / "config.yaml").logger.tracking_uri
         client = MlflowClient(uri)
-        for key, value in figures.items():
+        for key, value in result.items():
             client.log_metric(module.mlflow_run_id, f"score/{key}", value)
     return row
 
@@ -146,9 +146,9 @@ def best_checkpoint(out: Path, variant: str, seed: int, stage: str, epochs: int)
 def ensemble_row(variants: list[str], seeds: list[int], stage: str, epochs: int, out: Path) -> dict:
     """The mean of the logits of the variants' seeds, scored like a single run."""
     checkpoints = [best_checkpoint(out, v, s, stage, epochs) for v in variants for s in seeds]
-    figures = score(load_stages(checkpoints, stage), stage, tta=False)
+    result = score(load_stages(checkpoints, stage), stage, tta=False)
     return {"variant": "+".join(variants) + "_ensemble", "seed": "+".join(map(str, seeds)), "stage": stage,
-            "epochs": epochs, **{k: round(v, 4) for k, v in figures.items()},
+            "epochs": epochs, **{k: round(v, 4) for k, v in result.items()},
             "checkpoint": " ".join(map(str, checkpoints))}
 
 

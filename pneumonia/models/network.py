@@ -7,8 +7,8 @@ from pathlib import Path
 
 import timm
 import torch
-from torch import nn
 from timm.layers.norm_act import BatchNormAct2d, GroupNormAct
+from torch import nn
 
 ADAPTERS = ("conv", "none")
 HEADS = ("linear", "deep_mlp")
