@@ -32,6 +32,7 @@ class ModelConfig:
     freeze: str = "none"
     input_size: int = 224
     norm: str = "batch"     # batch | group (GroupNorm in place of BatchNorm; from scratch only)
+    mixstyle: float = 0.0   # MixStyle probability per training batch (0: off)
 
     def __post_init__(self) -> None:
         check_backbone(self.backbone)
@@ -39,6 +40,10 @@ class ModelConfig:
         _choice("model.adapter", self.adapter, ADAPTERS)
         _choice("model.head", self.head, HEADS)
         _choice("model.freeze", self.freeze, FREEZE)
+        _fraction("model.mixstyle", self.mixstyle, high_inclusive=True)
+        if self.mixstyle > 0 and self.freeze != "none":
+            raise ValueError(f"model.mixstyle={self.mixstyle} with model.freeze={self.freeze}: MixStyle "
+                             "trains the backbone to ignore feature statistics; set model.freeze=none")
         if not isinstance(self.pretrained, (bool, str)):
             raise ValueError(f"model.pretrained={self.pretrained!r} must be true, false or a file path")
         if self.input_size < 32:

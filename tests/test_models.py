@@ -139,6 +139,39 @@ def test_group_norm_normalises_each_image_by_its_own_statistics(backbone):
         assert len(acts) == 121 and torch.nn.ReLU in acts
 
 
+def test_mixstyle_mixes_channel_statistics_between_images_in_training_only():
+    from pneumonia.models.mixstyle import MixStyle
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    x[1] = x[1] * 4 + 10  # the second image's channels: far larger mean and spread
+    mix = MixStyle(p=1.0, alpha=0.1).train()
+    out = mix(x)
+    mean, std = x.mean((2, 3)), x.std((2, 3))
+    out_mean, out_std = out.mean((2, 3)), out.std((2, 3))
+    # each image's statistics move to a point between its own and another image's
+    assert ((out_mean >= mean.min(0).values - 1e-4) & (out_mean <= mean.max(0).values + 1e-4)).all()
+    assert ((out_std >= std.min(0).values - 1e-4) & (out_std <= std.max(0).values + 1e-4)).all()
+    assert not torch.allclose(out, x)
+    # ...while the spatial pattern of each channel is kept (an affine map per channel)
+    normalised = (out - out_mean[..., None, None]) / out_std[..., None, None]
+    torch.testing.assert_close(normalised, (x - mean[..., None, None]) / std[..., None, None])
+    assert torch.equal(mix.eval()(x), x)
+
+
+def test_mixstyle_changes_training_only_and_adds_no_weights():
+    torch.manual_seed(0)
+    mixed = build_network("resnet18", input_size=64, mixstyle=1.0)
+    plain = build_network("resnet18", input_size=64)
+    plain.load_state_dict(mixed.state_dict())  # same keys: checkpoints load either way
+    hooked = [name for name, m in mixed.backbone.named_modules() if m._forward_hooks]
+    assert hooked == ["layer1", "layer2", "layer3"]
+    x = torch.randn(4, 1, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(mixed.eval()(x), plain.eval()(x))
+        assert not torch.allclose(mixed.train()(x), plain.train()(x))
+
+
 def test_group_norm_refuses_imagenet_weights(tmp_path):
     with pytest.raises(ValueError, match="model.norm=group with model.pretrained=True.*from scratch"):
         build_network("resnet18", pretrained=True, norm="group")

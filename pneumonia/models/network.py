@@ -10,6 +10,8 @@ import torch
 from timm.layers.norm_act import BatchNormAct2d, GroupNormAct
 from torch import nn
 
+from pneumonia.models.mixstyle import add_mixstyle
+
 ADAPTERS = ("conv", "none")
 HEADS = ("linear", "deep_mlp")
 FREEZE = ("features", "none")
@@ -53,6 +55,7 @@ class PneumoniaNet(nn.Module):
         self.backbone = backbone
         self.head = head  # None: the backbone's own (reset) timm classifier
         self.frozen_features = frozen_features
+        self.mixstyle: nn.Module | None = None  # MixStyle hooks in the backbone (training only)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.adapter(x)
@@ -149,12 +152,15 @@ def build_network(
     input_size: int = 224,
     num_classes: int = 2,
     norm: str = "batch",
+    mixstyle: float = 0.0,
     **_: object,
 ) -> PneumoniaNet:
     """The network for one stage from plain options (the same options are stored in checkpoints).
 
     norm="group" swaps the backbone's BatchNorm layers for GroupNorm (`to_group_norm`): for
     training from scratch only, since ImageNet weights were trained with BatchNorm statistics.
+    mixstyle > 0: MixStyle with that probability per batch after the middle feature stages
+    (`add_mixstyle`); training only, the same network at inference.
     """
     check_choice("model.adapter", adapter, ADAPTERS)
     check_choice("model.head", head, HEADS)
@@ -185,7 +191,10 @@ def build_network(
         timm.utils.freeze(net)
         if head_module is None:
             timm.utils.unfreeze(net, _head_trainable_names(net))
-    return PneumoniaNet(adapter_module, net, head_module, frozen_features=freeze == "features")
+    network = PneumoniaNet(adapter_module, net, head_module, frozen_features=freeze == "features")
+    if mixstyle > 0:
+        network.mixstyle = add_mixstyle(net, mixstyle)
+    return network
 
 
 def check_norm(norm: str, pretrained: bool | str) -> None:
