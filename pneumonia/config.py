@@ -70,6 +70,7 @@ class AugmentConfig:
     scale: Optional[list[float]] = None   # zoom [low, high], e.g. [0.9, 1.15]
     rotate: float = 0.0                   # degrees, either way
     translate: float = 0.0                # fraction of the side, either way
+    stretch: float = 0.0                  # horizontal stretch 1 +- this (aspect ratio)
 
     def __post_init__(self) -> None:
         _fraction("data.augment.hflip", self.hflip, high_inclusive=True)
@@ -84,6 +85,7 @@ class AugmentConfig:
         if not 0 <= self.rotate <= 180:
             raise ValueError(f"data.augment.rotate={self.rotate} must be in [0, 180] degrees")
         _fraction("data.augment.translate", self.translate)
+        _fraction("data.augment.stretch", self.stretch)
 
 
 @dataclass
@@ -201,7 +203,7 @@ def check_feature_cache(cfg: DictConfig) -> None:
     for key in ("brightness", "contrast", "gamma", "scale"):
         if augment.get(key) is not None:
             changes.append(f"data.augment.{key}=null (now {list(augment[key])})")
-    for key in ("rotate", "translate"):
+    for key in ("rotate", "translate", "stretch"):
         if augment.get(key):
             changes.append(f"data.augment.{key}=0 (now {augment[key]})")
     if cfg.get("loss", {}).get("mixup"):

@@ -54,6 +54,8 @@ VARIANTS: dict[str, list[str]] = {
     "densenet121_96": [*DENSENET, "model.input_size=96"],
     # MixStyle (feature statistics mixed between training images), the inductive answer to AdaBN
     "densenet121_mixstyle": [*DENSENET, "model.mixstyle=0.5"],
+    # the public 224 px copy squeezed every image to a square: aspect ratios vary, so vary them
+    "densenet121_stretch": [*DENSENET, "data.augment.stretch=0.15"],
     "densenet121_val_loss": [*DENSENET, "callbacks.model_checkpoint.monitor=val/loss",
                              "callbacks.model_checkpoint.mode=min"],
     "gamma": ["data.augment.gamma=[0.7,1.4]", "data.augment.brightness=[-0.2,0.2]",

@@ -50,6 +50,12 @@ def test_affine_identity_shift_zoom_and_rotation():
     centre_of_mass = (zoomed[0, 0].sum(0) * torch.arange(40)).sum() / zoomed[0, 0].sum()
     assert abs(centre_of_mass.item() - (19.5 - 2 * 4)) < 0.5
     assert zoomed.sum().item() == pytest.approx(4 * near.sum().item(), rel=0.1)
+    # stretch 2x: the same square lands 8 px left of the centre at its own height, twice as wide only
+    wide = random_affine(near, _params(1, 1), _params(1, 0), _params(1, 0), _params(1, 0), _params(1, 2))
+    columns, rows = wide[0, 0].sum(0), wide[0, 0].sum(1)
+    assert abs((columns * torch.arange(40)).sum().item() / columns.sum().item() - (19.5 - 2 * 4)) < 0.5
+    torch.testing.assert_close(rows[18:22] / 2, near[0, 0].sum(1)[18:22], atol=0.05, rtol=0)
+    assert rows[:18].abs().sum() < 1e-4 and rows[22:].abs().sum() < 1e-4
 
 
 def test_gamma_and_affine_in_batch_augment_draw_per_image():
@@ -66,8 +72,8 @@ def test_gamma_and_affine_in_batch_augment_draw_per_image():
 
 def test_albumentations_path_applies_the_same_kinds_of_transform():
     transform = build_augmentation(**NO_PHOTOMETRIC, gamma=(0.7, 1.4), scale=(0.9, 1.1), rotate=10,
-                                   translate=0.05)
-    assert [type(t).__name__ for t in transform.transforms] == ["Affine", "RandomGamma"]
+                                   translate=0.05, stretch=0.1)
+    assert [type(t).__name__ for t in transform.transforms] == ["Affine", "Affine", "RandomGamma"]
     image = np.random.default_rng(0).integers(0, 256, (32, 32), dtype=np.uint8)
     out = transform(image=image)["image"]
     assert out.shape == image.shape and out.dtype == np.uint8 and not np.array_equal(out, image)
@@ -105,6 +111,7 @@ def test_config_rejects_bad_recipe_values(tmp_path):
                           ("data.augment.scale=[0,1.1]", "data.augment.scale"),
                           ("data.augment.rotate=-5", "data.augment.rotate"),
                           ("data.augment.translate=1.5", "data.augment.translate"),
+                          ("data.augment.stretch=1.0", "data.augment.stretch"),
                           ("loss.mixup=-0.2", "loss.mixup")]:
         cfg = compose_train(tmp_path, ["data.root=/x", override])
         with pytest.raises(ValueError, match=key):

@@ -76,12 +76,14 @@ class Preprocessing:
 
 def batch_augment(images: torch.Tensor, hflip: float = 0.5, brightness=(-0.1, 0.1),
                   contrast=(0.0, 0.1), gamma=None, scale=None, rotate: float = 0.0,
-                  translate: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+                  translate: float = 0.0, stretch: float = 0.0,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
     """The same augmentation as `build_augmentation`, on a float batch (N, 1, H, W) in [0, 1].
 
     Runs on whatever device the batch is on; each image draws its own parameters. Order:
     flip, affine (zoom `scale`, rotation up to `rotate` degrees, shift up to `translate` of
-    the side, black outside the image), gamma, then brightness and contrast.
+    the side, then a horizontal stretch by 1 +- up to `stretch`; black outside the image),
+    gamma, then brightness and contrast.
     """
     n, device = images.shape[0], images.device
 
@@ -92,9 +94,10 @@ def batch_augment(images: torch.Tensor, hflip: float = 0.5, brightness=(-0.1, 0.
     if hflip:
         flip = flip_mask(n, hflip, generator, device)
         images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-    if scale or rotate or translate:
+    if scale or rotate or translate or stretch:
         images = random_affine(images, uniform(scale or (1.0, 1.0)), uniform((-rotate, rotate)),
-                               uniform((-translate, translate)), uniform((-translate, translate)))
+                               uniform((-translate, translate)), uniform((-translate, translate)),
+                               uniform((1 - stretch, 1 + stretch)) if stretch else None)
     if gamma:
         log_gamma = uniform((math.log(gamma[0]), math.log(gamma[1])))
         images = images.clamp(min=1e-6).pow(log_gamma.exp())
@@ -109,15 +112,17 @@ def flip_mask(n: int, hflip: float, generator: torch.Generator | None = None,
     return torch.rand(n, generator=generator, device=device) < hflip
 
 
-def random_affine(images: torch.Tensor, scale, degrees, shift_x, shift_y) -> torch.Tensor:
-    """Zoom by `scale` (> 1 enlarges), rotate by `degrees` and shift by a fraction of the side;
-    each argument (N, 1, 1, 1)."""
+def random_affine(images: torch.Tensor, scale, degrees, shift_x, shift_y, stretch=None) -> torch.Tensor:
+    """Zoom by `scale` (> 1 enlarges), rotate by `degrees`, shift by a fraction of the side, then
+    widen by `stretch` (> 1) or narrow (< 1) the result horizontally; each argument (N, 1, 1, 1)."""
     angle = degrees.flatten() * math.pi / 180
     cos, sin, inv = angle.cos(), angle.sin(), 1 / scale.flatten()
     theta = torch.stack([
         torch.stack([cos * inv, -sin * inv, -2 * shift_x.flatten()], 1),
         torch.stack([sin * inv, cos * inv, -2 * shift_y.flatten()], 1),
     ], 1)
+    if stretch is not None:  # output x / stretch is where the unstretched image had x
+        theta[:, :, 0] = theta[:, :, 0] / stretch.flatten()[:, None]
     grid = F.affine_grid(theta.to(images.dtype), list(images.shape), align_corners=False)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
@@ -128,7 +133,8 @@ def apply_brightness_contrast(images: torch.Tensor, alpha, beta) -> torch.Tensor
 
 
 def build_augmentation(hflip: float = 0.5, brightness=(-0.1, 0.1), contrast=(0.0, 0.1), gamma=None,
-                       scale=None, rotate: float = 0.0, translate: float = 0.0) -> A.Compose:
+                       scale=None, rotate: float = 0.0, translate: float = 0.0,
+                       stretch: float = 0.0) -> A.Compose:
     """Train-time augmentation on uint8 images (the path without the preprocessed cache).
 
     albumentations 2.0.8 applies contrast as img * (1 + c) + b * 255 (not centred on the mean).
@@ -141,6 +147,8 @@ def build_augmentation(hflip: float = 0.5, brightness=(-0.1, 0.1), contrast=(0.0
     if scale or rotate or translate:
         transforms.append(A.Affine(scale=tuple(scale or (1.0, 1.0)), rotate=(-rotate, rotate),
                                    translate_percent=(-translate, translate), fill=0, p=1.0))
+    if stretch:
+        transforms.append(A.Affine(scale={"x": (1 - stretch, 1 + stretch), "y": (1.0, 1.0)}, fill=0, p=1.0))
     if gamma:
         transforms.append(A.RandomGamma(gamma_limit=(gamma[0] * 100, gamma[1] * 100), p=1.0))
     if brightness is not None or contrast is not None:
