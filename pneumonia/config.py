@@ -71,10 +71,11 @@ class AugmentConfig:
     rotate: float = 0.0                   # degrees, either way
     translate: float = 0.0                # fraction of the side, either way
     stretch: float = 0.0                  # horizontal stretch 1 +- this (aspect ratio)
+    sharpness: Optional[list[float]] = None  # unsharp-mask amount [low, high]; < 0 blurs
 
     def __post_init__(self) -> None:
         _fraction("data.augment.hflip", self.hflip, high_inclusive=True)
-        for key in ("brightness", "contrast", "gamma", "scale"):
+        for key in ("brightness", "contrast", "gamma", "scale", "sharpness"):
             bounds = getattr(self, key)
             if bounds is not None and (len(bounds) != 2 or bounds[0] > bounds[1]):
                 raise ValueError(f"data.augment.{key}={bounds} must be [low, high] with low <= high")
@@ -200,7 +201,7 @@ def check_feature_cache(cfg: DictConfig) -> None:
     if not cfg.data.cache:
         changes.append("data.cache=true (features are computed from the preprocessed cache)")
     augment = cfg.data.augment or {}
-    for key in ("brightness", "contrast", "gamma", "scale"):
+    for key in ("brightness", "contrast", "gamma", "scale", "sharpness"):
         if augment.get(key) is not None:
             changes.append(f"data.augment.{key}=null (now {list(augment[key])})")
     for key in ("rotate", "translate", "stretch"):

@@ -70,6 +70,27 @@ def test_gamma_and_affine_in_batch_augment_draw_per_image():
     torch.testing.assert_close(*again)
 
 
+def test_sharpness_blurs_or_sharpens_per_image_in_both_paths():
+    from pneumonia.data.transforms import Sharpness, sharpen
+
+    images = torch.rand(3, 1, 24, 24)
+    laplacian = torch.tensor([[0.0, 1, 0], [1, -4, 1], [0, 1, 0]]).view(1, 1, 3, 3)
+
+    def edges(x):
+        return torch.nn.functional.conv2d(x, laplacian).abs().mean((1, 2, 3))
+
+    out = sharpen(images, torch.tensor([-1.0, 0.0, 0.5]).view(3, 1, 1, 1))
+    torch.testing.assert_close(out[1], images[1])
+    assert edges(out)[0] < 0.5 * edges(images)[0] and edges(out)[2] > edges(images)[2]
+    drawn = batch_augment(images, **NO_PHOTOMETRIC, sharpness=(-0.8, 0.5))
+    assert len(set((edges(drawn) / edges(images)).tolist())) == 3  # each image its own amount
+    # the uint8 path applies the same filter: one grey level of rounding apart
+    image = (images[0, 0].numpy() * 255).round().astype(np.uint8)
+    transform = Sharpness((-0.6, -0.6))
+    expected = sharpen(torch.from_numpy(image / 255.0).float()[None, None], torch.tensor(-0.6))[0, 0]
+    assert np.abs(transform(image=image)["image"].astype(int) - (expected.numpy() * 255).round()).max() <= 1
+
+
 def test_albumentations_path_applies_the_same_kinds_of_transform():
     transform = build_augmentation(**NO_PHOTOMETRIC, gamma=(0.7, 1.4), scale=(0.9, 1.1), rotate=10,
                                    translate=0.05, stretch=0.1)
@@ -112,6 +133,7 @@ def test_config_rejects_bad_recipe_values(tmp_path):
                           ("data.augment.rotate=-5", "data.augment.rotate"),
                           ("data.augment.translate=1.5", "data.augment.translate"),
                           ("data.augment.stretch=1.0", "data.augment.stretch"),
+                          ("data.augment.sharpness=[0.5,-0.5]", "data.augment.sharpness"),
                           ("loss.mixup=-0.2", "loss.mixup")]:
         cfg = compose_train(tmp_path, ["data.root=/x", override])
         with pytest.raises(ValueError, match=key):

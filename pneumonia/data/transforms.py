@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torchvision.transforms.v2.functional import gaussian_blur
 from PIL import Image, ImageOps
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -76,14 +77,14 @@ class Preprocessing:
 
 def batch_augment(images: torch.Tensor, hflip: float = 0.5, brightness=(-0.1, 0.1),
                   contrast=(0.0, 0.1), gamma=None, scale=None, rotate: float = 0.0,
-                  translate: float = 0.0, stretch: float = 0.0,
+                  translate: float = 0.0, stretch: float = 0.0, sharpness=None,
                   generator: torch.Generator | None = None) -> torch.Tensor:
     """The same augmentation as `build_augmentation`, on a float batch (N, 1, H, W) in [0, 1].
 
     Runs on whatever device the batch is on; each image draws its own parameters. Order:
     flip, affine (zoom `scale`, rotation up to `rotate` degrees, shift up to `translate` of
     the side, then a horizontal stretch by 1 +- up to `stretch`; black outside the image),
-    gamma, then brightness and contrast.
+    sharpness (`sharpen`, amount drawn from `sharpness`), gamma, then brightness and contrast.
     """
     n, device = images.shape[0], images.device
 
@@ -98,6 +99,8 @@ def batch_augment(images: torch.Tensor, hflip: float = 0.5, brightness=(-0.1, 0.
         images = random_affine(images, uniform(scale or (1.0, 1.0)), uniform((-rotate, rotate)),
                                uniform((-translate, translate)), uniform((-translate, translate)),
                                uniform((1 - stretch, 1 + stretch)) if stretch else None)
+    if sharpness:
+        images = sharpen(images, uniform(sharpness))
     if gamma:
         log_gamma = uniform((math.log(gamma[0]), math.log(gamma[1])))
         images = images.clamp(min=1e-6).pow(log_gamma.exp())
@@ -127,6 +130,32 @@ def random_affine(images: torch.Tensor, scale, degrees, shift_x, shift_y, stretc
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
+def sharpen(images: torch.Tensor, amount) -> torch.Tensor:
+    """Unsharp masking with a Gaussian of sigma 1 px: image + amount * (image - blurred), clipped
+    to [0, 1]. amount < 0 blurs (-1: the blurred image), > 0 sharpens; per image (N, 1, 1, 1)."""
+    blurred = gaussian_blur(images, kernel_size=[5, 5], sigma=[1.0, 1.0])
+    return (images + amount * (images - blurred)).clamp_(0.0, 1.0)
+
+
+class Sharpness(A.ImageOnlyTransform):
+    """`sharpen` on a uint8 image, the amount drawn uniformly from `limits`."""
+
+    def __init__(self, limits=(-0.5, 0.5), p: float = 1.0):
+        super().__init__(p=p)
+        self.limits = tuple(limits)
+
+    def get_params(self) -> dict:
+        return {"amount": self.py_random.uniform(*self.limits)}
+
+    def apply(self, img: np.ndarray, amount: float = 0.0, **params) -> np.ndarray:
+        image = torch.from_numpy(img.astype(np.float32) / 255.0)[None, None]
+        out = sharpen(image, torch.tensor(amount))[0, 0].numpy()
+        return np.round(out * 255.0).astype(np.uint8)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("limits",)
+
+
 def apply_brightness_contrast(images: torch.Tensor, alpha, beta) -> torch.Tensor:
     """albumentations 2.0.8's formula on [0, 1] images: clip(img * alpha + beta)."""
     return (images * alpha + beta).clamp_(0.0, 1.0)
@@ -134,7 +163,7 @@ def apply_brightness_contrast(images: torch.Tensor, alpha, beta) -> torch.Tensor
 
 def build_augmentation(hflip: float = 0.5, brightness=(-0.1, 0.1), contrast=(0.0, 0.1), gamma=None,
                        scale=None, rotate: float = 0.0, translate: float = 0.0,
-                       stretch: float = 0.0) -> A.Compose:
+                       stretch: float = 0.0, sharpness=None) -> A.Compose:
     """Train-time augmentation on uint8 images (the path without the preprocessed cache).
 
     albumentations 2.0.8 applies contrast as img * (1 + c) + b * 255 (not centred on the mean).
@@ -149,6 +178,8 @@ def build_augmentation(hflip: float = 0.5, brightness=(-0.1, 0.1), contrast=(0.0
                                    translate_percent=(-translate, translate), fill=0, p=1.0))
     if stretch:
         transforms.append(A.Affine(scale={"x": (1 - stretch, 1 + stretch), "y": (1.0, 1.0)}, fill=0, p=1.0))
+    if sharpness:
+        transforms.append(Sharpness(sharpness))
     if gamma:
         transforms.append(A.RandomGamma(gamma_limit=(gamma[0] * 100, gamma[1] * 100), p=1.0))
     if brightness is not None or contrast is not None:
