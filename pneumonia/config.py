@@ -119,6 +119,7 @@ class DataConfig:
     feature_cache: bool = False
     synthetic: Optional[SyntheticConfig] = None
     skip_bad: bool = False
+    balanced: bool = False  # draw training images class-balanced (with replacement)
 
     def __post_init__(self) -> None:
         _choice("data.split", self.split, ("official", "random"))
@@ -228,6 +229,10 @@ def validate(cfg: DictConfig) -> None:
     mixup = cfg.get("loss", {}).get("mixup", 0.0)
     if not isinstance(mixup, (int, float)) or mixup < 0:
         raise ValueError(f"loss.mixup={mixup} must be 0 (off) or a positive Beta parameter")
+    weights = cfg.get("loss", {}).get("class_weights")
+    if cfg.data.balanced and weights is not None:
+        raise ValueError(f"data.balanced=true with loss.class_weights={weights}: both correct the class "
+                         "imbalance, together they over-correct; set loss.class_weights=null")
 
 
 register()

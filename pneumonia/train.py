@@ -62,6 +62,7 @@ def build_datamodule(cfg: DictConfig) -> KermanyDataModule:
         persistent_workers=data.persistent_workers,
         shuffle_seed=cfg.seed,
         skip_bad=data.skip_bad,
+        balanced=data.balanced,
     )
 
 

@@ -63,6 +63,8 @@ VARIANTS: dict[str, list[str]] = {
     # normal training images are sharper than pneumonia ones (mean |Laplacian| at 64 px 0.068 vs
     # 0.049): blur or sharpen each image so that sharpness cannot stand in for the label
     "densenet121_sharpness": [*DENSENET, "data.augment.sharpness=[-0.7,0.5]"],
+    # class balance by sampling instead of by loss weights
+    "densenet121_balanced": [*DENSENET, "data.balanced=true", "loss.class_weights=null"],
     "densenet121_val_loss": [*DENSENET, "callbacks.model_checkpoint.monitor=val/loss",
                              "callbacks.model_checkpoint.mode=min"],
     "gamma": ["data.augment.gamma=[0.7,1.4]", "data.augment.brightness=[-0.2,0.2]",

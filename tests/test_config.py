@@ -36,6 +36,7 @@ def test_unknown_key_fails_at_composition(tmp_path):
     ("model.head=mlp", r"model.head='mlp' is not one of: linear, deep_mlp"),
     ("model.input_size=8", r"model.input_size=8 is too small"),
     ("model.mixstyle=1.5", r"model.mixstyle=1.5 must be in \[0, 1\]"),
+    ("data.balanced=true", r"data.balanced=true with loss.class_weights=auto"),
     ("model.mixstyle=0.5 model.freeze=features", r"model.mixstyle=0.5 with model.freeze=features"),
     ("optimizer.lr=-0.01", r"optimizer.lr=-0.01 must be a positive number"),
     ("data.crop.width=1.2", r"data.crop.width=1.2 must be in \[0, 1\)"),

@@ -47,11 +47,14 @@ class XrayDataset(Dataset):
 class EpochShuffle(Sampler[int]):
     """A shuffle fixed by (seed, epoch), so a resumed run sees the same order.
 
+    With `weights` (one per item) an epoch instead draws as many items with replacement, each in
+    proportion to its weight: 1 / its class's count gives every class the same share.
     Lightning calls `set_epoch` before each training epoch (and wraps this sampler for DDP).
     """
 
-    def __init__(self, size: int, seed: int = 0):
+    def __init__(self, size: int, seed: int = 0, weights: list[float] | None = None):
         self.size, self.seed, self.epoch = size, seed, 0
+        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float64)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -61,7 +64,16 @@ class EpochShuffle(Sampler[int]):
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        yield from torch.randperm(self.size, generator=generator).tolist()
+        if self.weights is None:
+            yield from torch.randperm(self.size, generator=generator).tolist()
+        else:
+            yield from torch.multinomial(self.weights, self.size, True, generator=generator).tolist()
+
+
+def balancing_weights(targets: list[int]) -> list[float]:
+    """1 / (its class's count) per item: every class drawn equally often."""
+    counts = Counter(targets)
+    return [1.0 / counts[t] for t in targets]
 
 
 class CachedDataset(Dataset):
@@ -117,9 +129,11 @@ class KermanyDataModule(L.LightningDataModule):
         persistent_workers: bool = True,
         shuffle_seed: int = 0,
         skip_bad: bool = False,
+        balanced: bool = False,
     ) -> None:
         super().__init__()
         self.shuffle_seed = shuffle_seed
+        self.balanced = balanced
         if cache and not cache_dir:
             raise ValueError("data.cache=true needs data.cache_dir")
         self.cache_dir = Path(cache_dir).expanduser() if cache and cache_dir else None
@@ -219,7 +233,8 @@ class KermanyDataModule(L.LightningDataModule):
         return DataLoader(
             data,
             batch_size=self.batch_size,
-            sampler=EpochShuffle(len(data), self.shuffle_seed) if train else None,
+            sampler=EpochShuffle(len(data), self.shuffle_seed,
+                                 balancing_weights(data.targets) if self.balanced else None) if train else None,
             num_workers=self.num_workers,
             persistent_workers=self.persistent_workers and self.num_workers > 0,
             pin_memory=self.pin_memory,
