@@ -60,8 +60,8 @@ VARIANTS: dict[str, list[str]] = {
     # generalise better to new domains (SWAD, Cha et al. 2021)
     "densenet121_ema": [*DENSENET, "+callbacks.ema._target_=lightning.pytorch.callbacks.EMAWeightAveraging",
                         "+callbacks.ema.decay=0.995"],
-    # normal training images are sharper than pneumonia ones (mean |Laplacian| at 64 px 0.068 vs
-    # 0.049): blur or sharpen each image so that sharpness cannot stand in for the label
+    # normal training images are sharper than pneumonia ones (research/sharpness.py): blur or
+    # sharpen each image so that sharpness cannot stand in for the label
     "densenet121_sharpness": [*DENSENET, "data.augment.sharpness=[-0.7,0.5]"],
     # class balance by sampling instead of by loss weights
     "densenet121_balanced": [*DENSENET, "data.balanced=true", "loss.class_weights=null"],

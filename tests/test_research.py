@@ -5,6 +5,7 @@ from torch import nn
 
 from pneumonia.pipeline import load_stage, recorded_split, stage_logits
 from research.adapt_bn import adapt_batchnorm
+from research.sharpness import sharpness
 
 
 def test_adapt_batchnorm_takes_the_statistics_of_the_given_images_and_changes_nothing_else(trained):
@@ -48,3 +49,13 @@ def test_every_ablation_variant_is_a_valid_training_config(tmp_path):
             assert cfg.model.backbone == "densenet121" and cfg.data.augment.rotate == 10, name
         elif name in ("baseline", "equalize", "gamma", "mixup"):
             assert cfg.model.backbone == "resnet18" and cfg.data.augment.rotate == 0, name
+
+
+def test_sharpness_is_lower_for_a_blurred_image_and_zero_for_a_flat_one():
+    import numpy as np
+    from scipy import ndimage
+
+    image = np.random.default_rng(0).integers(0, 256, (64, 64)).astype(np.uint8)
+    blurred = ndimage.gaussian_filter(image, 1.0)
+    assert sharpness(blurred) < 0.5 * sharpness(image)
+    assert sharpness(np.full((64, 64), 128, np.uint8)) == 0.0

@@ -1,0 +1,51 @@
+"""How sharp the images of each class are, per Kermany folder, as the recipe sees them.
+
+python -m research.sharpness DATA_ROOT [--size 64]
+
+Each image goes through the recipe's preprocessing (study A's proportional crop, resize to
+`--size`); its sharpness is the mean absolute Laplacian of the [0, 1] image. If one class is
+clearly sharper in the training folder, sharpness can stand in for the label, which is why
+the ablation tries `data.augment.sharpness` (docs/results.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+
+import numpy as np
+from scipy import ndimage
+
+from pneumonia.data.kermany import scan_kermany
+from pneumonia.data.transforms import Preprocessing
+from pneumonia.io import read_grayscale
+
+
+def sharpness(image: np.ndarray) -> float:
+    """Mean |Laplacian| of a uint8 image scaled to [0, 1]."""
+    return float(np.abs(ndimage.laplace(image.astype(np.float32) / 255.0)).mean())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("root")
+    parser.add_argument("--size", type=int, default=64)
+    args = parser.parse_args()
+    records = scan_kermany(args.root)
+    train = [r for r in records if r.folder == "train"]
+    crop = dict(max_width=max(r.width for r in train), max_height=max(r.height for r in train))
+    pre = Preprocessing(args.size, 0.0, 1.0, crop=crop)
+    values: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for r in records:
+        values[r.folder, r.label].append(sharpness(pre(read_grayscale(r.path))))
+    print(f"mean |Laplacian| at {args.size} px (mean, sd, images)")
+    print("| folder | normal | bacterial | viral |")
+    print("|---|---|---|---|")
+    for folder in sorted({f for f, _ in values}, key=("train", "val", "test").index):
+        cells = [f"{np.mean(v):.4f} ({np.std(v):.4f}, {len(v)})" if (v := values.get((folder, label))) else "-"
+                 for label in ("normal", "bacterial", "viral")]
+        print(f"| {folder} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
