@@ -230,11 +230,14 @@ class KermanyDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         data = self.dataset(split, augment=train)
+        sampler = None
+        if train:
+            weights = balancing_weights(data.targets) if self.balanced else None
+            sampler = EpochShuffle(len(data), self.shuffle_seed, weights)
         return DataLoader(
             data,
             batch_size=self.batch_size,
-            sampler=EpochShuffle(len(data), self.shuffle_seed,
-                                 balancing_weights(data.targets) if self.balanced else None) if train else None,
+            sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.persistent_workers and self.num_workers > 0,
             pin_memory=self.pin_memory,

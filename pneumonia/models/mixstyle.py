@@ -5,7 +5,8 @@ the test images recovers most of stage 1's lost specificity). MixStyle is the in
 counterpart: during training, after some stages, each image's channel means and standard
 deviations are replaced by a random mix of its own and another image's, so the classifier
 cannot lean on them. It does nothing in eval mode and adds no parameters, so checkpoints
-load the same with or without it.
+load the same with or without it. It did not help the CPU recipe (docs/results.md). Its
+draws come from torch's global generator, so a resumed run does not repeat them exactly.
 """
 
 from __future__ import annotations
