@@ -16,8 +16,7 @@ from collections import defaultdict
 import numpy as np
 from scipy import ndimage
 
-from pneumonia.data.kermany import scan_kermany
-from pneumonia.data.transforms import Preprocessing
+from pneumonia.data.datamodule import KermanyDataModule
 from pneumonia.io import read_grayscale
 
 
@@ -31,13 +30,11 @@ def main() -> None:
     parser.add_argument("root")
     parser.add_argument("--size", type=int, default=64)
     args = parser.parse_args()
-    records = scan_kermany(args.root)
-    train = [r for r in records if r.folder == "train"]
-    crop = dict(max_width=max(r.width for r in train), max_height=max(r.height for r in train))
-    pre = Preprocessing(args.size, 0.0, 1.0, crop=crop)
+    # the training run's own preprocessing: crop maxima measured on its training split
+    data = KermanyDataModule(args.root, "binary", args.size, crop={"enabled": True})
     values: dict[tuple[str, str], list[float]] = defaultdict(list)
-    for r in records:
-        values[r.folder, r.label].append(sharpness(pre(read_grayscale(r.path))))
+    for r in data.manifest:
+        values[r.folder, r.label].append(sharpness(data.preprocessing(read_grayscale(r.path))))
     print(f"mean |Laplacian| at {args.size} px (mean, sd, images)")
     print("| folder | normal | bacterial | viral |")
     print("|---|---|---|---|")

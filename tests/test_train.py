@@ -87,11 +87,11 @@ def test_existing_checkpoints_are_never_overwritten(synthetic_root, tmp_path):
 
 
 def test_balanced_sampling_draws_every_class_equally_and_repeats_per_epoch(synthetic_root, tmp_path):
-    from pneumonia.data.datamodule import EpochShuffle, balancing_weights
+    from pneumonia.data.datamodule import EpochShuffle
     from pneumonia.train import build_datamodule
 
     targets = [0] * 100 + [1] * 900
-    sampler = EpochShuffle(len(targets), seed=1, weights=balancing_weights(targets))
+    sampler = EpochShuffle(len(targets), seed=1, weights=[1 / 100] * 100 + [1 / 900] * 900)
     drawn = list(sampler)
     assert len(drawn) == 1000
     assert 0.45 < sum(targets[i] == 0 for i in drawn) / 1000 < 0.55  # 10 % of the items, half the draws
@@ -105,5 +105,6 @@ def test_balanced_sampling_draws_every_class_equally_and_repeats_per_epoch(synth
     datamodule = build_datamodule(cfg)
     datamodule.setup("fit")
     loader = datamodule.train_dataloader()
-    assert loader.sampler.weights.tolist() == balancing_weights(loader.dataset.targets)
+    counts = [loader.dataset.targets.count(c) for c in (0, 1)]
+    assert loader.sampler.weights.tolist() == [1 / counts[t] for t in loader.dataset.targets]
     assert set(loader.dataset.targets) == {0, 1}

@@ -70,12 +70,6 @@ class EpochShuffle(Sampler[int]):
             yield from torch.multinomial(self.weights, self.size, True, generator=generator).tolist()
 
 
-def balancing_weights(targets: list[int]) -> list[float]:
-    """1 / (its class's count) per item: every class drawn equally often."""
-    counts = Counter(targets)
-    return [1.0 / counts[t] for t in targets]
-
-
 class CachedDataset(Dataset):
     """Rows of a cached array and the class index: preprocessed uint8 images (1, S, S), which
     the module normalises and augments as whole batches (on the GPU when there is one), or
@@ -232,7 +226,10 @@ class KermanyDataModule(L.LightningDataModule):
         data = self.dataset(split, augment=train)
         sampler = None
         if train:
-            weights = balancing_weights(data.targets) if self.balanced else None
+            weights = None
+            if self.balanced:  # 1 / its class's count: every class drawn equally often
+                counts = self.class_counts(split)
+                weights = [1.0 / counts[t] for t in data.targets]
             sampler = EpochShuffle(len(data), self.shuffle_seed, weights)
         return DataLoader(
             data,
