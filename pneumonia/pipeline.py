@@ -17,78 +17,16 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from pneumonia.checkpoints import CheckpointError, load_stage
 from pneumonia.data.datamodule import XrayDataset
 from pneumonia.data.kermany import DataError, Record, scan_kermany, split_records
 from pneumonia.data.transforms import Preprocessing
 from pneumonia.metrics import threshold_for_sensitivity, youden_threshold
 from pneumonia.models import StageClassifier
 from pneumonia.stages import STAGE_CLASSES, stage_targets
-from pneumonia.tracking import is_run_id
 
 CLASSES = ("normal", "bacterial", "viral")
 OPERATING_POINTS = ("youden", "sensitivity", "default")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint or run id that cannot serve where it was given."""
-
-
-def _latest_run_id(client, stage: str, tracking_uri: str | None) -> str:
-    experiment = client.get_experiment_by_name(stage)
-    runs = client.search_runs([experiment.experiment_id], "attributes.status = 'FINISHED'",
-                              order_by=["attributes.start_time DESC"], max_results=1) if experiment else []
-    if not runs:
-        raise CheckpointError(f"{stage}=latest: no finished run in MLflow experiment {stage!r} at {tracking_uri}")
-    return runs[0].info.run_id
-
-
-def resolve_checkpoint(ref: str, stage: str, tracking_uri: str | None, download_dir: Path) -> Path:
-    """A checkpoint file from a path, an MLflow run id, or `latest` (the stage's newest run)."""
-    path = Path(str(ref)).expanduser()
-    if path.is_file():
-        return path
-    if str(ref) != "latest" and not is_run_id(ref):
-        raise CheckpointError(f"{stage}={ref}: no such checkpoint file, and not an MLflow run id")
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri)
-    run_id = _latest_run_id(client, stage, tracking_uri) if str(ref) == "latest" else str(ref)
-    try:
-        run = client.get_run(run_id)
-    except MlflowException as err:
-        raise CheckpointError(f"{stage}={ref}: MLflow run {run_id} not found in {tracking_uri}") from err
-    local = run.data.tags.get("best_checkpoint")
-    if local and Path(local).is_file():
-        return Path(local)
-    try:
-        folder = Path(client.download_artifacts(run_id, "checkpoints", str(download_dir)))
-        found = sorted(folder.glob("*.ckpt"))
-    except (MlflowException, OSError):
-        found = []
-    if not found:
-        raise CheckpointError(f"{stage}={ref}: MLflow run {run_id} has no logged checkpoint")
-    return found[0]
-
-
-def load_stage(path: Path, stage: str) -> StageClassifier:
-    """Load a stage checkpoint offline and check it is the stage its slot expects."""
-    try:
-        module = StageClassifier.load_from_checkpoint(path, map_location="cpu", pretrained=False)
-    except Exception as err:  # unpickling refused, truncated file, wrong format...
-        raise CheckpointError(f"{path}: not a loadable stage checkpoint ({err})") from err
-    found = module.hparams.get("stage")
-    if found != stage:
-        raise CheckpointError(
-            f"{stage}={path} is a {found!r} checkpoint; pass it as {found}=... instead"
-        )
-    if tuple(module.hparams.classes) != STAGE_CLASSES[stage]:
-        raise CheckpointError(f"{path}: classes {module.hparams.classes} are not {STAGE_CLASSES[stage]}")
-    try:
-        Preprocessing(**module.hparams.preprocessing)
-    except TypeError as err:
-        raise CheckpointError(f"{path}: preprocessing settings are incomplete ({err})") from err
-    return module.eval()
 
 
 def forward_logits(module: StageClassifier, images: torch.Tensor, tta: bool = False) -> torch.Tensor:
@@ -144,17 +82,6 @@ def load_stages(paths: Path | list[Path], stage: str) -> StageClassifier | Stage
     if len(paths) == 1:
         return load_stage(Path(paths[0]), stage)
     return StageEnsemble([load_stage(Path(p), stage) for p in paths], [Path(p) for p in paths]).eval()
-
-
-def resolve_checkpoints(refs, stage: str, tracking_uri: str | None, download_dir: Path) -> Path | list[Path]:
-    """`resolve_checkpoint` for one reference, or for each of a list (an ensemble)."""
-    if isinstance(refs, str) or not hasattr(refs, "__iter__"):
-        return resolve_checkpoint(refs, stage, tracking_uri, download_dir)
-    if len(refs) == 0:
-        raise CheckpointError(f"{stage}=[]: give at least one checkpoint or run id")
-    if len(refs) == 1:
-        return resolve_checkpoint(refs[0], stage, tracking_uri, download_dir)
-    return [resolve_checkpoint(r, stage, tracking_uri, download_dir / str(i)) for i, r in enumerate(refs)]
 
 
 def recorded_split(settings: dict, root: str | Path | None = None) -> list[Record]:
@@ -228,7 +155,7 @@ class Prediction:
     p_pneumonia: np.ndarray
     p_viral_given_pneumonia: np.ndarray
     probabilities: np.ndarray  # (N, 3): normal, bacterial, viral
-    decision: np.ndarray  # class index into CLASSES
+    decision: np.ndarray  # class index into CLASSES; -1 where an output is not finite
 
 
 class TwoStagePipeline:
@@ -306,7 +233,10 @@ class TwoStagePipeline:
         r = softmax_positive(logits["subtype"], cal.temperature["subtype"])  # P(viral | pneumonia)
         t = self.stage_thresholds()
         decision = np.where(p >= t["binary"], np.where(r >= t["subtype"], 2, 1), 0)
-        return Prediction(p, r, combine(p, 1 - r), decision)
+        probabilities = combine(p, 1 - r)
+        # A NaN compares False and would read as "normal": a non-finite output gets no decision.
+        decision[~np.isfinite(probabilities).all(axis=1)] = -1
+        return Prediction(p, r, probabilities, decision)
 
     def predict(self, records: list[Record], **loader) -> Prediction:
         return self.predict_logits(self.logits(records, **loader))

@@ -154,7 +154,7 @@ def test_checkpoint_that_would_run_code_is_refused(tmp_path):
 
     import torch
 
-    from pneumonia.pipeline import CheckpointError, load_stage
+    from pneumonia.checkpoints import CheckpointError, load_stage
 
     marker = tmp_path / "pwned"
 
@@ -164,7 +164,7 @@ def test_checkpoint_that_would_run_code_is_refused(tmp_path):
 
     evil = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {}, "hyper_parameters": {"model": Payload()}}, evil)
-    with pytest.raises(CheckpointError, match="evil.ckpt: not a loadable stage checkpoint"):
+    with pytest.raises(CheckpointError, match="evil.ckpt: not a loadable checkpoint"):
         load_stage(evil, "binary")
     assert not marker.exists()
 

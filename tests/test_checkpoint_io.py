@@ -69,7 +69,7 @@ def test_kill_while_overwriting_last_ckpt_keeps_the_old_one(synthetic_root, tmp_
 
 
 def test_a_save_removes_the_leftovers_of_dead_writers_only(tmp_path):
-    from pneumonia.checkpoint_io import AtomicCheckpointIO
+    from pneumonia.checkpoints import AtomicCheckpointIO
 
     finished = subprocess.Popen([sys.executable, "-c", "pass"])
     finished.wait()

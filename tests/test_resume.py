@@ -71,7 +71,9 @@ def test_killed_run_resumes_to_the_same_result(synthetic_root, tmp_path):
 def test_resume_without_a_checkpoint_is_named(tmp_path):
     from pneumonia.train import resolve_resume
 
-    with pytest.raises(FileNotFoundError, match="resume=.*no checkpoint at .*last.ckpt"):
+    from pneumonia.checkpoints import CheckpointError
+
+    with pytest.raises(CheckpointError, match="resume=.*no last.ckpt in .*checkpoints"):
         resolve_resume(str(tmp_path), None)
-    with pytest.raises(FileNotFoundError, match="not a run folder, a checkpoint or an MLflow run id"):
+    with pytest.raises(CheckpointError, match="no such checkpoint file or run folder"):
         resolve_resume("nowhere", None)

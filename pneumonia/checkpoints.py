@@ -1,0 +1,237 @@
+"""Checkpoints: references resolved, bytes read safely, stage modules built, files written atomically.
+
+One place for every checkpoint job:
+- `resolve` turns what a user gives (a checkpoint file, a run folder, an MLflow run id,
+  `latest`) into a local checkpoint file, for training's resume, evaluation and explanation;
+- `read_checkpoint` reads a local file's bytes and unpickles them with
+  `torch.load(weights_only=True)` whatever the environment says (torch honours
+  TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD only when `weights_only` is not passed), so a crafted file
+  cannot run code; URLs are never fetched;
+- `load_stage` builds a stage module from those bytes and checks it is usable;
+- `AtomicCheckpointIO` is Lightning's checkpoint plugin that saves through a temporary file
+  beside the checkpoint and loads through `read_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from fsspec.implementations.local import LocalFileSystem
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from pneumonia.stages import STAGE_CLASSES
+from pneumonia.tracking import is_run_id
+
+
+class CheckpointError(ValueError):
+    """A checkpoint, run folder or run id that cannot serve where it was given."""
+
+
+def _mlflow_run(ref: str, stage: str, tracking_uri: str | None):
+    """The MLflow run a reference names: an id, or `latest` (the stage's newest finished run)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    if not tracking_uri:
+        raise CheckpointError(f"{ref}: an MLflow reference needs a tracking URI")
+    client = MlflowClient(tracking_uri)
+    if ref == "latest":
+        experiment = client.get_experiment_by_name(stage)
+        runs = client.search_runs([experiment.experiment_id], "attributes.status = 'FINISHED'",
+                                  order_by=["attributes.start_time DESC"],
+                                  max_results=1) if experiment else []
+        if not runs:
+            raise CheckpointError(f"{stage}=latest: no finished run in MLflow experiment "
+                                  f"{stage!r} at {tracking_uri}")
+        return client, runs[0]
+    try:
+        return client, client.get_run(ref)
+    except MlflowException as err:
+        raise CheckpointError(f"{stage}={ref}: MLflow run not found in {tracking_uri}") from err
+
+
+def _logged_checkpoint(client, run, stage: str, download_dir: Path) -> Path:
+    """A run's best checkpoint: its local file if it is still there, else the logged copy."""
+    local = run.data.tags.get("best_checkpoint")
+    if local and Path(local).is_file():
+        return Path(local)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        folder = Path(client.download_artifacts(run.info.run_id, "checkpoints", str(download_dir)))
+        found = sorted(folder.glob("*.ckpt"))
+    except (MlflowException, OSError):
+        found = []
+    if not found:
+        raise CheckpointError(f"{stage}={run.info.run_id}: MLflow run has no logged checkpoint")
+    return found[0]
+
+
+def resolve(ref: Any, stage: str, tracking_uri: str | None, download_dir: Path,
+            last: bool = False) -> Path:
+    """The local checkpoint file a reference names.
+
+    A checkpoint file is itself; a run folder gives `checkpoints/last.ckpt` (`last`, what a
+    resume continues from) or its best checkpoint; an MLflow run id or `latest` gives the run's
+    best checkpoint, or with `last` the `last.ckpt` in the run's recorded output folder.
+    """
+    text = str(ref)
+    if text.startswith(("http://", "https://", "ftp://")):
+        raise CheckpointError(f"{stage}={text}: checkpoints are not fetched from URLs; download the "
+                              "file and pass its path")
+    path = Path(text).expanduser()
+    if path.is_file():
+        return path.resolve()
+    if path.is_dir():
+        return _from_run_folder(path, stage, last)
+    if text != "latest" and not is_run_id(text):
+        raise CheckpointError(f"{stage}={text}: no such checkpoint file or run folder, and not an "
+                              "MLflow run id or latest")
+    client, run = _mlflow_run(text, stage, tracking_uri)
+    if not last:
+        return _logged_checkpoint(client, run, stage, download_dir)
+    folder = run.data.tags.get("output_dir")
+    if not folder:
+        raise CheckpointError(f"{stage}={text}: the MLflow run records no output folder")
+    return _from_run_folder(Path(folder), stage, last)
+
+
+def _from_run_folder(folder: Path, stage: str, last: bool) -> Path:
+    checkpoints = folder / "checkpoints"
+    found = [checkpoints / "last.ckpt"] if last else sorted(checkpoints.glob("best*.ckpt"))
+    if not found or not found[0].is_file():
+        wanted = "last.ckpt" if last else "a best*.ckpt checkpoint"
+        raise CheckpointError(f"{stage}={folder}: no {wanted} in {checkpoints}")
+    if len(found) > 1:
+        raise CheckpointError(f"{stage}={folder}: several best checkpoints in {checkpoints}; "
+                              "pass one file")
+    return found[0].resolve()
+
+
+def resolve_all(refs: Any, stage: str, tracking_uri: str | None,
+                download_dir: Path) -> Path | list[Path]:
+    """`resolve` for one reference, or for each of a list (an ensemble)."""
+    if isinstance(refs, str) or not hasattr(refs, "__iter__"):
+        return resolve(refs, stage, tracking_uri, download_dir)
+    refs = list(refs)
+    if not refs:
+        raise CheckpointError(f"{stage}=[]: give at least one checkpoint or run id")
+    if len(refs) == 1:
+        return resolve(refs[0], stage, tracking_uri, download_dir)
+    return [resolve(r, stage, tracking_uri, download_dir / str(i)) for i, r in enumerate(refs)]
+
+
+def local_references(refs: Any) -> list[Path]:
+    """The references (one or a list) that name files or folders on this machine: inputs that
+    an output folder must not overlap."""
+    items = [refs] if isinstance(refs, str) or not hasattr(refs, "__iter__") else list(refs)
+    paths = [Path(str(r)).expanduser() for r in items if r is not None]
+    return [p for p in paths if p.exists()]
+
+
+def read_checkpoint(path: Path | str, map_location: Any = "cpu") -> dict:
+    """A checkpoint's contents from a local file, unpickled with weights_only=True.
+
+    Raises CheckpointError naming the file and what is wrong with it.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({err.strerror or err})") from err
+    if not data:
+        raise CheckpointError(f"{path}: empty file (0 bytes), not a checkpoint")
+    try:
+        checkpoint = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except Exception as err:  # refused pickle globals, truncated zip, not a torch file...
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
+        raise CheckpointError(f"{path}: not a loadable checkpoint ({reason})") from err
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{path}: not a Lightning checkpoint (holds a {type(checkpoint).__name__})")
+    return checkpoint
+
+
+def load_stage(path: Path | str, stage: str):
+    """The stage module a checkpoint holds, in eval mode, checked against the slot it fills."""
+    from pneumonia.data.transforms import Preprocessing
+    from pneumonia.models import StageClassifier
+
+    path = Path(path)
+    checkpoint = read_checkpoint(path)
+    hparams = checkpoint.get("hyper_parameters")
+    if not isinstance(hparams, dict) or "state_dict" not in checkpoint:
+        raise CheckpointError(f"{path}: not a stage checkpoint (no hyper_parameters or state_dict)")
+    found = hparams.get("stage")
+    if found != stage:
+        raise CheckpointError(f"{stage}={path} is a {found!r} checkpoint; pass it as {found}=... instead")
+    if tuple(hparams.get("classes") or ()) != STAGE_CLASSES[stage]:
+        raise CheckpointError(f"{path}: classes {hparams.get('classes')} are not {STAGE_CLASSES[stage]}")
+    try:
+        Preprocessing(**hparams["preprocessing"])
+        module = StageClassifier(**{**hparams, "pretrained": False})
+        module.load_state_dict(checkpoint["state_dict"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{path}: does not build a stage module ({err})") from err
+    module.on_load_checkpoint(checkpoint)
+    broken = [name for name, value in module.state_dict().items()
+              if value.is_floating_point() and not torch.isfinite(value).all()]
+    if broken:
+        raise CheckpointError(f"{path}: non-finite weights (NaN or inf) in {len(broken)} tensor(s), "
+                              f"e.g. {broken[0]}; the model cannot give a diagnosis")
+    return module.eval()
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint plugin: atomic local saves, weights-only local loads.
+
+    Lightning 2.6 saves through a temporary file made in $TMPDIR and then moved onto the
+    checkpoint; on another filesystem that move is a copy, and a kill during it leaves a
+    truncated checkpoint. Here the temporary file `.<name>.tmp-<pid>` sits beside the
+    checkpoint, is fsynced, and `os.replace` makes it the checkpoint in one rename. Remote
+    paths (s3://, ...) keep Lightning's own save and load.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any = None) -> None:
+        if storage_options is not None or not isinstance(get_filesystem(path), LocalFileSystem):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            with tmp.open("wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())  # the bytes are on disk before the name points at them
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        _remove_leftovers(path)
+
+    def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict:
+        if not isinstance(get_filesystem(path), LocalFileSystem):
+            return super().load_checkpoint(path, map_location, weights_only=True)
+        return read_checkpoint(path, map_location)
+
+
+def _remove_leftovers(path: Path) -> None:
+    """Delete the temporary files of earlier writes of `path` whose process is gone (a run
+    killed mid-write leaves one; its resumed run cleans it up at its first save)."""
+    for leftover in path.parent.glob(f".{path.name}.tmp-*"):
+        pid = leftover.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _running(int(pid)):
+            leftover.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
