@@ -9,6 +9,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+import pneumonia.config  # noqa: F401  (registers the typed config schemas)
+from pneumonia.cli import run
 from pneumonia.compare import compare_runs, format_table, write_table
 from pneumonia.evaluate import evaluate
 
@@ -21,7 +23,7 @@ def main(cfg: DictConfig) -> None:
         print(format_table(rows))
         print(f"\nSaved: {', '.join(str(p) for p in write_table(rows, output_dir))}")
         return
-    result = evaluate(cfg)
+    result = run(evaluate, cfg)
     m = result["metrics"]
     print(f"\nReport: {output_dir / 'report.md'}")
     if result["run_id"]:

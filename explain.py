@@ -6,12 +6,14 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+import pneumonia.config  # noqa: F401  (registers the typed config schemas)
+from pneumonia.cli import run
 from pneumonia.explain import explain
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="explain")
 def main(cfg: DictConfig) -> None:
-    result = explain(cfg)
+    result = run(explain, cfg)
     out = Path(result["output_dir"])
     print(f"\nReports: {out / 'index.html'}  (summary: {out / 'summary.csv'})")
     if result["run_id"]:

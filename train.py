@@ -4,13 +4,14 @@ import hydra
 from omegaconf import DictConfig
 
 import pneumonia.config  # noqa: F401  (registers the typed config schemas)
+from pneumonia.cli import run
 from pneumonia.sweep import run_job
 from pneumonia.train import train
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
-    result = run_job(cfg, train)  # in a sweep, a failed job is recorded, not raised
+    result = run(lambda c: run_job(c, train), cfg)  # in a sweep a failed job is recorded, not raised
     if result is None:
         return
     print(f"\nOutput folder:    {result['output_dir']}")

@@ -17,7 +17,9 @@ from pneumonia.metrics import (
     expected_calibration_error,
     multiclass_metrics,
 )
-from pneumonia.pipeline import CLASSES, TwoStagePipeline, resolve_checkpoints
+from pneumonia.checkpoints import local_references, resolve_all
+from pneumonia.outputs import check_overlap, claim_output
+from pneumonia.pipeline import CLASSES, TwoStagePipeline
 from pneumonia.sweep import sweep_checkpoints
 from pneumonia.report import (
     plot_confusion,
@@ -54,16 +56,6 @@ def _stage_block(title: str, y: np.ndarray, p: np.ndarray, threshold: float,
     }
 
 
-def _check_output(output_dir: Path, overwrite: bool) -> None:
-    existing = [name for name in REPORT_FILES if (output_dir / name).exists()]
-    if existing and not overwrite:
-        raise FileExistsError(
-            f"{output_dir} already holds a report ({', '.join(existing)}); "
-            "choose another hydra.run.dir or pass overwrite=true"
-        )
-    output_dir.mkdir(parents=True, exist_ok=True)
-
-
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Calibrate on validation, then report stage 1, stage 2 and the pipeline on `cfg.split`."""
     refs = {"binary": cfg.binary, "subtype": cfg.subtype}
@@ -76,12 +68,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                          "or sweep=<a multirun folder that trained both stages>")
     if cfg.split not in ("test", "val"):
         raise ValueError(f"split={cfg.split!r} is not one of: test, val")
-    output_dir = Path(cfg.paths.output_dir)
-    _check_output(output_dir, cfg.overwrite)
-    downloads = output_dir / "checkpoints"
-    ckpts = {stage: resolve_checkpoints(refs[stage], stage, cfg.paths.tracking_uri, downloads / stage)
+    inputs = [cfg.data.root, cfg.sweep, *(p for r in refs.values() for p in local_references(r))]
+    output_dir = claim_output(cfg.paths.output_dir, inputs, REPORT_FILES, cfg.overwrite, config=cfg)
+    ckpts = {stage: resolve_all(refs[stage], stage, cfg.paths.tracking_uri, output_dir / "checkpoints" / stage)
              for stage in ("binary", "subtype")}
     pipeline = TwoStagePipeline.from_checkpoints(ckpts["binary"], ckpts["subtype"], tta=cfg.tta)
+    check_overlap(output_dir, [pipeline.data_settings()["root"]])
     records = pipeline.split(cfg.data.root)
     val = [r for r in records if r.split == "val"]
     held_out = [r for r in records if r.split == cfg.split]
@@ -92,6 +84,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     calibration = pipeline.calibrate(val, cfg.target_sensitivity, cfg.operating_point, **loader)
     log.info("Calibrated on %s validation images: %s", calibration.validation_images, calibration)
     pred = pipeline.predict(held_out, **loader)
+    broken = [str(r.path) for r, d in zip(held_out, pred.decision) if d < 0]
+    if broken:
+        raise DataError(f"the model gave non-finite outputs (NaN or inf) for {len(broken)} of "
+                        f"{len(held_out)} images (first: {broken[0]}); no report was written")
 
     truth = np.array([CLASSES.index(r.label) for r in held_out])
     y1, p = (truth > 0).astype(int), pred.p_pneumonia

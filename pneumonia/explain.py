@@ -1,11 +1,14 @@
-"""explain(cfg): a folder of X-rays in, one report figure per image, a summary and an index page."""
+"""explain(cfg): a folder of X-rays in, one report figure per image, a summary and an index page.
+
+Every file ends as one summary row, `ok` or `failed` with its reason: a file that cannot be
+read, a model output that is not finite, a report that cannot be drawn fail that file only.
+"""
 
 from __future__ import annotations
 
-import csv
-import html
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,33 +17,18 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from pneumonia.attribution import METHODS, attribution_map
-from pneumonia.io import IMAGE_SUFFIXES, ImageReadError, read_grayscale
-from pneumonia.pipeline import CLASSES, TwoStagePipeline, resolve_checkpoints
-from pneumonia.report import plot_explanation
+from pneumonia.attribution import attribution_map
+from pneumonia.checkpoints import local_references, resolve_all
+from pneumonia.io import IMAGE_SUFFIXES, ImageReadError, display_name, read_grayscale, scan_inputs
+from pneumonia.outputs import claim_output
+from pneumonia.pipeline import CLASSES, TwoStagePipeline
+from pneumonia.report import index_html, plot_explanation, report_names, write_csv
 from pneumonia.stages import STAGE_CLASSES
 
 log = logging.getLogger(__name__)
 SUMMARY_FIELDS = ("file", "status", "reason", "p_normal", "p_bacterial", "p_viral", "decision",
                   "explained_class", "attribution_seconds", "report")
-
-
-def input_files(folder: Path) -> list[Path]:
-    """Every visible file under the folder, images or not (non-images are reported, not hidden)."""
-    if not folder.is_dir():
-        raise FileNotFoundError(f"input={folder} does not exist or is not a folder")
-    return sorted(p for p in folder.rglob("*")
-                  if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
-
-
-def _prepare_output(output_dir: Path, input_dir: Path, overwrite: bool) -> None:
-    out, inp = output_dir.resolve(), input_dir.resolve()
-    if out == inp or inp in out.parents:
-        raise ValueError(f"output folder {out} is inside the input folder {inp}; inputs are never written")
-    existing = [n for n in ("summary.csv", "index.html", "reports") if (output_dir / n).exists()]
-    if existing and not overwrite:
-        raise FileExistsError(f"{output_dir} already holds results; choose another output or pass overwrite=true")
-    output_dir.mkdir(parents=True, exist_ok=True)
+RESULTS = ("summary.csv", "index.html", "reports")
 
 
 def load_pipeline(cfg: DictConfig, downloads: Path) -> TwoStagePipeline:
@@ -49,7 +37,7 @@ def load_pipeline(cfg: DictConfig, downloads: Path) -> TwoStagePipeline:
         return TwoStagePipeline.load(Path(cfg.pipeline))
     if not cfg.binary or not cfg.subtype:
         raise ValueError("explain needs pipeline=<pipeline.json> or binary=... and subtype=...")
-    ckpts = {s: resolve_checkpoints(cfg[s], s, cfg.paths.tracking_uri, downloads / s) for s in ("binary", "subtype")}
+    ckpts = {s: resolve_all(cfg[s], s, cfg.paths.tracking_uri, downloads / s) for s in STAGE_CLASSES}
     pipeline = TwoStagePipeline.from_checkpoints(ckpts["binary"], ckpts["subtype"])
     root = Path(pipeline.data_settings().get("root") or "")
     if root.is_dir():
@@ -61,98 +49,124 @@ def load_pipeline(cfg: DictConfig, downloads: Path) -> TwoStagePipeline:
     return pipeline
 
 
-def _index_html(rows: list[dict], title: str) -> str:
-    cards, failed = [], []
-    for row in rows:
-        name = html.escape(row["file"])
-        if row["status"] != "ok":
-            failed.append(f"<li><code>{name}</code>: {html.escape(row['reason'])}</li>")
-            continue
-        probs = ", ".join(f"{c} {float(row['p_' + c]):.2f}" for c in CLASSES)
-        cards.append(f'<figure><a href="{html.escape(row["report"])}"><img src="{html.escape(row["report"])}" '
-                     f'loading="lazy"></a><figcaption><b class="{row["decision"]}">{row["decision"]}</b> '
-                     f"{name}<br>{probs}</figcaption></figure>")
-    failures = f"<h2>Not explained ({len(failed)})</h2><ul>{''.join(failed)}</ul>" if failed else ""
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>body{{font-family:sans-serif;margin:1em}} figure{{display:inline-block;width:640px;margin:.5em;
-vertical-align:top}} img{{width:100%}} .normal{{color:#4c72b0}} .bacterial{{color:#dd8452}}
-.viral{{color:#c44e52}}</style></head><body><h1>{html.escape(title)}</h1>
-<p>{len(cards)} images explained. Click a report to open it full size.</p>{failures}{''.join(cards)}
-</body></html>"""
+def _failed(file: str, reason: str) -> dict[str, str]:
+    return {"file": file, "status": "failed", "reason": reason}
+
+
+@dataclass
+class Explainer:
+    """What explaining one batch needs: the pipeline, the explained stage's network, the options."""
+
+    cfg: DictConfig
+    pipeline: TwoStagePipeline
+    output_dir: Path
+
+    def __post_init__(self) -> None:
+        module = self.pipeline.stages[self.cfg.stage]
+        pre = module.hparams.preprocessing
+        if self.cfg.window > pre["image_size"]:
+            raise ValueError(f"window={self.cfg.window} is larger than the {self.cfg.stage} stage's "
+                             f"input ({pre['image_size']} px)")
+        self.baseline = (self.cfg.baseline - pre["mean"]) / pre["std"]  # [0, 1] -> model space
+        # channels_last paid 1.8x for occlusion on a 2-core CPU (benchmarks/occlusion_speed.py)
+        self.memory_format = torch.channels_last if self.cfg.channels_last else torch.contiguous_format
+        self.net = module.net.to(self.cfg.device, memory_format=self.memory_format)
+        self.thresholds = self.pipeline.stage_thresholds()
+
+    def maps(self, batch: torch.Tensor, target: torch.Tensor) -> tuple[np.ndarray, float]:
+        """Attribution maps of a batch and the seconds per image they took."""
+        cfg, started = self.cfg, time.perf_counter()
+        device = torch.device(cfg.device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            maps = attribution_map(cfg.method, self.net, batch.to(device, memory_format=self.memory_format),
+                                   target.to(device), cfg.window, cfg.stride, self.baseline,
+                                   cfg.perturbations_per_eval)
+        return maps.float().cpu().numpy(), (time.perf_counter() - started) / len(batch)
+
+    def explain(self, names: list[str], images: list[np.ndarray], reports: list[Path]) -> list[dict]:
+        """One summary row per image: predicted, explained and drawn, or failed with its reason."""
+        cfg = self.cfg
+        batches = self.pipeline.stage_batches(images)  # preprocess each image once per stage
+        pred = self.pipeline.predict_batches(batches, cfg.device)
+        seen, batch = batches[cfg.stage]
+        positive = pred.p_pneumonia if cfg.stage == "binary" else pred.p_viral_given_pneumonia
+        target = torch.as_tensor((np.nan_to_num(positive) >= self.thresholds[cfg.stage]).astype(np.int64))
+        maps, seconds = self.maps(batch, target)
+        rows = []
+        for i, name in enumerate(names):
+            if pred.decision[i] < 0 or not np.isfinite(maps[i]).all():
+                rows.append(_failed(name, "the model gave a non-finite output (NaN or inf): no diagnosis"))
+                continue
+            try:
+                rows.append(self._report(name, seen[i], maps[i], pred.probabilities[i],
+                                         CLASSES[pred.decision[i]],
+                                         STAGE_CLASSES[cfg.stage][int(target[i])], seconds, reports[i]))
+            except (OSError, ValueError, RuntimeError) as err:
+                rows.append(_failed(name, f"could not draw the report ({err.__class__.__name__}: {err})"))
+        return rows
+
+    def _report(self, name: str, seen: np.ndarray, heatmap: np.ndarray, probabilities: np.ndarray,
+                decision: str, explained: str, seconds: float, report: Path) -> dict[str, str]:
+        t, cfg = self.thresholds, self.cfg
+        (self.output_dir / report).parent.mkdir(parents=True, exist_ok=True)
+        plot_explanation(
+            self.output_dir / report, seen, heatmap, probabilities, CLASSES, decision,
+            f"{cfg.method}, stage {cfg.stage}: evidence for '{explained}'\n"
+            "red supports it, blue speaks against it",
+            f"pneumonia if P >= {t['binary']:.3f}; viral if P(viral | pneumonia) >= "
+            f"{t['subtype']:.3f}\n({self.pipeline.calibration.operating_point} operating point)",
+            title=name)
+        return {"file": name, "status": "ok", "reason": "",
+                **{f"p_{c}": f"{probabilities[k]:.6f}" for k, c in enumerate(CLASSES)},
+                "decision": decision, "explained_class": explained,
+                "attribution_seconds": f"{seconds:.3f}", "report": report.as_posix()}
+
+
+def _read(path: Path, name: str) -> tuple[np.ndarray | None, dict | None]:
+    """The decoded image, or the failed row that says why there is none."""
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        return None, _failed(name, f"not an image file (suffix {display_name(Path(path.suffix)) or 'none'})")
+    try:
+        return read_grayscale(path), None
+    except ImageReadError as err:
+        return None, _failed(name, err.reason)
+
+
+def explain_files(explainer: Explainer, input_dir: Path, files: list[Path]) -> list[dict]:
+    """Summary rows for every file, `batch_images` images at a time."""
+    size = explainer.cfg.batch_images
+    names = {path: display_name(path.relative_to(input_dir)) for path in files}
+    reports = report_names([path.relative_to(input_dir) for path in files])
+    rows: list[dict] = []
+    for start in tqdm(range(0, len(files), size), desc="explaining", unit="batch"):
+        batch, images = [], []
+        for path in files[start:start + size]:
+            image, failed = _read(path, names[path])
+            if failed:
+                rows.append(failed)
+            else:
+                batch.append(path)
+                images.append(image)
+        if images:
+            rows += explainer.explain([names[p] for p in batch], images, [reports[p.relative_to(input_dir)]
+                                                                         for p in batch])
+    return rows
 
 
 def explain(cfg: DictConfig) -> dict[str, Any]:
     """Explain every image of cfg.input. Returns the summary rows and the number of failures."""
-    if cfg.method not in METHODS:
-        raise ValueError(f"method={cfg.method!r} is not one of: {', '.join(METHODS)}")
-    if cfg.stage not in STAGE_CLASSES:
-        raise ValueError(f"stage={cfg.stage!r} is not one of: {', '.join(STAGE_CLASSES)}")
-    input_dir, output_dir = Path(cfg.input).expanduser(), Path(cfg.paths.output_dir)
-    files = input_files(input_dir)[: cfg.limit or None]
-    _prepare_output(output_dir, input_dir, cfg.overwrite)
-    pipeline = load_pipeline(cfg, output_dir / "checkpoints")
-    module = pipeline.stages[cfg.stage]
-    pre = module.hparams.preprocessing
-    baseline = (cfg.baseline - pre["mean"]) / pre["std"]  # pixel value in [0, 1] -> model space
-    thresholds = pipeline.stage_thresholds()
-    classes = STAGE_CLASSES[cfg.stage]
-    if cfg.precision not in ("32", "bf16"):
-        raise ValueError(f"precision={cfg.precision!r} is not one of: 32, bf16")
-    # channels_last paid 1.8x for occlusion on a 2-core CPU (benchmarks/occlusion_speed.py)
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    net = module.net.to(cfg.device, memory_format=memory_format)
-
-    rows: list[dict] = []
-    progress = tqdm(total=len(files), desc="explaining", unit="image")
-    for start in range(0, len(files), cfg.batch_images):
-        batch_files, images = [], []
-        for path in files[start:start + cfg.batch_images]:
-            try:
-                if path.suffix.lower() not in IMAGE_SUFFIXES:
-                    raise ImageReadError(path, f"not an image file (suffix {path.suffix or 'none'})")
-                images.append(read_grayscale(path))
-                batch_files.append(path)
-            except ImageReadError as err:
-                rows.append({"file": str(path.relative_to(input_dir)), "status": "failed",
-                             "reason": err.reason})
-        if images:
-            batches = pipeline.stage_batches(images)  # preprocess each image once per stage
-            pred = pipeline.predict_batches(batches, cfg.device)
-            seen, batch = batches[cfg.stage]
-            positive = pred.p_pneumonia if cfg.stage == "binary" else pred.p_viral_given_pneumonia
-            target = torch.as_tensor((positive >= thresholds[cfg.stage]).astype(np.int64))
-            started = time.perf_counter()
-            with torch.autocast(torch.device(cfg.device).type, dtype=torch.bfloat16,
-                                enabled=cfg.precision == "bf16"):
-                maps = attribution_map(cfg.method, net, batch.to(cfg.device, memory_format=memory_format),
-                                       target.to(cfg.device), cfg.window, cfg.stride, baseline,
-                                       cfg.perturbations_per_eval).float().cpu().numpy()
-            seconds = (time.perf_counter() - started) / len(images)
-            for i, path in enumerate(batch_files):
-                relative = path.relative_to(input_dir)
-                report = Path("reports") / relative.with_suffix(".png")
-                (output_dir / report).parent.mkdir(parents=True, exist_ok=True)
-                decision = CLASSES[pred.decision[i]]
-                explained = classes[int(target[i])]
-                plot_explanation(
-                    output_dir / report, seen[i], maps[i], pred.probabilities[i], CLASSES, decision,
-                    f"{cfg.method}, stage {cfg.stage}: evidence for '{explained}'\n"
-                    "red supports it, blue speaks against it",
-                    f"pneumonia if P >= {thresholds['binary']:.3f}; viral if P(viral | pneumonia) >= "
-                    f"{thresholds['subtype']:.3f}\n({pipeline.calibration.operating_point} operating point)")
-                rows.append({"file": str(relative), "status": "ok", "reason": "",
-                             **{f"p_{c}": f"{pred.probabilities[i][k]:.6f}" for k, c in enumerate(CLASSES)},
-                             "decision": decision, "explained_class": explained,
-                             "attribution_seconds": f"{seconds:.3f}", "report": str(report)})
-        progress.update(len(files[start:start + cfg.batch_images]))
-    progress.close()
-
+    input_dir = Path(cfg.input).expanduser()
+    files, problems = scan_inputs(input_dir)
+    inputs = [input_dir, cfg.pipeline, *local_references(cfg.binary), *local_references(cfg.subtype)]
+    output_dir = claim_output(cfg.paths.output_dir, inputs, RESULTS, cfg.overwrite, config=cfg)
+    explainer = Explainer(cfg, load_pipeline(cfg, output_dir / "checkpoints"), output_dir)
+    rows = [_failed(display_name(err.path.relative_to(input_dir)), err.reason) for err in problems]
+    rows += explain_files(explainer, input_dir, files[: cfg.limit or None])
     rows.sort(key=lambda r: r["file"])
-    with (output_dir / "summary.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=SUMMARY_FIELDS, restval="")
-        writer.writeheader()
-        writer.writerows(rows)
-    (output_dir / "index.html").write_text(_index_html(rows, f"Explanations: {input_dir.name}"))
+    write_csv(output_dir / "summary.csv", SUMMARY_FIELDS, [[r.get(k, "") for k in SUMMARY_FIELDS]
+                                                           for r in rows])
+    (output_dir / "index.html").write_text(index_html(rows, f"Explanations: {display_name(Path(input_dir.name))}",
+                                                      CLASSES))
     failed = sum(r["status"] != "ok" for r in rows)
     run_id = None
     if cfg.log_to_mlflow:

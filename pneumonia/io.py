@@ -138,3 +138,14 @@ def read_grayscale(path: Path | str) -> np.ndarray:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise _unreadable(path, f"cannot decode image ({err})") from err
+
+
+def display_name(path: Path) -> str:  # TEMPORARY until the io hardening lands
+    return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def scan_inputs(folder: Path) -> tuple[list[Path], list[ImageReadError]]:  # TEMPORARY
+    if not folder.is_dir():
+        raise FileNotFoundError(f"input={folder} does not exist or is not a folder")
+    return sorted(p for p in folder.rglob("*")
+                  if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)), []

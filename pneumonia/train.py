@@ -8,12 +8,13 @@ from typing import Any
 
 import hydra
 import lightning as L
-import torch
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from pneumonia.checkpoint_io import AtomicCheckpointIO
+from pneumonia.checkpoints import AtomicCheckpointIO, read_checkpoint, resolve
+from pneumonia.outputs import claim_output
 from pneumonia.config import validate
 from pneumonia.data import KermanyDataModule
 from pneumonia.data.synthetic import make_synthetic_dataset
@@ -23,7 +24,6 @@ from pneumonia.sweep import in_multirun
 from pneumonia.tracking import (
     TrackingServerError,
     check_server,
-    is_run_id,
     log_results,
     log_run_inputs,
     write_environment,
@@ -118,31 +118,9 @@ class EpochSeed(L.Callback):
 def resolve_resume(ref: str, tracking_uri: str | None) -> tuple[Path, Path, str | None]:
     """(last checkpoint, the run's output folder, its MLflow run id) from a run folder, a
     checkpoint file or an MLflow run id."""
-    path = Path(str(ref)).expanduser()
-    if path.is_dir():
-        checkpoint = path / "checkpoints" / "last.ckpt"
-    elif path.is_file():
-        checkpoint = path
-    elif tracking_uri and is_run_id(ref):
-        from mlflow.tracking import MlflowClient
-
-        folder = MlflowClient(tracking_uri).get_run(str(ref)).data.tags.get("output_dir")
-        checkpoint = Path(folder or "/nonexistent") / "checkpoints" / "last.ckpt"
-    else:
-        raise FileNotFoundError(f"resume={ref}: not a run folder, a checkpoint or an MLflow run id")
-    if not checkpoint.is_file():
-        raise FileNotFoundError(f"resume={ref}: no checkpoint at {checkpoint}")
-    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    checkpoint = resolve(ref, "resume", tracking_uri, Path(), last=True)
+    saved = read_checkpoint(checkpoint)
     return checkpoint, checkpoint.parent.parent, saved.get("mlflow_run_id")
-
-
-def _check_output_dir(output_dir: Path) -> None:
-    checkpoints = output_dir / "checkpoints"
-    if checkpoints.is_dir() and any(checkpoints.iterdir()):
-        raise FileExistsError(
-            f"{checkpoints} already holds checkpoints from another run; "
-            "choose a new hydra.run.dir (nothing was overwritten)"
-        )
 
 
 def build_logger(cfg: DictConfig, run_id: str | None = None) -> tuple[MLFlowLogger | bool, str | None]:
@@ -186,49 +164,77 @@ def _trainer_overrides(cfg: DictConfig) -> dict[str, Any]:
     return {}
 
 
+def _claim_run_folder(cfg: DictConfig) -> tuple[Path | None, str | None]:
+    """Claim the run's output folder (pneumonia.outputs); on resume, the interrupted run's.
+
+    Returns the checkpoint to resume from and its MLflow run id (None, None for a new run).
+    DDP ranks other than 0 share rank 0's folder and only open their log file there.
+    """
+    primary = rank_zero_only.rank == 0
+    inputs = [cfg.data.root]
+    if not cfg.get("resume"):
+        claim_output(cfg.paths.output_dir, inputs, results=["checkpoints"], config=cfg,
+                     primary=primary)
+        return None, None
+    tracking_uri = cfg.logger.tracking_uri if cfg.get("logger") else None
+    checkpoint, folder, run_id = resolve_resume(cfg.resume, tracking_uri)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(folder)  # continue in the interrupted run's folder
+    claim_output(folder, inputs, primary=primary)  # its record of how it was made stays
+    log.info("Resuming from %s (MLflow run %s)", checkpoint, run_id)
+    return checkpoint, run_id
+
+
+def _record_inputs(cfg: DictConfig, logger, datamodule: KermanyDataModule, output_dir: Path) -> None:
+    """The split, config and environment files of a new run, and its MLflow params and tags."""
+    files = [datamodule.write_manifest(output_dir / "split_manifest.csv"), output_dir / "config.yaml"]
+    OmegaConf.save(cfg, files[1], resolve=True)
+    env_file, env_tags = write_environment(output_dir / "environment.json")
+    files.append(env_file)
+    skipped = {}
+    if cfg.data.skip_bad:
+        files.append(datamodule.write_skipped(output_dir / "bad_files.csv"))
+        skipped = {"data/skipped_files": len(datamodule.skipped)}
+    if isinstance(logger, MLFlowLogger):
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        log_run_inputs(logger, {**resolved, **skipped}, datamodule.preprocessing.to_dict(), files,
+                       {**_run_tags(cfg), **env_tags, "output_dir": str(output_dir)})
+
+
+def _fit(trainer: L.Trainer, module, datamodule, resume_from: Path | None, output_dir: Path) -> None:
+    """trainer.fit; a run stopped by SIGTERM or Ctrl-C exits non-zero and says how to go on."""
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+    except SystemExit as stop:  # Lightning ends fit with SystemExit on SIGTERM and on Ctrl-C
+        sigterm = trainer.received_sigterm
+        last = output_dir / "checkpoints" / "last.ckpt"
+        how = (f"resume with: python train.py resume={output_dir}" if last.is_file() else
+               "no checkpoint was written yet (the first epoch had not ended); start it again")
+        log.error("Training stopped by %s: %s", "SIGTERM" if sigterm else "an interrupt", how)
+        raise SystemExit(143 if sigterm else 130) from stop
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train one stage. Returns the MLflow run id, the best checkpoint and its validation metrics."""
     validate(cfg)
     L.seed_everything(cfg.seed, workers=True)
-    resume_from, run_id = None, None
-    if cfg.get("resume"):
-        resume_from, output_dir, run_id = resolve_resume(cfg.resume, cfg.logger.tracking_uri
-                                                         if cfg.get("logger") else None)
-        with open_dict(cfg):
-            cfg.paths.output_dir = str(output_dir)  # continue in the interrupted run's folder
-        log.info("Resuming from %s (MLflow run %s)", resume_from, run_id)
-    else:
-        output_dir = Path(cfg.paths.output_dir)
-        _check_output_dir(output_dir)
-    logger, tracking_uri = build_logger(cfg, run_id)
-    datamodule = build_datamodule(cfg)
+    datamodule = build_datamodule(cfg)  # a bad data folder fails here, before any file is written
     module = build_module(cfg, datamodule)
+    resume_from, run_id = _claim_run_folder(cfg)
+    output_dir = Path(cfg.paths.output_dir).resolve()
+    logger, tracking_uri = build_logger(cfg, run_id)
     if resume_from is None:  # a resumed run keeps the files (and MLflow params) it has
-        files = [datamodule.write_manifest(output_dir / "split_manifest.csv"), output_dir / "config.yaml"]
-        OmegaConf.save(cfg, files[1], resolve=True)
-        env_file, env_tags = write_environment(output_dir / "environment.json")
-        files.append(env_file)
-        skipped = {}
-        if cfg.data.skip_bad:
-            files.append(datamodule.write_skipped(output_dir / "bad_files.csv"))
-            skipped = {"data/skipped_files": len(datamodule.skipped)}
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    if isinstance(logger, MLFlowLogger) and resume_from is None:
-        log_run_inputs(logger, {**resolved, **skipped}, datamodule.preprocessing.to_dict(), files,
-                       {**_run_tags(cfg), **env_tags, "output_dir": str(output_dir.resolve())})
+        _record_inputs(cfg, logger, datamodule, output_dir)
     callbacks = [hydra.utils.instantiate(c) for c in cfg.callbacks.values() if c]
     callbacks.append(EpochSeed(cfg.seed))
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=logger, callbacks=callbacks,
                                                  plugins=[AtomicCheckpointIO()], **_trainer_overrides(cfg))
     log.info("Training %s/%s on %s: %s", cfg.stage.name, cfg.model.name, datamodule.root,
              {s: datamodule.class_counts(s) for s in ("train", "val", "test")})
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
-
+    _fit(trainer, module, datamodule, resume_from, output_dir)
     result: dict[str, Any] = {
         "run_id": logger.run_id if isinstance(logger, MLFlowLogger) else None,
-        "tracking_uri": tracking_uri,
-        "output_dir": str(output_dir),
-        "best_checkpoint": None,
+        "tracking_uri": tracking_uri, "output_dir": str(output_dir), "best_checkpoint": None,
         "metrics": {},
     }
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
@@ -236,7 +242,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         return result
     # Score the best checkpoint once, on one device (DDP samplers would pad the val set).
     scorer = L.Trainer(accelerator=cfg.trainer.accelerator, devices=1, logger=False, enable_checkpointing=False,
-                       enable_progress_bar=False, enable_model_summary=False)
+                       enable_progress_bar=False, enable_model_summary=False,
+                       plugins=[AtomicCheckpointIO()])
     metrics = scorer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
     metrics = {k: float(v) for k, v in sorted(metrics.items()) if not k.startswith("val/confusion")}
     if isinstance(logger, MLFlowLogger):

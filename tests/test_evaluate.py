@@ -13,7 +13,9 @@ from pneumonia.compare import compare_runs
 from pneumonia.data.kermany import DataError
 from pneumonia.evaluate import evaluate
 from pneumonia.metrics import youden_threshold
-from pneumonia.pipeline import CheckpointError, TwoStagePipeline, combine, softmax_positive
+from pneumonia.checkpoints import CheckpointError
+from pneumonia.outputs import OutputError
+from pneumonia.pipeline import TwoStagePipeline, combine, softmax_positive
 from tests.conftest import CONF, compose_train, tree_hashes
 
 
@@ -55,9 +57,9 @@ def test_evaluation_report_end_to_end(trained, tmp_path, read_only_data):
     # the data: a read-only copy of the training folder
     cfg = _evaluate_cfg(work, tmp_path / "report", binary=runs["binary"]["best_checkpoint"],
                         subtype=runs["subtype"]["run_id"], data={"root": str(read_only_data)})
-    from pneumonia.pipeline import resolve_checkpoint
+    from pneumonia.checkpoints import resolve
 
-    latest = resolve_checkpoint("latest", "subtype", cfg.paths.tracking_uri, tmp_path / "dl")
+    latest = resolve("latest", "subtype", cfg.paths.tracking_uri, tmp_path / "dl")
     assert latest == Path(runs["subtype"]["best_checkpoint"]).resolve()
     result = evaluate(cfg)
     assert tree_hashes(read_only_data) == before  # only ever read
@@ -102,7 +104,7 @@ def test_evaluation_report_end_to_end(trained, tmp_path, read_only_data):
 
     # an earlier report is never overwritten unless asked
     before = (out / "metrics.json").read_bytes()
-    with pytest.raises(FileExistsError, match="already holds a report"):
+    with pytest.raises(OutputError, match="already holds results .*nothing was overwritten"):
         evaluate(cfg)
     assert (out / "metrics.json").read_bytes() == before
 
@@ -123,16 +125,16 @@ def test_bad_evaluation_inputs(trained, tmp_path, synthetic_root):
     with pytest.raises(CheckpointError, match="is a 'subtype' checkpoint; pass it as subtype="):
         evaluate(swapped)
     missing = _evaluate_cfg(work, tmp_path / "b", binary="0123456789abcdef0123456789abcdef", subtype=subtype)
-    with pytest.raises(CheckpointError, match="MLflow run 0123456789abcdef0123456789abcdef not found"):
+    with pytest.raises(CheckpointError, match="binary=0123456789abcdef0123456789abcdef: MLflow run not found"):
         evaluate(missing)
     elsewhere = _evaluate_cfg(tmp_path, tmp_path / "b2", binary="latest", subtype="latest")
     with pytest.raises(CheckpointError, match="binary=latest: no finished run in MLflow experiment"):
         evaluate(elsewhere)
-    with pytest.raises(CheckpointError, match="no such checkpoint file"):
+    with pytest.raises(CheckpointError, match="no such checkpoint file or run folder"):
         evaluate(_evaluate_cfg(work, tmp_path / "c", binary="/nowhere/x.ckpt", subtype=subtype))
     not_a_checkpoint = tmp_path / "notes.ckpt"
     not_a_checkpoint.write_text("hello")
-    with pytest.raises(CheckpointError, match="notes.ckpt: not a loadable stage checkpoint"):
+    with pytest.raises(CheckpointError, match="notes.ckpt: not a loadable checkpoint"):
         evaluate(_evaluate_cfg(work, tmp_path / "d", binary=str(not_a_checkpoint), subtype=subtype))
     # a subtype checkpoint trained on another split: its training images may be our test images
     import torch

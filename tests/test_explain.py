@@ -15,6 +15,7 @@ from torch import nn
 
 from pneumonia.attribution import Probabilities, attribution_map, occlusion_map
 from pneumonia.explain import explain
+from pneumonia.outputs import OutputError
 from pneumonia.io import ImageReadError, read_grayscale
 from pneumonia.models import build_network
 from tests.conftest import CONF, read_only, tree_hashes
@@ -199,9 +200,9 @@ def test_explain_a_folder(trained, xray_folder, tmp_path):
     assert {"summary.csv", "index.html", "reports"} <= artifacts
 
     # never overwritten without the flag, never written inside the input folder
-    with read_only(xray_folder), pytest.raises(FileExistsError, match="already holds results"):
+    with read_only(xray_folder), pytest.raises(OutputError, match="already holds results"):
         explain(_explain_cfg(work, xray_folder, out, runs))
-    with read_only(xray_folder), pytest.raises(ValueError, match="inside the input folder"):
+    with read_only(xray_folder), pytest.raises(OutputError, match="overlaps the input"):
         explain(_explain_cfg(work, xray_folder, xray_folder / "out", runs))
     assert tree_hashes(xray_folder) == before
 

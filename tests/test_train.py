@@ -3,6 +3,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from pneumonia.models import StageClassifier
+from pneumonia.outputs import OutputError
 from pneumonia.train import train
 from tests.conftest import MODELS, compose_train, tree_hashes
 
@@ -81,7 +82,7 @@ def test_existing_checkpoints_are_never_overwritten(synthetic_root, tmp_path):
     existing.parent.mkdir(parents=True)
     existing.write_bytes(b"earlier result")
     cfg = compose_train(tmp_path, [f"data.root={synthetic_root}", "logger=none", *FAST])
-    with pytest.raises(FileExistsError, match="already holds checkpoints"):
+    with pytest.raises(OutputError, match="already holds results .checkpoints"):
         train(cfg)
     assert existing.read_bytes() == b"earlier result"
 
