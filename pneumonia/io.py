@@ -10,6 +10,11 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png", ".dcm"})
+# Percentiles mapped to black and white for deep pixels that carry no window of their own: a
+# few saturated or dead pixels (burned-in labels, detector defects) then cannot decide the
+# contrast of the whole image.
+WINDOW_PERCENTILES = (0.5, 99.5)
+_DEEP_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
 class ImageReadError(ValueError):
@@ -42,7 +47,8 @@ def _unreadable(path: Path, reason: str) -> ImageReadError:
 
 def is_image_file(path: Path) -> bool:
     """True for files this project reads; hidden files such as `.DS_Store` are not."""
-    return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES
+    return (path.is_file() and not path.name.startswith(".")
+            and path.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def image_size(path: Path | str) -> tuple[int, int]:
@@ -76,13 +82,28 @@ def _jpeg_has_end_marker(path: Path, tail: int = 4096) -> bool:
         return b"\xff\xd9" in f.read()
 
 
-def _stretch_to_uint8(arr: np.ndarray) -> np.ndarray:
-    """High-bit-depth pixels to 8 bits over the image's own range (X-rays rarely fill 16 bits)."""
-    arr = arr.astype(np.float64)
-    lo, hi = float(arr.min()), float(arr.max())
+def _stretch_to_uint8(arr: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Pixels from lo..hi to 0..255, clipped outside; all black when the range is empty."""
     if hi <= lo:
         return np.zeros(arr.shape, np.uint8)
-    return np.round((arr - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+    scaled = (arr.astype(np.float64) - lo) * (255.0 / (hi - lo))
+    return np.round(np.clip(scaled, 0.0, 255.0)).astype(np.uint8)
+
+
+def window_to_uint8(arr: np.ndarray) -> np.ndarray:
+    """Deep pixels without a window of their own to 8 bits: the WINDOW_PERCENTILES of the image
+    become black and white, so a few extreme pixels cannot flatten the contrast. An image
+    whose percentiles coincide (mostly one value) falls back to its full range."""
+    arr = arr.astype(np.float64)
+    lo, hi = (float(v) for v in np.percentile(arr, WINDOW_PERCENTILES))
+    if hi <= lo:
+        lo, hi = float(arr.min()), float(arr.max())
+    return _stretch_to_uint8(arr, lo, hi)
+
+
+def _has_window(ds) -> bool:
+    """True when the DICOM file carries its own window (centre and width, or a VOI LUT)."""
+    return ("WindowCenter" in ds and "WindowWidth" in ds) or "VOILUTSequence" in ds
 
 
 def _read_dicom(path: Path, pixels: bool = True):
@@ -98,8 +119,21 @@ def _read_dicom(path: Path, pixels: bool = True):
     return ds
 
 
+def _dicom_pixels(path: Path, ds) -> np.ndarray:
+    """The stored pixel array of one grayscale frame."""
+    try:
+        arr = ds.pixel_array
+    except Exception as err:  # compressed transfer syntax without a decoder, bad length...
+        raise ImageReadError(path, f"cannot decode DICOM pixel data ({err})") from err
+    if arr.ndim != 2:
+        raise ImageReadError(path, f"expected one grayscale frame, got pixel array of shape "
+                                   f"{arr.shape}")
+    return arr
+
+
 def read_dicom(path: Path | str) -> np.ndarray:
-    """DICOM to (H, W) uint8: modality and VOI LUT (windowing) applied, MONOCHROME1 inverted.
+    """DICOM to (H, W) uint8: modality LUT, then the file's own window (VOI LUT) when it has one,
+    else the WINDOW_PERCENTILES window; MONOCHROME1 inverted.
 
     Only pixels leave this function: no patient identifier reaches any output.
     """
@@ -107,23 +141,34 @@ def read_dicom(path: Path | str) -> np.ndarray:
 
     path = Path(path)
     ds = _read_dicom(path)
-    try:
-        arr = ds.pixel_array
-    except Exception as err:  # compressed transfer syntax without a decoder, bad length...
-        raise ImageReadError(path, f"cannot decode DICOM pixel data ({err})") from err
-    if arr.ndim != 2:
-        raise ImageReadError(path, f"expected one grayscale frame, got pixel array of shape {arr.shape}")
-    arr = apply_voi_lut(apply_modality_lut(arr, ds), ds).astype(np.float64)
+    arr, windowed = _dicom_pixels(path, ds), _has_window(ds)
+    try:  # pydicom raises several types on bad values (a width of 0, a LUT of the wrong size)
+        arr = apply_modality_lut(arr, ds)
+        if windowed:
+            arr = apply_voi_lut(arr, ds)
+    except Exception as err:
+        raise ImageReadError(path, f"cannot apply the DICOM rescale or window ({err})") from err
+    arr = np.asarray(arr, dtype=np.float64)
     if ds.get("PhotometricInterpretation", "MONOCHROME2") == "MONOCHROME1":
-        arr = arr.max() - arr  # MONOCHROME1: high values are dark
-    return _stretch_to_uint8(arr)
+        arr = -arr  # MONOCHROME1: high values are dark
+    if windowed:  # the window already chose what is black and white
+        return _stretch_to_uint8(arr, float(arr.min()), float(arr.max()))
+    return window_to_uint8(arr)
+
+
+def _pil_to_uint8(img: Image.Image) -> np.ndarray:
+    """A decoded PIL image as (H, W) uint8; colour becomes luminance, deep pixels are windowed."""
+    if img.mode in _DEEP_MODES:
+        return window_to_uint8(np.asarray(img))
+    return np.asarray(img.convert("L"), dtype=np.uint8)
 
 
 def read_grayscale(path: Path | str) -> np.ndarray:
     """Decode an X-ray file into an (H, W) uint8 array.
 
     JPEG and PNG (8 or 16 bit; grayscale, RGB, RGBA or CMYK, colour converted to luminance)
-    and DICOM (.dcm). 8-bit pixels are kept as they are; deeper ones are stretched to 8 bits.
+    and DICOM (.dcm). 8-bit pixels are kept as they are; deeper ones without a window of their
+    own map their WINDOW_PERCENTILES to black and white.
     """
     path = Path(path)
     if path.suffix.lower() == ".dcm":
@@ -131,9 +176,7 @@ def read_grayscale(path: Path | str) -> np.ndarray:
     try:
         with _open_image(path) as img:
             img.load()
-            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-                return _stretch_to_uint8(np.asarray(img))
-            return np.asarray(img.convert("L"), dtype=np.uint8)
+            return _pil_to_uint8(img)
     except ImageReadError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
