@@ -1,7 +1,13 @@
-"""Reading X-ray files: one place that turns a file into a grayscale uint8 array."""
+"""Reading X-ray files: one place that turns a file into a grayscale uint8 array.
+
+Accepted inputs: JPEG (.jpeg, .jpg), PNG (.png) and DICOM (.dcm), one frame each, whose content
+matches the suffix, at least MIN_SIDE pixels on each side and no more elongated than MAX_ASPECT.
+Everything else is refused with an ImageReadError that names the file and says why.
+"""
 
 from __future__ import annotations
 
+import stat
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -10,6 +16,17 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png", ".dcm"})
+# The formats PIL may report for each suffix. MPO is how PIL names a JPEG that carries a
+# multi-picture index (some cameras and scanners write one); a one-frame MPO is a plain JPEG.
+SUFFIX_FORMATS = {".jpeg": ("JPEG", "MPO"), ".jpg": ("JPEG", "MPO"), ".png": ("PNG",)}
+# Smallest accepted side in pixels. Models here see 224-299 px; below 64 px an X-ray carries no
+# diagnostic detail, and such a file is a thumbnail, an icon or a placeholder, not a radiograph.
+MIN_SIDE = 64
+# Largest accepted ratio of the longer side to the shorter one. Chest radiographs are close to
+# square (detector plates are 35x43 cm or 43x43 cm, Kermany images lie within about 1:2), so a
+# ratio over 1:5 is a strip, a banner or a corrupt header, and squashing it to a square input
+# would give a confident answer on a picture that is not a chest.
+MAX_ASPECT = 5.0
 # Percentiles mapped to black and white for deep pixels that carry no window of their own: a
 # few saturated or dead pixels (burned-in labels, detector defects) then cannot decide the
 # contrast of the whole image.
@@ -26,6 +43,36 @@ class ImageReadError(ValueError):
         self.reason = reason
 
 
+def _file_kind(mode: int) -> str:
+    """A plain-words name for what a stat mode describes."""
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device file"
+    return "not a regular file"
+
+
+def _require_regular_file(path: Path) -> None:
+    """Refuses a missing path, or one that is not a regular file, before anything opens it
+    (opening a FIFO would wait forever for a writer; a device file may never end)."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError as err:
+        raise ImageReadError(path, "no such file (or a broken symbolic link)") from err
+    except OSError as err:
+        reason = err.strerror or err.__class__.__name__
+        raise ImageReadError(path, f"cannot open ({reason})") from err
+    if not stat.S_ISREG(mode):
+        raise ImageReadError(path, f"{_file_kind(mode)}, not an image file; not read")
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        raise ImageReadError(path, f"unsupported file type (suffix {path.suffix or 'none'}); "
+                                   "expected JPEG (.jpeg, .jpg), PNG (.png) or DICOM (.dcm)")
+
+
 @contextmanager
 def _open_image(path: Path):
     """PIL's open, with its decompression-bomb warning (over about 89 megapixels) made an error:
@@ -39,10 +86,21 @@ def _open_image(path: Path):
             raise ImageReadError(path, f"refused: too many pixels for an X-ray ({err})") from err
 
 
+def _is_dicom(path: Path) -> bool:
+    """True when the file starts with the DICOM preamble and 'DICM' marker."""
+    with path.open("rb") as f:
+        return f.read(132)[128:] == b"DICM"
+
+
 def _unreadable(path: Path, reason: str) -> ImageReadError:
-    """The error for a file PIL could not read; an empty file says so plainly."""
-    size = path.stat().st_size if path.exists() else 0
-    return ImageReadError(path, "empty file" if size == 0 else reason)
+    """The error for a file PIL could not read; an empty file, or a DICOM file under another
+    suffix, says so plainly."""
+    if path.stat().st_size == 0:
+        return ImageReadError(path, "empty file")
+    if _is_dicom(path):
+        return ImageReadError(path, f"content is DICOM, not {path.suffix.lower()[1:].upper()}; "
+                                    "rename it to .dcm")
+    return ImageReadError(path, reason)
 
 
 def is_image_file(path: Path) -> bool:
@@ -51,25 +109,52 @@ def is_image_file(path: Path) -> bool:
             and path.suffix.lower() in IMAGE_SUFFIXES)
 
 
+def _check_shape(path: Path, width: int, height: int) -> None:
+    """Refuses images with no pixels, smaller than MIN_SIDE, or more elongated than MAX_ASPECT."""
+    if width <= 0 or height <= 0:
+        raise ImageReadError(path, f"image has no pixels ({width}x{height})")
+    if min(width, height) < MIN_SIDE:
+        raise ImageReadError(path, f"image too small for an X-ray ({width}x{height} pixels; "
+                                   f"each side needs at least {MIN_SIDE})")
+    if max(width, height) / min(width, height) > MAX_ASPECT:
+        raise ImageReadError(path, f"implausible shape for a chest X-ray ({width}x{height} pixels; "
+                                   f"sides may differ by at most 1:{MAX_ASPECT:g})")
+
+
+def _check_header(path: Path, img: Image.Image) -> None:
+    """Refuses content that does not match the suffix, more than one frame, or a bad shape."""
+    expected = SUFFIX_FORMATS[path.suffix.lower()]
+    if img.format not in expected:
+        raise ImageReadError(path, f"content is {img.format or 'an unknown format'}, not "
+                                   f"{expected[0]} as the suffix {path.suffix} says; "
+                                   "only JPEG, PNG and DICOM are read")
+    frames = getattr(img, "n_frames", 1)
+    if frames > 1:
+        raise ImageReadError(path, f"{frames} frames (animated or multi-page image); "
+                                   "expected a single X-ray")
+    _check_shape(path, *img.size)
+
+
 def image_size(path: Path | str) -> tuple[int, int]:
     """(width, height) from the file header, without decoding the pixels.
 
-    Also catches files that are not images and JPEGs cut short (no end-of-image marker),
-    so bad files are found before training starts rather than in the middle of an epoch.
+    Also catches files that are not images, content that does not match the suffix, multi-frame
+    files, implausible sizes and JPEGs cut short (no end-of-image marker), so bad files are found
+    before training starts rather than in the middle of an epoch.
     """
     path = Path(path)
+    _require_regular_file(path)
     if path.suffix.lower() == ".dcm":
         ds = _read_dicom(path, pixels=False)
         return int(ds.Columns), int(ds.Rows)
     try:
         with _open_image(path) as img:
+            _check_header(path, img)
             width, height = img.size
             fmt = img.format
-    except (UnidentifiedImageError, OSError) as err:
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise _unreadable(path, f"not a readable image ({err.__class__.__name__})") from err
-    if width <= 0 or height <= 0:
-        raise ImageReadError(path, f"image has no pixels ({width}x{height})")
-    if fmt == "JPEG" and not _jpeg_has_end_marker(path):
+    if fmt in ("JPEG", "MPO") and not _jpeg_has_end_marker(path):
         raise ImageReadError(path, "truncated JPEG (no end-of-image marker)")
     return width, height
 
@@ -106,16 +191,39 @@ def _has_window(ds) -> bool:
     return ("WindowCenter" in ds and "WindowWidth" in ds) or "VOILUTSequence" in ds
 
 
+def _dicom_format_error(path: Path, err: Exception) -> ImageReadError:
+    """The error for a .dcm file pydicom cannot read, naming the real format when PIL knows it."""
+    try:
+        with Image.open(path) as img:
+            found = img.format
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):  # not an image either
+        found = None
+    if found:
+        return ImageReadError(path, f"content is {found}, not DICOM as the suffix .dcm says")
+    return ImageReadError(path, f"not a readable DICOM file ({err.__class__.__name__})")
+
+
 def _read_dicom(path: Path, pixels: bool = True):
+    """The pydicom dataset, its header checked like an image's (one frame, size, shape)."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=not pixels)
     except (InvalidDicomError, OSError, ValueError, EOFError) as err:
-        raise ImageReadError(path, f"not a readable DICOM file ({err.__class__.__name__})") from err
+        raise _dicom_format_error(path, err) from err
     if "Rows" not in ds or "Columns" not in ds or (pixels and "PixelData" not in ds):
         raise ImageReadError(path, "DICOM file has no pixel data")
+    try:
+        frames, width, height = int(ds.get("NumberOfFrames") or 1), int(ds.Columns), int(ds.Rows)
+    except (TypeError, ValueError) as err:
+        reason = f"DICOM header has an invalid size or frame count ({err})"
+        raise ImageReadError(path, reason) from err
+    if frames > 1:
+        raise ImageReadError(path, f"{frames} frames (multi-frame DICOM); expected a single X-ray")
+    if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
+        raise ImageReadError(path, f"refused: too many pixels for an X-ray ({width}x{height})")
+    _check_shape(path, width, height)
     return ds
 
 
@@ -140,6 +248,7 @@ def read_dicom(path: Path | str) -> np.ndarray:
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     path = Path(path)
+    _require_regular_file(path)
     ds = _read_dicom(path)
     arr, windowed = _dicom_pixels(path, ds), _has_window(ds)
     try:  # pydicom raises several types on bad values (a width of 0, a LUT of the wrong size)
@@ -168,13 +277,15 @@ def read_grayscale(path: Path | str) -> np.ndarray:
 
     JPEG and PNG (8 or 16 bit; grayscale, RGB, RGBA or CMYK, colour converted to luminance)
     and DICOM (.dcm). 8-bit pixels are kept as they are; deeper ones without a window of their
-    own map their WINDOW_PERCENTILES to black and white.
+    own map their WINDOW_PERCENTILES to black and white. Refuses what image_size refuses.
     """
     path = Path(path)
+    _require_regular_file(path)
     if path.suffix.lower() == ".dcm":
         return read_dicom(path)
     try:
         with _open_image(path) as img:
+            _check_header(path, img)
             img.load()
             return _pil_to_uint8(img)
     except ImageReadError:

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from pneumonia.io import ImageReadError, read_grayscale
+from pneumonia.io import MAX_ASPECT, MIN_SIDE, ImageReadError, image_size, read_grayscale
+
+SAMPLES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "samples"
+READERS = (image_size, read_grayscale)
 
 
 def _xray16(height: int = 160, width: int = 128) -> np.ndarray:
@@ -102,3 +107,129 @@ def test_dicom_with_short_pixel_data_is_a_per_file_error(tmp_path):
     ds.save_as(path)
     with pytest.raises(ImageReadError, match=r"short.dcm: cannot decode DICOM pixel data"):
         read_grayscale(path)
+
+
+# 3. Only JPEG, PNG and DICOM, content matching the suffix, one frame
+
+
+@pytest.mark.parametrize("real, name", [("GIF", "scan.png"), ("TIFF", "scan.jpeg"),
+                                        ("BMP", "scan.png"), ("PNG", "scan.jpg"),
+                                        ("JPEG", "scan.png")])
+def test_content_must_match_the_suffix(tmp_path, real, name):
+    Image.fromarray(np.full((96, 96), 100, np.uint8)).save(tmp_path / name, format=real)
+    for reader in READERS:
+        with pytest.raises(ImageReadError, match=rf"{name}: content is {real}, not "):
+            reader(tmp_path / name)
+
+
+def test_dcm_must_be_dicom(tmp_path):
+    _png(tmp_path / "scan.dcm")
+    (tmp_path / "notes.dcm").write_text("patient notes\n" * 20)
+    for reader in READERS:
+        with pytest.raises(ImageReadError, match=r"scan.dcm: content is PNG, not DICOM"):
+            reader(tmp_path / "scan.dcm")
+        with pytest.raises(ImageReadError, match=r"notes.dcm: not a readable DICOM file"):
+            reader(tmp_path / "notes.dcm")
+
+
+def test_dicom_named_png_says_rename(tmp_path):
+    path = _write_dicom(tmp_path / "scan.png", _xray16())
+    with pytest.raises(ImageReadError, match=r"scan.png: content is DICOM, not PNG; rename"):
+        read_grayscale(path)
+
+
+@pytest.mark.parametrize("suffix", [".gif", ".tif", ".bmp", ".webp", ""])
+def test_other_suffixes_are_refused(tmp_path, suffix):
+    path = _png(tmp_path / f"scan{suffix}")
+    for reader in READERS:
+        with pytest.raises(ImageReadError, match=r"unsupported file type.*JPEG.*PNG.*DICOM"):
+            reader(path)
+
+
+def test_animated_png_is_refused_with_its_frame_count(tmp_path):
+    frames = [Image.fromarray(np.full((96, 96), v, np.uint8)) for v in (0, 100, 200)]
+    frames[0].save(tmp_path / "anim.png", save_all=True, append_images=frames[1:])
+    for reader in READERS:
+        with pytest.raises(ImageReadError, match=r"anim.png: 3 frames"):
+            reader(tmp_path / "anim.png")
+
+
+def test_multi_frame_dicom_is_refused_with_its_frame_count(tmp_path):
+    path = _write_dicom(tmp_path / "cine.dcm", np.stack([_xray16()] * 2), NumberOfFrames=2)
+    for reader in READERS:
+        with pytest.raises(ImageReadError, match=r"cine.dcm: 2 frames"):
+            reader(path)
+
+
+def test_fifo_given_to_the_reader_is_refused_without_blocking(tmp_path):
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    errors = []
+
+    def read() -> None:
+        try:
+            read_grayscale(fifo)
+        except ImageReadError as err:
+            errors.append(err)
+
+    worker = threading.Thread(target=read, daemon=True)
+    worker.start()
+    worker.join(10)
+    assert not worker.is_alive(), "the reader opened the FIFO and waits for a writer"
+    assert "named pipe (FIFO), not an image file" in str(errors[0])
+
+
+def test_missing_file_is_named_as_missing(tmp_path):
+    for reader in READERS:
+        with pytest.raises(ImageReadError, match=r"gone.jpeg: no such file"):
+            reader(tmp_path / "gone.jpeg")
+
+
+# 4. Size and shape
+
+
+@pytest.mark.parametrize("width, height, reason", [
+    (1, 1, "image too small"), (MIN_SIDE - 1, 200, "image too small"),
+    (20000, 20, "image too small"),
+    (400, 70, "implausible shape"), (70, 400, "implausible shape"),
+])
+def test_tiny_or_elongated_images_are_refused(tmp_path, width, height, reason):
+    path = _png(tmp_path / "odd.png", width, height)
+    for reader in READERS:
+        with pytest.raises(ImageReadError, match=rf"odd.png: {reason} .*\({width}x{height} pixels"):
+            reader(path)
+
+
+@pytest.mark.parametrize("width, height", [(MIN_SIDE, MIN_SIDE), (int(MIN_SIDE * MAX_ASPECT),
+                                                                  MIN_SIDE)])
+def test_limits_themselves_are_accepted(tmp_path, width, height):
+    path = _png(tmp_path / "edge.png", width, height)
+    assert image_size(path) == (width, height)
+    assert read_grayscale(path).shape == (height, width)
+
+
+def test_tiny_dicom_is_refused(tmp_path):
+    path = _write_dicom(tmp_path / "tiny.dcm", np.zeros((8, 8), np.uint16))
+    for reader in READERS:
+        with pytest.raises(ImageReadError, match=r"tiny.dcm: image too small .*8x8"):
+            reader(path)
+
+
+def test_training_scan_names_a_tiny_image(tmp_path):
+    from pneumonia.data.kermany import DataError, scan_kermany
+
+    for folder, name in (("NORMAL", "IM-0001-0001.jpeg"), ("PNEUMONIA", "person1_virus_1.jpeg")):
+        (tmp_path / "train" / folder).mkdir(parents=True)
+        Image.fromarray(np.full((96, 96), 100, np.uint8)).save(tmp_path / "train" / folder / name)
+    Image.new("L", (1, 1)).save(tmp_path / "train" / "NORMAL" / "IM-0002-0001.jpeg")
+    with pytest.raises(DataError, match=r"IM-0002-0001.jpeg: image too small"):
+        scan_kermany(tmp_path)
+
+
+@pytest.mark.skipif(not SAMPLES.is_dir(), reason=f"real X-rays not found at {SAMPLES}")
+def test_real_samples_pass_every_check():
+    samples = sorted(SAMPLES.glob("*.jpeg"))[:6]
+    assert samples
+    for path in samples:
+        width, height = image_size(path)
+        assert read_grayscale(path).shape == (height, width)
