@@ -7,6 +7,7 @@ Everything else is refused with an ImageReadError that names the file and says w
 
 from __future__ import annotations
 
+import os
 import stat
 import warnings
 from contextlib import contextmanager
@@ -34,11 +35,21 @@ WINDOW_PERCENTILES = (0.5, 99.5)
 _DEEP_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
+def display_name(path: Path | str) -> str:
+    """The path as printable text: bytes that are not UTF-8 become U+FFFD.
+
+    Linux allows any bytes in a file name; Python keeps undecodable ones as lone surrogates,
+    which UTF-8 writers (HTML, CSV, matplotlib, the terminal) refuse. Use this to show a path,
+    and the Path itself to open the file.
+    """
+    return os.fsencode(os.fspath(path)).decode("utf-8", errors="replace")
+
+
 class ImageReadError(ValueError):
     """A file that should be an X-ray could not be read."""
 
     def __init__(self, path: Path | str, reason: str) -> None:
-        super().__init__(f"{path}: {reason}")
+        super().__init__(f"{display_name(path)}: {reason}")
         self.path = Path(path)
         self.reason = reason
 
@@ -292,3 +303,67 @@ def read_grayscale(path: Path | str) -> np.ndarray:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise _unreadable(path, f"cannot decode image ({err})") from err
+
+
+def _walk(folder: Path, problems: list[ImageReadError]) -> list[Path]:
+    """Every visible entry under folder except real folders, which are entered (folders behind
+    symbolic links are not). A folder that cannot be listed becomes a problem."""
+    try:
+        with os.scandir(folder) as it:
+            entries = [e for e in it if not e.name.startswith(".")]
+    except OSError as err:
+        problems.append(ImageReadError(folder, f"cannot list folder ({err.strerror})"))
+        return []
+    found: list[Path] = []
+    for entry in entries:
+        path = Path(entry.path)
+        if entry.is_dir(follow_symlinks=False):
+            found += _walk(path, problems)
+        else:
+            found.append(path)
+    return found
+
+
+def _entry_problem(path: Path, root: Path) -> str | None:
+    """Why an entry is not read, or None for a regular file or a link to one inside root."""
+    try:
+        mode = path.lstat().st_mode
+    except OSError as err:
+        return f"cannot inspect ({err.strerror})"
+    if not stat.S_ISLNK(mode):
+        return None if stat.S_ISREG(mode) else f"{_file_kind(mode)}, not an image file; not read"
+    try:
+        target = path.resolve(strict=True)
+        target_mode = target.stat().st_mode
+    except (OSError, RuntimeError):  # RuntimeError: a loop of links
+        return "broken symbolic link (its target does not exist); not followed"
+    if not stat.S_ISREG(target_mode):
+        return f"symbolic link to {_file_kind(target_mode)}; not followed"
+    if not target.is_relative_to(root):
+        return "symbolic link to a file outside the input folder; not followed"
+    return None
+
+
+def scan_inputs(folder: Path) -> tuple[list[Path], list[ImageReadError]]:
+    """The files to read under an input folder, and the entries that are not read, with why.
+
+    Looks at every visible entry (no part of its path starts with '.'), sorted. Regular files
+    and symbolic links to a regular file inside the folder are returned as files (whatever
+    their suffix: the reader reports non-images). Links that leave the folder, broken links,
+    links to folders, FIFOs, sockets and device files become problems; none is opened.
+    Raises FileNotFoundError when the folder does not exist or is not a folder.
+    """
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"input={display_name(folder)} does not exist or is not a folder")
+    root = folder.resolve()
+    files: list[Path] = []
+    problems: list[ImageReadError] = []
+    for path in sorted(_walk(folder, problems)):
+        reason = _entry_problem(path, root)
+        if reason is None:
+            files.append(path)
+        else:
+            problems.append(ImageReadError(path, reason))
+    problems.sort(key=lambda err: err.path)
+    return files, problems

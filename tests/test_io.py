@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import socket
+import stat
 import threading
 from pathlib import Path
 
@@ -10,7 +12,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pneumonia.io import MAX_ASPECT, MIN_SIDE, ImageReadError, image_size, read_grayscale
+from pneumonia.io import (
+    MAX_ASPECT,
+    MIN_SIDE,
+    ImageReadError,
+    display_name,
+    image_size,
+    read_grayscale,
+    scan_inputs,
+)
 
 SAMPLES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "samples"
 READERS = (image_size, read_grayscale)
@@ -233,3 +243,108 @@ def test_real_samples_pass_every_check():
     for path in samples:
         width, height = image_size(path)
         assert read_grayscale(path).shape == (height, width)
+
+
+# 5. Input folder scan for explain
+
+
+def test_scan_returns_visible_files_sorted_and_skips_hidden(tmp_path):
+    (tmp_path / "b").mkdir()
+    (tmp_path / ".git").mkdir()
+    for name in ("b/2.png", "a.jpeg", "notes.txt", ".DS_Store", ".git/x.png"):
+        (tmp_path / name).write_bytes(b"x")
+    files, problems = scan_inputs(tmp_path)
+    assert files == [tmp_path / "a.jpeg", tmp_path / "b" / "2.png", tmp_path / "notes.txt"]
+    assert problems == []
+
+
+def test_scan_follows_links_only_inside_the_folder(tmp_path):
+    inp, outside = tmp_path / "in", tmp_path / "secret"
+    inp.mkdir()
+    outside.mkdir()
+    _png(inp / "real.png")
+    _png(outside / "other.png")
+    (inp / "inside.png").symlink_to(inp / "real.png")
+    (inp / "escape.png").symlink_to(outside / "other.png")
+    (inp / "dangling.png").symlink_to(inp / "nowhere.png")
+    (inp / "loop.png").symlink_to(inp / "loop.png")
+    (inp / "folder").symlink_to(outside, target_is_directory=True)
+    files, problems = scan_inputs(inp)
+    assert files == [inp / "inside.png", inp / "real.png"]
+    reasons = {err.path.name: err.reason for err in problems}
+    assert reasons == {
+        "escape.png": "symbolic link to a file outside the input folder; not followed",
+        "dangling.png": "broken symbolic link (its target does not exist); not followed",
+        "loop.png": "broken symbolic link (its target does not exist); not followed",
+        "folder": "symbolic link to a folder; not followed",
+    }
+    assert [err.path for err in problems] == sorted(err.path for err in problems)
+
+
+def test_scan_through_a_linked_input_folder(tmp_path):
+    (tmp_path / "real").mkdir()
+    _png(tmp_path / "real" / "a.png")
+    (tmp_path / "real" / "b.png").symlink_to(tmp_path / "real" / "a.png")
+    (tmp_path / "link").symlink_to(tmp_path / "real", target_is_directory=True)
+    files, problems = scan_inputs(tmp_path / "link")
+    assert [p.name for p in files] == ["a.png", "b.png"] and problems == []
+
+
+def test_scan_reports_fifo_socket_and_device_without_opening_them(tmp_path):
+    os.mkfifo(tmp_path / "pipe.png")
+    expected = {"pipe.png": "a named pipe (FIFO), not an image file; not read"}
+    sock = socket.socket(socket.AF_UNIX)
+    try:
+        sock.bind(str(tmp_path / "s.png"))
+        expected["s.png"] = "a socket, not an image file; not read"
+    except OSError:  # a path too long for AF_UNIX: the socket case is not shown here
+        pass
+    try:
+        os.mknod(tmp_path / "null.png", stat.S_IFCHR | 0o600, os.makedev(1, 3))
+        expected["null.png"] = "a device file, not an image file; not read"
+    except (PermissionError, OSError):
+        pass
+    try:
+        files, problems = scan_inputs(tmp_path)
+    finally:
+        sock.close()
+    assert files == []
+    assert {err.path.name: err.reason for err in problems} == expected
+
+
+def test_device_files_are_problems():
+    if not Path("/dev/null").exists():
+        pytest.skip("no /dev/null")
+    assert "device file" in _entry_reason(Path("/dev/null"))
+
+
+def _entry_reason(path: Path) -> str:
+    from pneumonia.io import _entry_problem
+
+    return _entry_problem(path, path.parent)
+
+
+def test_scan_of_a_missing_folder_or_a_file_raises(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"input=.*nowhere does not exist or is not a"):
+        scan_inputs(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match=r"a.png does not exist or is not a folder"):
+        scan_inputs(_png(tmp_path / "a.png"))
+
+
+def test_non_utf8_file_names_are_read_and_displayable(tmp_path):
+    raw = os.path.join(os.fsencode(tmp_path), b"\xff\xfe scan.png")
+    with open(raw, "wb") as f:
+        Image.fromarray(_xray16()).save(f, format="PNG")
+    with open(os.path.join(os.fsencode(tmp_path), b"\xff bad.png"), "wb") as f:
+        f.write(b"not an image")
+    files, problems = scan_inputs(tmp_path)
+    assert problems == [] and len(files) == 2
+    bad, good = files
+    assert read_grayscale(good).shape == (160, 128)
+    assert display_name(good) == f"{display_name(tmp_path)}/\ufffd\ufffd scan.png"
+    display_name(good).encode("utf-8")  # HTML, CSV and matplotlib can write it
+    with pytest.raises(ImageReadError) as err:
+        read_grayscale(bad)
+    str(err.value).encode("utf-8")
+    assert "\ufffd bad.png: cannot decode image" in str(err.value)
+
