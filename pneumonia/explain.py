@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from pneumonia.attribution import attribution_map
 from pneumonia.checkpoints import local_references, resolve_all
-from pneumonia.io import IMAGE_SUFFIXES, ImageReadError, display_name, read_grayscale, scan_inputs
+from pneumonia.io import ImageReadError, display_name, read_grayscale, scan_inputs
 from pneumonia.outputs import claim_output
 from pneumonia.pipeline import CLASSES, TwoStagePipeline
 from pneumonia.report import index_html, plot_explanation, report_names, write_csv
@@ -124,8 +124,6 @@ class Explainer:
 
 def _read(path: Path, name: str) -> tuple[np.ndarray | None, dict | None]:
     """The decoded image, or the failed row that says why there is none."""
-    if path.suffix.lower() not in IMAGE_SUFFIXES:
-        return None, _failed(name, f"not an image file (suffix {display_name(Path(path.suffix)) or 'none'})")
     try:
         return read_grayscale(path), None
     except ImageReadError as err:

@@ -1,7 +1,14 @@
-"""Reading X-ray files: one place that turns a file into a grayscale uint8 array."""
+"""Reading X-ray files: one place that turns a file into a grayscale uint8 array.
+
+Accepted inputs: JPEG (.jpeg, .jpg), PNG (.png) and DICOM (.dcm), one frame each, whose content
+matches the suffix, at least MIN_SIDE pixels on each side and no more elongated than MAX_ASPECT.
+Everything else is refused with an ImageReadError that names the file and says why.
+"""
 
 from __future__ import annotations
 
+import os
+import stat
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -10,15 +17,71 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png", ".dcm"})
+# The formats PIL may report for each suffix. MPO is how PIL names a JPEG that carries a
+# multi-picture index (some cameras and scanners write one); a one-frame MPO is a plain JPEG.
+SUFFIX_FORMATS = {".jpeg": ("JPEG", "MPO"), ".jpg": ("JPEG", "MPO"), ".png": ("PNG",)}
+# Smallest accepted side in pixels. Models here see 224-299 px; below 64 px an X-ray carries no
+# diagnostic detail, and such a file is a thumbnail, an icon or a placeholder, not a radiograph.
+MIN_SIDE = 64
+# Largest accepted ratio of the longer side to the shorter one. Chest radiographs are close to
+# square (detector plates are 35x43 cm or 43x43 cm, Kermany images lie within about 1:2), so a
+# ratio over 1:5 is a strip, a banner or a corrupt header, and squashing it to a square input
+# would give a confident answer on a picture that is not a chest.
+MAX_ASPECT = 5.0
+# Percentiles mapped to black and white for deep pixels that carry no window of their own: a
+# few saturated or dead pixels (burned-in labels, detector defects) then cannot decide the
+# contrast of the whole image.
+WINDOW_PERCENTILES = (0.5, 99.5)
+_DEEP_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def display_name(path: Path | str) -> str:
+    """The path as printable text: bytes that are not UTF-8 become U+FFFD.
+
+    Linux allows any bytes in a file name; Python keeps undecodable ones as lone surrogates,
+    which UTF-8 writers (HTML, CSV, matplotlib, the terminal) refuse. Use this to show a path,
+    and the Path itself to open the file.
+    """
+    return os.fsencode(os.fspath(path)).decode("utf-8", errors="replace")
 
 
 class ImageReadError(ValueError):
     """A file that should be an X-ray could not be read."""
 
     def __init__(self, path: Path | str, reason: str) -> None:
-        super().__init__(f"{path}: {reason}")
+        super().__init__(f"{display_name(path)}: {reason}")
         self.path = Path(path)
         self.reason = reason
+
+
+def _file_kind(mode: int) -> str:
+    """A plain-words name for what a stat mode describes."""
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device file"
+    return "not a regular file"
+
+
+def _require_regular_file(path: Path) -> None:
+    """Refuses a missing path, or one that is not a regular file, before anything opens it
+    (opening a FIFO would wait forever for a writer; a device file may never end)."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError as err:
+        raise ImageReadError(path, "no such file (or a broken symbolic link)") from err
+    except OSError as err:
+        reason = err.strerror or err.__class__.__name__
+        raise ImageReadError(path, f"cannot open ({reason})") from err
+    if not stat.S_ISREG(mode):
+        raise ImageReadError(path, f"{_file_kind(mode)}, not an image file; not read")
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        raise ImageReadError(path, f"unsupported file type (suffix {path.suffix or 'none'}); "
+                                   "expected JPEG (.jpeg, .jpg), PNG (.png) or DICOM (.dcm)")
 
 
 @contextmanager
@@ -34,36 +97,75 @@ def _open_image(path: Path):
             raise ImageReadError(path, f"refused: too many pixels for an X-ray ({err})") from err
 
 
+def _is_dicom(path: Path) -> bool:
+    """True when the file starts with the DICOM preamble and 'DICM' marker."""
+    with path.open("rb") as f:
+        return f.read(132)[128:] == b"DICM"
+
+
 def _unreadable(path: Path, reason: str) -> ImageReadError:
-    """The error for a file PIL could not read; an empty file says so plainly."""
-    size = path.stat().st_size if path.exists() else 0
-    return ImageReadError(path, "empty file" if size == 0 else reason)
+    """The error for a file PIL could not read; an empty file, or a DICOM file under another
+    suffix, says so plainly."""
+    if path.stat().st_size == 0:
+        return ImageReadError(path, "empty file")
+    if _is_dicom(path):
+        return ImageReadError(path, f"content is DICOM, not {path.suffix.lower()[1:].upper()}; "
+                                    "rename it to .dcm")
+    return ImageReadError(path, reason)
 
 
 def is_image_file(path: Path) -> bool:
     """True for files this project reads; hidden files such as `.DS_Store` are not."""
-    return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES
+    return (path.is_file() and not path.name.startswith(".")
+            and path.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _check_shape(path: Path, width: int, height: int) -> None:
+    """Refuses images with no pixels, smaller than MIN_SIDE, or more elongated than MAX_ASPECT."""
+    if width <= 0 or height <= 0:
+        raise ImageReadError(path, f"image has no pixels ({width}x{height})")
+    if min(width, height) < MIN_SIDE:
+        raise ImageReadError(path, f"image too small for an X-ray ({width}x{height} pixels; "
+                                   f"each side needs at least {MIN_SIDE})")
+    if max(width, height) / min(width, height) > MAX_ASPECT:
+        raise ImageReadError(path, f"implausible shape for a chest X-ray ({width}x{height} pixels; "
+                                   f"sides may differ by at most 1:{MAX_ASPECT:g})")
+
+
+def _check_header(path: Path, img: Image.Image) -> None:
+    """Refuses content that does not match the suffix, more than one frame, or a bad shape."""
+    expected = SUFFIX_FORMATS[path.suffix.lower()]
+    if img.format not in expected:
+        raise ImageReadError(path, f"content is {img.format or 'an unknown format'}, not "
+                                   f"{expected[0]} as the suffix {path.suffix} says; "
+                                   "only JPEG, PNG and DICOM are read")
+    frames = getattr(img, "n_frames", 1)
+    if frames > 1:
+        raise ImageReadError(path, f"{frames} frames (animated or multi-page image); "
+                                   "expected a single X-ray")
+    _check_shape(path, *img.size)
 
 
 def image_size(path: Path | str) -> tuple[int, int]:
     """(width, height) from the file header, without decoding the pixels.
 
-    Also catches files that are not images and JPEGs cut short (no end-of-image marker),
-    so bad files are found before training starts rather than in the middle of an epoch.
+    Also catches files that are not images, content that does not match the suffix, multi-frame
+    files, implausible sizes and JPEGs cut short (no end-of-image marker), so bad files are found
+    before training starts rather than in the middle of an epoch.
     """
     path = Path(path)
+    _require_regular_file(path)
     if path.suffix.lower() == ".dcm":
         ds = _read_dicom(path, pixels=False)
         return int(ds.Columns), int(ds.Rows)
     try:
         with _open_image(path) as img:
+            _check_header(path, img)
             width, height = img.size
             fmt = img.format
-    except (UnidentifiedImageError, OSError) as err:
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise _unreadable(path, f"not a readable image ({err.__class__.__name__})") from err
-    if width <= 0 or height <= 0:
-        raise ImageReadError(path, f"image has no pixels ({width}x{height})")
-    if fmt == "JPEG" and not _jpeg_has_end_marker(path):
+    if fmt in ("JPEG", "MPO") and not _jpeg_has_end_marker(path):
         raise ImageReadError(path, "truncated JPEG (no end-of-image marker)")
     return width, height
 
@@ -76,76 +178,192 @@ def _jpeg_has_end_marker(path: Path, tail: int = 4096) -> bool:
         return b"\xff\xd9" in f.read()
 
 
-def _stretch_to_uint8(arr: np.ndarray) -> np.ndarray:
-    """High-bit-depth pixels to 8 bits over the image's own range (X-rays rarely fill 16 bits)."""
-    arr = arr.astype(np.float64)
-    lo, hi = float(arr.min()), float(arr.max())
+def _stretch_to_uint8(arr: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Pixels from lo..hi to 0..255, clipped outside; all black when the range is empty."""
     if hi <= lo:
         return np.zeros(arr.shape, np.uint8)
-    return np.round((arr - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+    scaled = (arr.astype(np.float64) - lo) * (255.0 / (hi - lo))
+    return np.round(np.clip(scaled, 0.0, 255.0)).astype(np.uint8)
+
+
+def window_to_uint8(arr: np.ndarray) -> np.ndarray:
+    """Deep pixels without a window of their own to 8 bits: the WINDOW_PERCENTILES of the image
+    become black and white, so a few extreme pixels cannot flatten the contrast. An image
+    whose percentiles coincide (mostly one value) falls back to its full range."""
+    arr = arr.astype(np.float64)
+    lo, hi = (float(v) for v in np.percentile(arr, WINDOW_PERCENTILES))
+    if hi <= lo:
+        lo, hi = float(arr.min()), float(arr.max())
+    return _stretch_to_uint8(arr, lo, hi)
+
+
+def _has_window(ds) -> bool:
+    """True when the DICOM file carries its own window (centre and width, or a VOI LUT)."""
+    return ("WindowCenter" in ds and "WindowWidth" in ds) or "VOILUTSequence" in ds
+
+
+def _dicom_format_error(path: Path, err: Exception) -> ImageReadError:
+    """The error for a .dcm file pydicom cannot read, naming the real format when PIL knows it."""
+    try:
+        with Image.open(path) as img:
+            found = img.format
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):  # not an image either
+        found = None
+    if found:
+        return ImageReadError(path, f"content is {found}, not DICOM as the suffix .dcm says")
+    return ImageReadError(path, f"not a readable DICOM file ({err.__class__.__name__})")
 
 
 def _read_dicom(path: Path, pixels: bool = True):
+    """The pydicom dataset, its header checked like an image's (one frame, size, shape)."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=not pixels)
     except (InvalidDicomError, OSError, ValueError, EOFError) as err:
-        raise ImageReadError(path, f"not a readable DICOM file ({err.__class__.__name__})") from err
+        raise _dicom_format_error(path, err) from err
     if "Rows" not in ds or "Columns" not in ds or (pixels and "PixelData" not in ds):
         raise ImageReadError(path, "DICOM file has no pixel data")
+    try:
+        frames, width, height = int(ds.get("NumberOfFrames") or 1), int(ds.Columns), int(ds.Rows)
+    except (TypeError, ValueError) as err:
+        reason = f"DICOM header has an invalid size or frame count ({err})"
+        raise ImageReadError(path, reason) from err
+    if frames > 1:
+        raise ImageReadError(path, f"{frames} frames (multi-frame DICOM); expected a single X-ray")
+    if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
+        raise ImageReadError(path, f"refused: too many pixels for an X-ray ({width}x{height})")
+    _check_shape(path, width, height)
     return ds
 
 
+def _dicom_pixels(path: Path, ds) -> np.ndarray:
+    """The stored pixel array of one grayscale frame."""
+    try:
+        arr = ds.pixel_array
+    except Exception as err:  # compressed transfer syntax without a decoder, bad length...
+        raise ImageReadError(path, f"cannot decode DICOM pixel data ({err})") from err
+    if arr.ndim != 2:
+        raise ImageReadError(path, f"expected one grayscale frame, got pixel array of shape "
+                                   f"{arr.shape}")
+    return arr
+
+
 def read_dicom(path: Path | str) -> np.ndarray:
-    """DICOM to (H, W) uint8: modality and VOI LUT (windowing) applied, MONOCHROME1 inverted.
+    """DICOM to (H, W) uint8: modality LUT, then the file's own window (VOI LUT) when it has one,
+    else the WINDOW_PERCENTILES window; MONOCHROME1 inverted.
 
     Only pixels leave this function: no patient identifier reaches any output.
     """
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     path = Path(path)
+    _require_regular_file(path)
     ds = _read_dicom(path)
-    try:
-        arr = ds.pixel_array
-    except Exception as err:  # compressed transfer syntax without a decoder, bad length...
-        raise ImageReadError(path, f"cannot decode DICOM pixel data ({err})") from err
-    if arr.ndim != 2:
-        raise ImageReadError(path, f"expected one grayscale frame, got pixel array of shape {arr.shape}")
-    arr = apply_voi_lut(apply_modality_lut(arr, ds), ds).astype(np.float64)
+    arr, windowed = _dicom_pixels(path, ds), _has_window(ds)
+    try:  # pydicom raises several types on bad values (a width of 0, a LUT of the wrong size)
+        arr = apply_modality_lut(arr, ds)
+        if windowed:
+            arr = apply_voi_lut(arr, ds)
+    except Exception as err:
+        raise ImageReadError(path, f"cannot apply the DICOM rescale or window ({err})") from err
+    arr = np.asarray(arr, dtype=np.float64)
     if ds.get("PhotometricInterpretation", "MONOCHROME2") == "MONOCHROME1":
-        arr = arr.max() - arr  # MONOCHROME1: high values are dark
-    return _stretch_to_uint8(arr)
+        arr = -arr  # MONOCHROME1: high values are dark
+    if windowed:  # the window already chose what is black and white
+        return _stretch_to_uint8(arr, float(arr.min()), float(arr.max()))
+    return window_to_uint8(arr)
+
+
+def _pil_to_uint8(img: Image.Image) -> np.ndarray:
+    """A decoded PIL image as (H, W) uint8; colour becomes luminance, deep pixels are windowed."""
+    if img.mode in _DEEP_MODES:
+        return window_to_uint8(np.asarray(img))
+    return np.asarray(img.convert("L"), dtype=np.uint8)
 
 
 def read_grayscale(path: Path | str) -> np.ndarray:
     """Decode an X-ray file into an (H, W) uint8 array.
 
     JPEG and PNG (8 or 16 bit; grayscale, RGB, RGBA or CMYK, colour converted to luminance)
-    and DICOM (.dcm). 8-bit pixels are kept as they are; deeper ones are stretched to 8 bits.
+    and DICOM (.dcm). 8-bit pixels are kept as they are; deeper ones without a window of their
+    own map their WINDOW_PERCENTILES to black and white. Refuses what image_size refuses.
     """
     path = Path(path)
+    _require_regular_file(path)
     if path.suffix.lower() == ".dcm":
         return read_dicom(path)
     try:
         with _open_image(path) as img:
+            _check_header(path, img)
             img.load()
-            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-                return _stretch_to_uint8(np.asarray(img))
-            return np.asarray(img.convert("L"), dtype=np.uint8)
+            return _pil_to_uint8(img)
     except ImageReadError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise _unreadable(path, f"cannot decode image ({err})") from err
 
 
-def display_name(path: Path) -> str:  # TEMPORARY until the io hardening lands
-    return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+def _walk(folder: Path, problems: list[ImageReadError]) -> list[Path]:
+    """Every visible entry under folder except real folders, which are entered (folders behind
+    symbolic links are not). A folder that cannot be listed becomes a problem."""
+    try:
+        with os.scandir(folder) as it:
+            entries = [e for e in it if not e.name.startswith(".")]
+    except OSError as err:
+        problems.append(ImageReadError(folder, f"cannot list folder ({err.strerror})"))
+        return []
+    found: list[Path] = []
+    for entry in entries:
+        path = Path(entry.path)
+        if entry.is_dir(follow_symlinks=False):
+            found += _walk(path, problems)
+        else:
+            found.append(path)
+    return found
 
 
-def scan_inputs(folder: Path) -> tuple[list[Path], list[ImageReadError]]:  # TEMPORARY
+def _entry_problem(path: Path, root: Path) -> str | None:
+    """Why an entry is not read, or None for a regular file or a link to one inside root."""
+    try:
+        mode = path.lstat().st_mode
+    except OSError as err:
+        return f"cannot inspect ({err.strerror})"
+    if not stat.S_ISLNK(mode):
+        return None if stat.S_ISREG(mode) else f"{_file_kind(mode)}, not an image file; not read"
+    try:
+        target = path.resolve(strict=True)
+        target_mode = target.stat().st_mode
+    except (OSError, RuntimeError):  # RuntimeError: a loop of links
+        return "broken symbolic link (its target does not exist); not followed"
+    if not stat.S_ISREG(target_mode):
+        return f"symbolic link to {_file_kind(target_mode)}; not followed"
+    if not target.is_relative_to(root):
+        return "symbolic link to a file outside the input folder; not followed"
+    return None
+
+
+def scan_inputs(folder: Path) -> tuple[list[Path], list[ImageReadError]]:
+    """The files to read under an input folder, and the entries that are not read, with why.
+
+    Looks at every visible entry (no part of its path starts with '.'), sorted. Regular files
+    and symbolic links to a regular file inside the folder are returned as files (whatever
+    their suffix: the reader reports non-images). Links that leave the folder, broken links,
+    links to folders, FIFOs, sockets and device files become problems; none is opened.
+    Raises FileNotFoundError when the folder does not exist or is not a folder.
+    """
+    folder = Path(folder).expanduser()
     if not folder.is_dir():
-        raise FileNotFoundError(f"input={folder} does not exist or is not a folder")
-    return sorted(p for p in folder.rglob("*")
-                  if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)), []
+        raise FileNotFoundError(f"input={display_name(folder)} does not exist or is not a folder")
+    root = folder.resolve()
+    files: list[Path] = []
+    problems: list[ImageReadError] = []
+    for path in sorted(_walk(folder, problems)):
+        reason = _entry_problem(path, root)
+        if reason is None:
+            files.append(path)
+        else:
+            problems.append(ImageReadError(path, reason))
+    problems.sort(key=lambda err: err.path)
+    return files, problems

@@ -142,7 +142,8 @@ def test_cmyk_and_rgba_images_are_read_as_grayscale(tmp_path):
 
     from pneumonia.io import read_grayscale
 
-    gray = Image.fromarray(np.tile(np.arange(0, 250, 10, dtype=np.uint8), (8, 1)))
+    steps = np.repeat(np.arange(0, 250, 10, dtype=np.uint8), 4)  # 100 px: over io.MIN_SIDE
+    gray = Image.fromarray(np.tile(steps, (64, 1)))
     gray.convert("CMYK").save(tmp_path / "cmyk.jpeg", quality=100)
     gray.convert("RGBA").save(tmp_path / "rgba.png")
     assert np.abs(read_grayscale(tmp_path / "cmyk.jpeg").astype(int) - np.asarray(gray)).max() <= 3

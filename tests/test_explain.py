@@ -59,10 +59,12 @@ def test_heatmap_peaks_in_the_region_the_decision_depends_on(method):
 
 
 def _pixels() -> np.ndarray:
-    """A gradient image that spans 0..255 exactly, so every format keeps the same pixels."""
+    """A gradient image that spans 0..255 exactly, so every format keeps the same pixels: the
+    black and white patches exceed the 0.5% tails that the 16-bit window (pneumonia.io) clips."""
     y, x = np.mgrid[0:80, 0:96]
     img = ((x + y) * 255 // (79 + 95)).astype(np.uint8)
     img[20:40, 30:50] = 255
+    img[50:70, 60:80] = 0
     return img
 
 
@@ -136,6 +138,7 @@ def xray_folder(tmp_path, synthetic_root) -> Path:
         shutil.copy(src, folder / src.name)
     pixels = read_grayscale(sources[0])
     pixels = ((pixels - pixels.min()) * (255.0 / (pixels.max() - pixels.min()))).astype(np.uint8)
+    pixels[:, :4], pixels[:, -4:] = 0, 255  # over the 0.5% tails: 16-bit copies window to 0..255
     Image.fromarray(pixels).save(folder / "same.png")
     _write_dicom(folder / "same.dcm", pixels.astype(np.uint16) * 257, "MONOCHROME2")
     Image.fromarray(pixels.astype(np.uint16) * 257).save(folder / "deep16.png")
@@ -168,7 +171,8 @@ def test_explain_a_folder(trained, xray_folder, tmp_path):
     failed = {f: r["reason"] for f, r in rows.items() if r["status"] != "ok"}
     assert failed == {
         "empty.jpeg": "empty file",
-        "notes.txt": "not an image file (suffix .txt)",
+        "notes.txt": "unsupported file type (suffix .txt); expected JPEG (.jpeg, .jpg), PNG (.png) "
+                     "or DICOM (.dcm)",
         "nopixels.dcm": "DICOM file has no pixel data",
         "truncated.jpeg": failed.get("truncated.jpeg"),
         "text.jpeg": failed.get("text.jpeg"),
