@@ -64,6 +64,9 @@ class Explainer:
     def __post_init__(self) -> None:
         module = self.pipeline.stages[self.cfg.stage]
         pre = module.hparams.preprocessing
+        if self.cfg.method == "occlusion" and self.cfg.stride > self.cfg.window:
+            raise ValueError(f"stride={self.cfg.stride} is larger than window={self.cfg.window}: "
+                             "pixels between windows would never be occluded")
         if self.cfg.window > pre["image_size"]:
             raise ValueError(f"window={self.cfg.window} is larger than the {self.cfg.stage} stage's "
                              f"input ({pre['image_size']} px)")
@@ -133,21 +136,20 @@ def _read(path: Path, name: str) -> tuple[np.ndarray | None, dict | None]:
 def explain_files(explainer: Explainer, input_dir: Path, files: list[Path]) -> list[dict]:
     """Summary rows for every file, `batch_images` images at a time."""
     size = explainer.cfg.batch_images
-    names = {path: display_name(path.relative_to(input_dir)) for path in files}
-    reports = report_names([path.relative_to(input_dir) for path in files])
+    names = [display_name(path.relative_to(input_dir)) for path in files]
+    reports = report_names(names)
     rows: list[dict] = []
     for start in tqdm(range(0, len(files), size), desc="explaining", unit="batch"):
         batch, images = [], []
-        for path in files[start:start + size]:
-            image, failed = _read(path, names[path])
+        for i in range(start, min(start + size, len(files))):
+            image, failed = _read(files[i], names[i])
             if failed:
                 rows.append(failed)
             else:
-                batch.append(path)
+                batch.append(i)
                 images.append(image)
         if images:
-            rows += explainer.explain([names[p] for p in batch], images, [reports[p.relative_to(input_dir)]
-                                                                         for p in batch])
+            rows += explainer.explain([names[i] for i in batch], images, [reports[i] for i in batch])
     return rows
 
 

@@ -233,10 +233,10 @@ class TwoStagePipeline:
         r = softmax_positive(logits["subtype"], cal.temperature["subtype"])  # P(viral | pneumonia)
         t = self.stage_thresholds()
         decision = np.where(p >= t["binary"], np.where(r >= t["subtype"], 2, 1), 0)
-        probabilities = combine(p, 1 - r)
         # A NaN compares False and would read as "normal": a non-finite output gets no decision.
-        decision[~np.isfinite(probabilities).all(axis=1)] = -1
-        return Prediction(p, r, probabilities, decision)
+        finite = np.isfinite(logits["binary"]).all(axis=1) & np.isfinite(logits["subtype"]).all(axis=1)
+        decision[~finite] = -1
+        return Prediction(p, r, combine(p, 1 - r), decision)
 
     def predict(self, records: list[Record], **loader) -> Prediction:
         return self.predict_logits(self.logits(records, **loader))

@@ -157,20 +157,21 @@ def plot_explanation(path: Path, image: np.ndarray, heatmap: np.ndarray, probabi
     return path
 
 
-def report_names(files: list[Path]) -> dict[Path, Path]:
-    """A report path per input file (relative paths), unique even where file systems ignore case:
-    `a/x.jpeg` -> `reports/a/x.jpeg.png` (the suffix stays, so x.png and x.jpeg differ), and a
-    name already taken in another case gets `-2`, `-3`... before `.png`."""
+def report_names(files: list[str]) -> list[Path]:
+    """A report path per input file (relative display names, as `display_name` gives them), unique
+    even where file systems ignore case: `a/x.jpeg` -> `reports/a/x.jpeg.png` (the suffix stays,
+    so x.png and x.jpeg differ), and a name already taken in any case gets `-2`, `-3`... before
+    `.png`."""
     taken: set[str] = set()
-    names = {}
-    for file in files:
+    names = []
+    for file in map(Path, files):
         base = Path("reports") / file.parent / (file.name + ".png")
         candidate, n = base, 1
         while candidate.as_posix().lower() in taken:
             n += 1
             candidate = base.with_name(f"{file.name}-{n}.png")
         taken.add(candidate.as_posix().lower())
-        names[file] = candidate
+        names.append(candidate)
     return names
 
 

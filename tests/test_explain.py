@@ -1,6 +1,7 @@
 """Explanations: attribution correctness, every input format, bad files, untouched inputs."""
 
 import csv
+import os
 import shutil
 from pathlib import Path
 
@@ -225,3 +226,42 @@ def test_other_methods_give_the_same_report_layout(trained, synthetic_root, tmp_
     assert {r["explained_class"] for r in result["rows"]} <= ({"normal", "pneumonia"} if stage == "binary"
                                                              else {"bacterial", "viral"})
     assert all((out / r["report"]).is_file() for r in result["rows"])
+
+
+@pytest.mark.slow
+def test_awkward_names_and_entries_each_get_their_own_row(trained, synthetic_root, tmp_path):
+    work, runs = trained
+    folder = tmp_path / "in"
+    folder.mkdir()
+    pixels = read_grayscale(next((synthetic_root / "test" / "NORMAL").glob("*.jpeg")))
+    names = ["x.png", "x.jpeg", "X.PNG", "=HYPERLINK(1).png", "a#b?%.png"]
+    for name in names:
+        Image.fromarray(pixels).save(folder / name, format="JPEG" if name.endswith("jpeg") else "PNG")
+    undecodable = os.fsencode(str(folder)) + b"/bad\xff.png"
+    shutil.copy(folder / "x.png", os.fsdecode(undecodable))
+    outside = tmp_path / "outside.png"
+    shutil.copy(folder / "x.png", outside)
+    (folder / "link.png").symlink_to(outside)
+    os.mkfifo(folder / "pipe.png")
+    before = sorted(os.listdir(folder))
+    out = tmp_path / "out"
+    result = explain(_explain_cfg(work, folder, out, runs, log_to_mlflow=False, stride=15))
+    rows = {r["file"]: r for r in result["rows"]}
+    assert sorted(os.listdir(folder)) == before
+    ok = {f for f, r in rows.items() if r["status"] == "ok"}
+    assert ok == {*names, "bad\ufffd.png"}
+    assert rows["link.png"]["reason"] == "symbolic link to a file outside the input folder; not followed"
+    assert rows["pipe.png"]["reason"].startswith("a named pipe (FIFO)")
+    reports = [rows[f]["report"] for f in ok]
+    assert len({r.lower() for r in reports}) == len(reports)  # no report replaces another
+    assert all((out / r).is_file() for r in reports)
+    index = (out / "index.html").read_text()
+    assert 'href="reports/a%23b%3F%25.png.png"' in index
+
+
+def test_a_window_larger_than_the_input_is_refused(trained, tmp_path):
+    work, runs = trained
+    folder = tmp_path / "in"
+    folder.mkdir()
+    with pytest.raises(ValueError, match="window=65 is larger than the binary stage's input .64 px"):
+        explain(_explain_cfg(work, folder, tmp_path / "out", runs, window=65, log_to_mlflow=False))
