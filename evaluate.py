@@ -10,11 +10,13 @@ import hydra
 from omegaconf import DictConfig
 
 from pneumonia.compare import compare_runs, format_table, write_table
+from pneumonia.config import check_values  # also registers the typed config schemas
 from pneumonia.evaluate import evaluate
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
+    check_values(cfg)  # a wrong value stops here, before any checkpoint or image is read
     output_dir = Path(cfg.paths.output_dir)
     if cfg.compare:
         rows = compare_runs(cfg.paths.tracking_uri, list(cfg.compare_experiments), cfg.experiment_name)

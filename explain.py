@@ -6,11 +6,13 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from pneumonia.config import check_values  # also registers the typed config schemas
 from pneumonia.explain import explain
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="explain")
 def main(cfg: DictConfig) -> None:
+    check_values(cfg)  # a wrong value stops here, before any checkpoint or image is read
     result = explain(cfg)
     out = Path(result["output_dir"])
     print(f"\nReports: {out / 'index.html'}  (summary: {out / 'summary.csv'})")

@@ -1,0 +1,115 @@
+"""Wrong option values stop evaluate.py and explain.py before any work, naming the key and what
+it accepts."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from pneumonia.config import check_values
+from tests.conftest import CONF, REPO
+
+EVALUATE_REFUSED = {
+    "bootstrap.samples=0": "bootstrap.samples=0 must be at least 1",
+    "bootstrap.seed=-1": "bootstrap.seed=-1 must be at least 0",
+    "target_sensitivity=2": "target_sensitivity=2.0 must be in (0, 1]",
+    "target_sensitivity=0": "target_sensitivity=0.0 must be in (0, 1]",
+    "operating_point=best": "operating_point='best' is not one of: youden, sensitivity, default",
+    "split=train": "split='train' is not one of: test, val",
+    "batch_size=0": "batch_size=0 must be at least 1",
+    "num_workers=-1": "num_workers=-1 must be at least 0",
+    "device=gpu": "device='gpu' is not one of: cpu, cuda, cuda:N",
+    "device=cuda:x": "device='cuda:x' is not one of: cpu, cuda, cuda:N",
+}
+EXPLAIN_REFUSED = {
+    "batch_images=0": "batch_images=0 must be at least 1",
+    "stride=0": "stride=0 must be at least 1",
+    "window=0": "window=0 must be in [1, 512]",
+    "window=1000": "window=1000 must be in [1, 512]",
+    "baseline=nan": "baseline=nan must be in [0, 1]",
+    "baseline=1.5": "baseline=1.5 must be in [0, 1]",
+    "limit=-1": "limit=-1 must be at least 1 (or null: every file)",
+    "limit=0": "limit=0 must be at least 1",
+    "perturbations_per_eval=0": "perturbations_per_eval=0 must be at least 1",
+    "precision=16": "precision='16' is not one of: 32, bf16",
+    "method=lime": "method='lime' is not one of: occlusion, gradcam, integrated_gradients",
+    "operating_point=best": "operating_point='best' is not one of: youden, sensitivity, default",
+    "device=auto": "device='auto' is not one of: cpu, cuda, cuda:N",
+}
+
+
+def _compose(name: str, overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(name, overrides=overrides)
+
+
+@pytest.mark.parametrize("override", EVALUATE_REFUSED)
+def test_evaluate_refuses_a_wrong_value(override):
+    with pytest.raises(ValueError, match=re.escape(EVALUATE_REFUSED[override])):
+        check_values(_compose("evaluate", [override]))
+
+
+@pytest.mark.parametrize("override", EXPLAIN_REFUSED)
+def test_explain_refuses_a_wrong_value(override):
+    with pytest.raises(ValueError, match=re.escape(EXPLAIN_REFUSED[override])):
+        check_values(_compose("explain", ["input=/some/folder", override]))
+
+
+@pytest.mark.parametrize("overrides", [
+    [], ["device=cuda"], ["device=cuda:1"], ["split=val", "target_sensitivity=1",
+                                             "bootstrap.samples=1", "num_workers=0"],
+    ["operating_point=default", "binary=[a.ckpt,b.ckpt]", "subtype=latest"],
+])
+def test_evaluate_accepts_valid_values(overrides):
+    check_values(_compose("evaluate", overrides))
+
+
+@pytest.mark.parametrize("overrides", [
+    [], ["precision=bf16", "limit=1", "window=512", "stride=1", "baseline=1"],
+    ["precision=32", "method=gradcam", "device=cuda:0", "limit=null"],
+])
+def test_explain_accepts_valid_values(overrides):
+    check_values(_compose("explain", ["input=/some/folder", *overrides]))
+
+
+def test_explain_checks_the_stage():
+    """Set after composition: on the command line `stage=` names the training config group."""
+    cfg = _compose("explain", ["input=/some/folder"])
+    cfg.stage = "subtype"
+    check_values(cfg)
+    cfg.stage = "normal"
+    with pytest.raises(ValueError, match=re.escape("stage='normal' is not one of: binary, subtype")):
+        check_values(cfg)
+
+
+def test_explain_needs_an_input_folder():
+    with pytest.raises(ValueError, match=r"^input must be given \(e\.g\. input=\.\.\.\)$"):
+        check_values(_compose("explain", []))
+
+
+def test_a_wrong_type_fails_at_composition():
+    with pytest.raises(Exception, match="bootstrap.samples=many"):
+        _compose("evaluate", ["bootstrap.samples=many"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script, overrides, message", [
+    ("evaluate.py", ["bootstrap.samples=0"], EVALUATE_REFUSED["bootstrap.samples=0"]),
+    ("explain.py", ["input=/some/folder", "limit=-1"], EXPLAIN_REFUSED["limit=-1"]),
+])
+def test_the_scripts_refuse_at_start_up(tmp_path, script, overrides, message):
+    """The script exits with the message before it reads or writes anything (no database)."""
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, str(REPO / script), *overrides, "binary=a.ckpt", "subtype=b.ckpt",
+         f"hydra.run.dir={out}", "hydra.output_subdir=null",
+         f"paths.tracking_uri=sqlite:///{tmp_path}/mlflow.db"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 1 and message in result.stderr
+    assert not (tmp_path / "mlflow.db").exists()
+    assert [p.name for p in out.rglob("*") if p.suffix != ".log"] == []
