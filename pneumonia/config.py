@@ -50,8 +50,9 @@ class ModelConfig:
                              "trains the backbone to ignore feature statistics; set model.freeze=none")
         if not isinstance(self.pretrained, (bool, str)):
             raise ValueError(f"model.pretrained={self.pretrained!r} must be true, false or a file path")
-        if self.input_size < 32:
-            raise ValueError(f"model.input_size={self.input_size} is too small (at least 32)")
+        if not 32 <= self.input_size <= 1024:
+            raise ValueError(f"model.input_size={self.input_size} is too "
+                             f"{'small' if self.input_size < 32 else 'large'} (32 to 1024 pixels)")
 
 
 @dataclass

@@ -1,17 +1,22 @@
-"""Wrong option values stop evaluate.py and explain.py before any work, naming the key and what
-it accepts."""
+"""Wrong option values stop evaluate.py, explain.py and the cache before any work, naming the key
+and what it accepts."""
 
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
+from collections import namedtuple
 
 import pytest
 from hydra import compose, initialize_config_dir
 
-from pneumonia.config import check_values
-from tests.conftest import CONF, REPO
+from pneumonia.config import check_values, validate
+from pneumonia.data.cache import FREE_MARGIN, build_cache
+from pneumonia.data.kermany import scan_kermany
+from pneumonia.data.transforms import Preprocessing
+from tests.conftest import CONF, REPO, compose_train
 
 EVALUATE_REFUSED = {
     "bootstrap.samples=0": "bootstrap.samples=0 must be at least 1",
@@ -113,3 +118,26 @@ def test_the_scripts_refuse_at_start_up(tmp_path, script, overrides, message):
     assert result.returncode == 1 and message in result.stderr
     assert not (tmp_path / "mlflow.db").exists()
     assert [p.name for p in out.rglob("*") if p.suffix != ".log"] == []
+
+
+def test_model_input_size_has_an_upper_bound(tmp_path):
+    with pytest.raises(ValueError, match=re.escape("model.input_size=100000 is too large (32 to 1024 pixels)")):
+        validate(compose_train(tmp_path, ["data.root=/data", "model.input_size=100000"]))
+    validate(compose_train(tmp_path, ["data.root=/data", "model.input_size=1024"]))
+
+
+def test_a_cache_larger_than_the_free_disk_is_refused_before_any_write(
+        synthetic_root, tmp_path, monkeypatch):
+    records = [r for r in scan_kermany(synthetic_root) if r.folder == "train"][:10]
+    needed = 10 * 64 * 64
+    free = needed + FREE_MARGIN - 1  # one byte short of the cache plus the margin
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 * free, 9 * free, free))
+    cache = tmp_path / "cache"
+    with pytest.raises(OSError, match=re.escape(
+            f"the cache in {cache} needs {needed:,} bytes (and {FREE_MARGIN:,} left free) but its "
+            f"disk has {free:,} bytes free")):
+        build_cache(records, Preprocessing(64, 0.5, 0.25), cache)
+    assert not cache.exists()  # nothing written, not even the folder
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 * free, 9 * free, free + 1))
+    assert build_cache(records, Preprocessing(64, 0.5, 0.25), cache).shape == (10, 64, 64)
