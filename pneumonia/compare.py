@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import csv
 import math
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
+
+from pneumonia.report import write_csv
 
 COLUMNS = ("stage", "run_name", "backbone", "pretrained", "adapter", "head", "freeze", "input_size",
            "split", "epochs", "val_auroc", "val_acc", "test_auroc", "test_acc", "run_id")
@@ -74,10 +75,7 @@ def format_table(rows: list[dict], columns: tuple[str, ...] = COLUMNS) -> str:
 def write_table(rows: list[dict], output_dir: Path) -> list[Path]:
     output_dir.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = output_dir / "compare.csv", output_dir / "compare.md"
-    with csv_path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(csv_path, COLUMNS, ([r.get(c) for c in COLUMNS] for r in rows))
     header = "| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS) + "\n"
     md_path.write_text(header + "".join(
         "| " + " | ".join(_fmt(r[c]) for c in COLUMNS) + " |\n" for r in rows))
