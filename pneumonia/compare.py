@@ -8,6 +8,7 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from pneumonia.report import write_csv
+from pneumonia.tracking import ensure_tracking_store
 
 COLUMNS = ("stage", "run_name", "backbone", "pretrained", "adapter", "head", "freeze", "input_size",
            "split", "epochs", "val_auroc", "val_acc", "test_auroc", "test_acc", "run_id")
@@ -20,6 +21,7 @@ def _experiment_ids(client: MlflowClient, names: list[str]) -> list[str]:
 
 def compare_runs(tracking_uri: str, experiments: list[str], evaluation: str = "evaluation") -> list[dict]:
     """One row per finished training run, sorted by stage, then best validation AUROC."""
+    ensure_tracking_store(tracking_uri)
     client = MlflowClient(tracking_uri)
     finished = "attributes.status = 'FINISHED'"
     test: dict[str, dict[str, float]] = {}
