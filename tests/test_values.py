@@ -87,7 +87,8 @@ def test_explain_checks_the_stage():
     cfg.stage = "subtype"
     check_values(cfg)
     cfg.stage = "normal"
-    with pytest.raises(ValueError, match=re.escape("stage='normal' is not one of: binary, subtype")):
+    message = "stage='normal' is not one of: binary, subtype"
+    with pytest.raises(ValueError, match=re.escape(message)):
         check_values(cfg)
 
 
@@ -121,7 +122,8 @@ def test_the_scripts_refuse_at_start_up(tmp_path, script, overrides, message):
 
 
 def test_model_input_size_has_an_upper_bound(tmp_path):
-    with pytest.raises(ValueError, match=re.escape("model.input_size=100000 is too large (32 to 1024 pixels)")):
+    message = "model.input_size=100000 is too large (32 to 1024 pixels)"
+    with pytest.raises(ValueError, match=re.escape(message)):
         validate(compose_train(tmp_path, ["data.root=/data", "model.input_size=100000"]))
     validate(compose_train(tmp_path, ["data.root=/data", "model.input_size=1024"]))
 
