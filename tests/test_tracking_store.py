@@ -10,7 +10,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from sqlalchemy.exc import OperationalError
 
-import pneumonia.tracking as tracking
+from pneumonia import tracking
 from pneumonia.tracking import ensure_tracking_store, experiment_id
 
 PROCESSES = 4
