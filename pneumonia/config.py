@@ -273,18 +273,14 @@ class BootstrapConfig:
 
 
 @dataclass
-class EvaluateDataConfig:
-    root: Optional[str] = None
-
-
-@dataclass
 class EvaluateConfig:
     """conf/evaluate.yaml: the keys, their types and the values evaluate.py accepts."""
     paths: dict[str, Any] = field(default_factory=dict)
     binary: Any = None   # a checkpoint, run id or latest; or a list of them (an ensemble)
     subtype: Any = None
     sweep: Optional[str] = None
-    data: EvaluateDataConfig = field(default_factory=EvaluateDataConfig)
+    # a plain dict, so that callers may assign data={"root": ...}; its keys are checked below
+    data: dict[str, Any] = field(default_factory=lambda: {"root": None})
     split: str = "test"
     target_sensitivity: float = 0.99
     operating_point: str = "youden"
@@ -300,6 +296,8 @@ class EvaluateConfig:
     compare_experiments: list[str] = field(default_factory=lambda: ["binary", "subtype"])
 
     def __post_init__(self) -> None:
+        if set(self.data) != {"root"} or not isinstance(self.data["root"], (str, type(None))):
+            raise ValueError(f"data={self.data} must be {{root: <a Kermany folder> or null}}")
         _choice("split", self.split, ("test", "val"))
         if not 0 < self.target_sensitivity <= 1:
             raise ValueError(f"target_sensitivity={self.target_sensitivity} must be in (0, 1]")

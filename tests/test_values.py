@@ -29,6 +29,8 @@ EVALUATE_REFUSED = {
     "num_workers=-1": "num_workers=-1 must be at least 0",
     "device=gpu": "device='gpu' is not one of: cpu, cuda, cuda:N",
     "device=cuda:x": "device='cuda:x' is not one of: cpu, cuda, cuda:N",
+    "+data.rot=/x": "data={'root': None, 'rot': '/x'} must be {root: <a Kermany folder> or null}",
+    "data.root=[a]": "data={'root': ['a']} must be {root: <a Kermany folder> or null}",
 }
 EXPLAIN_REFUSED = {
     "batch_images=0": "batch_images=0 must be at least 1",
@@ -67,7 +69,7 @@ def test_explain_refuses_a_wrong_value(override):
 @pytest.mark.parametrize("overrides", [
     [], ["device=cuda"], ["device=cuda:1"], ["split=val", "target_sensitivity=1",
                                              "bootstrap.samples=1", "num_workers=0"],
-    ["operating_point=default", "binary=[a.ckpt,b.ckpt]", "subtype=latest"],
+    ["operating_point=default", "binary=[a.ckpt,b.ckpt]", "subtype=latest", "data.root=/x"],
 ])
 def test_evaluate_accepts_valid_values(overrides):
     check_values(_compose("evaluate", overrides))
