@@ -9,9 +9,9 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-import pneumonia.config  # noqa: F401  (registers the typed config schemas)
 from pneumonia.cli import run
 from pneumonia.compare import compare_runs, format_table, write_table
+import pneumonia.config  # noqa: F401  (registers the typed config schemas)
 from pneumonia.evaluate import evaluate
 
 

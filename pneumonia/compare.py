@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import csv
 import math
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
+
+from pneumonia.report import write_csv
+from pneumonia.tracking import ensure_tracking_store
 
 COLUMNS = ("stage", "run_name", "backbone", "pretrained", "adapter", "head", "freeze", "input_size",
            "split", "epochs", "val_auroc", "val_acc", "test_auroc", "test_acc", "run_id")
@@ -19,6 +21,7 @@ def _experiment_ids(client: MlflowClient, names: list[str]) -> list[str]:
 
 def compare_runs(tracking_uri: str, experiments: list[str], evaluation: str = "evaluation") -> list[dict]:
     """One row per finished training run, sorted by stage, then best validation AUROC."""
+    ensure_tracking_store(tracking_uri)
     client = MlflowClient(tracking_uri)
     finished = "attributes.status = 'FINISHED'"
     test: dict[str, dict[str, float]] = {}
@@ -74,10 +77,7 @@ def format_table(rows: list[dict], columns: tuple[str, ...] = COLUMNS) -> str:
 def write_table(rows: list[dict], output_dir: Path) -> list[Path]:
     output_dir.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = output_dir / "compare.csv", output_dir / "compare.md"
-    with csv_path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(csv_path, COLUMNS, ([r.get(c) for c in COLUMNS] for r in rows))
     header = "| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS) + "\n"
     md_path.write_text(header + "".join(
         "| " + " | ".join(_fmt(r[c]) for c in COLUMNS) + " |\n" for r in rows))

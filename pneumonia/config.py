@@ -7,14 +7,18 @@ name) before any data is read.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from pneumonia.attribution import METHODS
 from pneumonia.models.network import ADAPTERS, FREEZE, HEADS, check_backbone, check_norm
 from pneumonia.models.network import check_choice as _choice
+from pneumonia.pipeline import OPERATING_POINTS
+from pneumonia.stages import STAGE_CLASSES
 
 
 def _fraction(key: str, value: float, high_inclusive: bool = False) -> None:
@@ -46,8 +50,9 @@ class ModelConfig:
                              "trains the backbone to ignore feature statistics; set model.freeze=none")
         if not isinstance(self.pretrained, (bool, str)):
             raise ValueError(f"model.pretrained={self.pretrained!r} must be true, false or a file path")
-        if self.input_size < 32:
-            raise ValueError(f"model.input_size={self.input_size} is too small (at least 32)")
+        if not 32 <= self.input_size <= 1024:
+            raise ValueError(f"model.input_size={self.input_size} is too "
+                             f"{'small' if self.input_size < 32 else 'large'} (32 to 1024 pixels)")
 
 
 @dataclass
@@ -236,3 +241,131 @@ def validate(cfg: DictConfig) -> None:
 
 
 register()
+
+
+# --- evaluate.py and explain.py -------------------------------------------------------------
+# Their schemas are the first entry of conf/evaluate.yaml's and conf/explain.yaml's defaults;
+# `check_values(cfg)` runs the value checks below at start-up, before any checkpoint is read.
+
+DEVICE = re.compile(r"cpu|cuda(:[0-9]+)?")
+MAX_WINDOW = 512  # pixels; explain also checks the window against the model's input size
+
+
+def _at_least(key: str, value: int, low: int, why: str = "") -> None:
+    if value < low:
+        raise ValueError(f"{key}={value} must be at least {low}{why}")
+
+
+def _check_device(device: str) -> None:
+    if not DEVICE.fullmatch(device):
+        raise ValueError(f"device={device!r} is not one of: cpu, cuda, cuda:N (N a GPU index)")
+
+
+@dataclass
+class BootstrapConfig:
+    samples: int = 1000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _at_least("bootstrap.samples", self.samples, 1,
+                  " (resamples of the split behind each 95 % confidence interval)")
+        _at_least("bootstrap.seed", self.seed, 0, " (a numpy random seed)")
+
+
+@dataclass
+class EvaluateConfig:
+    """conf/evaluate.yaml: the keys, their types and the values evaluate.py accepts."""
+    paths: dict[str, Any] = field(default_factory=dict)
+    binary: Any = None   # a checkpoint, run id or latest; or a list of them (an ensemble)
+    subtype: Any = None
+    sweep: Optional[str] = None
+    # a plain dict, so that callers may assign data={"root": ...}; its keys are checked below
+    data: dict[str, Any] = field(default_factory=lambda: {"root": None})
+    split: str = "test"
+    target_sensitivity: float = 0.99
+    operating_point: str = "youden"
+    tta: bool = False
+    bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
+    batch_size: int = 32
+    num_workers: int = 2
+    device: str = "cpu"
+    overwrite: bool = False
+    log_to_mlflow: bool = True
+    experiment_name: str = "evaluation"
+    compare: bool = False
+    compare_experiments: list[str] = field(default_factory=lambda: ["binary", "subtype"])
+
+    def __post_init__(self) -> None:
+        if set(self.data) != {"root"} or not isinstance(self.data["root"], (str, type(None))):
+            raise ValueError(f"data={self.data} must be {{root: <a Kermany folder> or null}}")
+        _choice("split", self.split, ("test", "val"))
+        if not 0 < self.target_sensitivity <= 1:
+            raise ValueError(f"target_sensitivity={self.target_sensitivity} must be in (0, 1]")
+        _choice("operating_point", self.operating_point, OPERATING_POINTS)
+        _at_least("batch_size", self.batch_size, 1)
+        _at_least("num_workers", self.num_workers, 0, " (0 loads images in the main process)")
+        _check_device(self.device)
+
+
+@dataclass
+class ExplainConfig:
+    """conf/explain.yaml: the keys, their types and the values explain.py accepts."""
+    paths: dict[str, Any] = field(default_factory=dict)
+    input: str = MISSING
+    pipeline: Optional[str] = None
+    binary: Any = None
+    subtype: Any = None
+    operating_point: str = "youden"
+    explain_stage: str = "binary"
+    method: str = "occlusion"
+    window: int = 15
+    stride: int = 10
+    baseline: float = 0.0
+    perturbations_per_eval: int = 16
+    batch_images: int = 1
+    channels_last: bool = True
+    precision: str = "32"
+    limit: Optional[int] = None
+    device: str = "cpu"
+    overwrite: bool = False
+    log_to_mlflow: bool = True
+    experiment_name: str = "explain"
+
+    def __post_init__(self) -> None:
+        _choice("operating_point", self.operating_point, OPERATING_POINTS)
+        _choice("explain_stage", self.explain_stage, tuple(STAGE_CLASSES))
+        _choice("method", self.method, METHODS)
+        if not 1 <= self.window <= MAX_WINDOW:
+            raise ValueError(f"window={self.window} must be in [1, {MAX_WINDOW}] pixels")
+        _at_least("stride", self.stride, 1, " pixel")
+        if not 0 <= self.baseline <= 1:  # also refuses nan
+            raise ValueError(f"baseline={self.baseline} must be in [0, 1] (0 = black, 1 = white)")
+        _at_least("perturbations_per_eval", self.perturbations_per_eval, 1)
+        _at_least("batch_images", self.batch_images, 1)
+        _choice("precision", self.precision, ("32", "bf16"))
+        if self.limit is not None:
+            _at_least("limit", self.limit, 1, " (or null: every file)")
+        _check_device(self.device)
+
+
+def check_values(cfg: DictConfig) -> None:
+    """Runs the value checks of a composed evaluate or explain config (its schema's
+    __post_init__), so a wrong value stops the script before any checkpoint or image is read.
+
+    `paths` is left out: it holds Hydra's runtime interpolations, which resolve only in a run.
+    """
+    values = cfg.copy()
+    values.paths = {}
+    missing = sorted(OmegaConf.missing_keys(values))
+    if missing:
+        raise ValueError(f"{', '.join(missing)} must be given (e.g. {missing[0]}=...)")
+    OmegaConf.to_object(values)
+
+
+def register_scripts() -> None:
+    store = ConfigStore.instance()
+    store.store(name="evaluate_schema", node=EvaluateConfig)
+    store.store(name="explain_schema", node=ExplainConfig)
+
+
+register_scripts()

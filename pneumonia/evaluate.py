@@ -17,6 +17,7 @@ from pneumonia.metrics import (
     expected_calibration_error,
     multiclass_metrics,
 )
+from pneumonia.config import check_values
 from pneumonia.checkpoints import local_references, resolve_all
 from pneumonia.outputs import check_overlap, claim_output
 from pneumonia.pipeline import CLASSES, TwoStagePipeline
@@ -58,6 +59,7 @@ def _stage_block(title: str, y: np.ndarray, p: np.ndarray, threshold: float,
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Calibrate on validation, then report stage 1, stage 2 and the pipeline on `cfg.split`."""
+    check_values(cfg)  # a wrong value stops here, before any checkpoint or image is read
     refs = {"binary": cfg.binary, "subtype": cfg.subtype}
     if cfg.sweep:
         if cfg.binary or cfg.subtype:

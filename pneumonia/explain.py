@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from pneumonia.attribution import attribution_map
 from pneumonia.checkpoints import local_references, resolve_all
+from pneumonia.config import check_values
 from pneumonia.io import ImageReadError, display_name, read_grayscale, scan_inputs
 from pneumonia.outputs import claim_output
 from pneumonia.pipeline import CLASSES, TwoStagePipeline
@@ -62,13 +63,13 @@ class Explainer:
     output_dir: Path
 
     def __post_init__(self) -> None:
-        module = self.pipeline.stages[self.cfg.stage]
+        module = self.pipeline.stages[self.cfg.explain_stage]
         pre = module.hparams.preprocessing
         if self.cfg.method == "occlusion" and self.cfg.stride > self.cfg.window:
             raise ValueError(f"stride={self.cfg.stride} is larger than window={self.cfg.window}: "
                              "pixels between windows would never be occluded")
         if self.cfg.window > pre["image_size"]:
-            raise ValueError(f"window={self.cfg.window} is larger than the {self.cfg.stage} stage's "
+            raise ValueError(f"window={self.cfg.window} is larger than the {self.cfg.explain_stage} stage's "
                              f"input ({pre['image_size']} px)")
         self.baseline = (self.cfg.baseline - pre["mean"]) / pre["std"]  # [0, 1] -> model space
         # channels_last paid 1.8x for occlusion on a 2-core CPU (benchmarks/occlusion_speed.py)
@@ -91,9 +92,9 @@ class Explainer:
         cfg = self.cfg
         batches = self.pipeline.stage_batches(images)  # preprocess each image once per stage
         pred = self.pipeline.predict_batches(batches, cfg.device)
-        seen, batch = batches[cfg.stage]
-        positive = pred.p_pneumonia if cfg.stage == "binary" else pred.p_viral_given_pneumonia
-        target = torch.as_tensor((np.nan_to_num(positive) >= self.thresholds[cfg.stage]).astype(np.int64))
+        seen, batch = batches[cfg.explain_stage]
+        positive = pred.p_pneumonia if cfg.explain_stage == "binary" else pred.p_viral_given_pneumonia
+        target = torch.as_tensor((np.nan_to_num(positive) >= self.thresholds[cfg.explain_stage]).astype(np.int64))
         maps, seconds = self.maps(batch, target)
         rows = []
         for i, name in enumerate(names):
@@ -103,7 +104,7 @@ class Explainer:
             try:
                 rows.append(self._report(name, seen[i], maps[i], pred.probabilities[i],
                                          CLASSES[pred.decision[i]],
-                                         STAGE_CLASSES[cfg.stage][int(target[i])], seconds, reports[i]))
+                                         STAGE_CLASSES[cfg.explain_stage][int(target[i])], seconds, reports[i]))
             except (OSError, ValueError, RuntimeError) as err:
                 rows.append(_failed(name, f"could not draw the report ({err.__class__.__name__}: {err})"))
         return rows
@@ -114,7 +115,7 @@ class Explainer:
         (self.output_dir / report).parent.mkdir(parents=True, exist_ok=True)
         plot_explanation(
             self.output_dir / report, seen, heatmap, probabilities, CLASSES, decision,
-            f"{cfg.method}, stage {cfg.stage}: evidence for '{explained}'\n"
+            f"{cfg.method}, stage {cfg.explain_stage}: evidence for '{explained}'\n"
             "red supports it, blue speaks against it",
             f"pneumonia if P >= {t['binary']:.3f}; viral if P(viral | pneumonia) >= "
             f"{t['subtype']:.3f}\n({self.pipeline.calibration.operating_point} operating point)",
@@ -155,6 +156,7 @@ def explain_files(explainer: Explainer, input_dir: Path, files: list[Path]) -> l
 
 def explain(cfg: DictConfig) -> dict[str, Any]:
     """Explain every image of cfg.input. Returns the summary rows and the number of failures."""
+    check_values(cfg)  # a wrong value stops here, before any checkpoint or image is read
     input_dir = Path(cfg.input).expanduser()
     files, problems = scan_inputs(input_dir)
     inputs = [input_dir, cfg.pipeline, *local_references(cfg.binary), *local_references(cfg.subtype)]
@@ -173,6 +175,6 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
         from pneumonia.tracking import log_folder_run
 
         run_id = log_folder_run(cfg.paths.tracking_uri, cfg.paths.artifact_dir, cfg.experiment_name,
-                                output_dir, {"method": cfg.method, "stage": cfg.stage,
+                                output_dir, {"method": cfg.method, "stage": cfg.explain_stage,
                                              "images": str(len(rows)), "failed": str(failed)})
     return {"output_dir": str(output_dir), "rows": rows, "failed": failed, "run_id": run_id}

@@ -1,4 +1,5 @@
-"""The evaluation report folder: metrics.json, predictions.csv, figures and report.md."""
+"""The evaluation report folder (metrics.json, predictions.csv, figures, report.md), and the
+project's CSV writer, which keeps spreadsheet formulas out of every file it writes."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import csv
 import html
 import json
 import urllib.parse
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -16,15 +18,57 @@ import numpy as np  # noqa: E402
 
 from pneumonia.metrics import reliability_curve, roc_curve  # noqa: E402
 
+# A spreadsheet runs a cell that starts with one of these as a formula (OWASP: CSV injection).
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+ESCAPE = "'"  # spreadsheets show a cell that starts with it as text
+
+
+def _looks_like_formula(text: str) -> bool:
+    return text.lstrip(ESCAPE).startswith(FORMULA_PREFIXES)
+
+
+def neutralise(cell: object) -> object:
+    """The cell as written to a CSV file: text that could run as a formula gets a leading
+    apostrophe; numbers stay numbers (-0.5 from a float is data, "-x.png" is text).
+
+    Text that starts with apostrophes before a formula character gets one more, so that
+    `restore` gives back every text exactly.
+    """
+    if isinstance(cell, str) and _looks_like_formula(cell):
+        return ESCAPE + cell
+    return cell
+
+
+def restore(cell: str) -> str:
+    """The text `neutralise` was given, from the text it wrote."""
+    return cell[1:] if cell.startswith(ESCAPE) and _looks_like_formula(cell) else cell
+
+
+def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[object]],
+              append: bool = False) -> Path:
+    """A CSV file safe to open in a spreadsheet (every cell through `neutralise`); with
+    append=True the rows go at the end of an existing file, the header only into a new one."""
+    new = not (append and path.is_file())
+    with path.open("a" if append else "w", newline="") as f:
+        writer = csv.writer(f)
+        if new:
+            writer.writerow([neutralise(c) for c in header])
+        writer.writerows([neutralise(c) for c in row] for row in rows)
+    return path
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    """The rows of a file `write_csv` wrote, as {column: text}, each text as it was given."""
+    with Path(path).open(newline="") as f:
+        return [{restore(k): restore(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
 
 def write_predictions(path: Path, paths: list[str], truth: list[str], probabilities: np.ndarray,
                       decisions: list[str], classes: tuple[str, ...]) -> Path:
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "truth", *(f"p_{c}" for c in classes), "decision"])
-        for row in zip(paths, truth, probabilities, decisions):
-            writer.writerow([row[0], row[1], *(f"{v:.6f}" for v in row[2]), row[3]])
-    return path
+    """predictions.csv: one row per image, its true class, probabilities and decision."""
+    header = ["path", "truth", *(f"p_{c}" for c in classes), "decision"]
+    return write_csv(path, header, ([row[0], row[1], *(f"{v:.6f}" for v in row[2]), row[3]]
+                                    for row in zip(paths, truth, probabilities, decisions)))
 
 
 def plot_confusion(path: Path, counts: np.ndarray, classes: list[str], title: str) -> Path:
@@ -196,11 +240,3 @@ vertical-align:top}} img{{width:100%}} .normal{{color:#4c72b0}} .bacterial{{colo
 .viral{{color:#c44e52}}</style></head><body><h1>{html.escape(title)}</h1>
 <p>{len(cards)} images explained. Click a report to open it full size.</p>{failures}{''.join(cards)}
 </body></html>"""
-
-
-def write_csv(path: Path, header, rows) -> Path:  # TEMPORARY until the shared writer lands
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
-    return path

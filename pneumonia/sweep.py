@@ -7,7 +7,6 @@ does not stop the others; the sweep then exits with status 1 after printing the 
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import traceback
@@ -21,6 +20,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from pneumonia.compare import format_table
+from pneumonia.report import write_csv
 
 log = logging.getLogger(__name__)
 RESULT_FILE = "job_result.json"
@@ -78,10 +78,8 @@ class SweepSummary(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         rows = collect(sweep_dir)
-        with (sweep_dir / "sweep_summary.csv").open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(sweep_dir / "sweep_summary.csv", COLUMNS,
+                  ([r.get(c) for c in COLUMNS] for r in rows))
         print(f"\nSweep {sweep_dir.name}: {len(rows)} jobs\n{format_table(rows, COLUMNS)}\n"
               f"Saved: {sweep_dir / 'sweep_summary.csv'}")
         failed = [r for r in rows if r["status"] != "COMPLETED"]

@@ -2,21 +2,28 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import platform
 import re
 import subprocess
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lightning.pytorch.loggers import MLFlowLogger
+from alembic.util import CommandError
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.tracking import MlflowClient
+from sqlalchemy.exc import SQLAlchemyError
 
+if TYPE_CHECKING:  # annotations only: tracking.py loads without Lightning
+    from lightning.pytorch.loggers import MLFlowLogger
 
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 PACKAGES = ("torch", "torchvision", "lightning", "timm", "numpy", "mlflow", "albumentations")
 PROJECT = Path(__file__).resolve().parents[1]  # the repository root in a source checkout
+_READY: set[str] = set()  # tracking URIs this process has created or checked
 
 
 def git_state(repo: Path = PROJECT) -> tuple[str, str]:
@@ -85,6 +92,37 @@ def check_server(uri: str, timeout: float = 5.0) -> None:
     )
 
 
+def _sqlite_file(uri: str) -> Path | None:
+    """The database file of a sqlite:/// URI; None for other URIs and in-memory databases."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///"):].split("?", 1)[0]
+    return Path(path) if path and path != ":memory:" else None
+
+
+def ensure_tracking_store(uri: str) -> None:
+    """Creates or upgrades a SQLite tracking database while holding an exclusive lock on
+    `<database>.lock`, so that of several processes starting at once (a sweep, evaluate and
+    explain together) only one runs MLflow's schema migration; without it the others failed in
+    an alembic traceback. Other URIs pass unchanged."""
+    database = _sqlite_file(uri)
+    if database is None or uri in _READY:
+        return
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(database.with_name(database.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        try:
+            MlflowClient(uri).search_experiments(max_results=1)
+        except (MlflowException, SQLAlchemyError, CommandError) as err:  # the migration's errors
+            raise RuntimeError(
+                f"could not create or upgrade the MLflow database {database} "
+                f"({type(err).__name__}; another program may be creating it without the lock): "
+                "retry, or create it first "
+                f"with python -c \"from pneumonia.tracking import ensure_tracking_store as e; "
+                f"e('{uri}')\"") from None
+    _READY.add(uri)
+
+
 def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
     """{'a': {'b': 1}} -> {'a/b': 1}; lists are kept as their string form."""
     out: dict[str, Any] = {}
@@ -118,15 +156,24 @@ def log_results(logger: MLFlowLogger, metrics: dict[str, float], checkpoint: Pat
 
 
 def experiment_id(client: MlflowClient, name: str, artifact_dir: str) -> str:
+    """The id of the experiment `name`, created if missing (by this process or, at the same
+    moment, by another one)."""
+    ensure_tracking_store(client.tracking_uri)
     found = client.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
-    return client.create_experiment(name, artifact_location=str(Path(artifact_dir) / name))
+    try:
+        return client.create_experiment(name, artifact_location=str(Path(artifact_dir) / name))
+    except MlflowException as err:
+        if err.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+            raise
+        return client.get_experiment_by_name(name).experiment_id
 
 
 def log_evaluation(tracking_uri: str, artifact_dir: str, experiment: str, metrics: dict,
                    files: list[Path], pipeline) -> str:
     """One MLflow run for an evaluation, tagged with the training runs it evaluates."""
+    ensure_tracking_store(tracking_uri)
     client = MlflowClient(tracking_uri)
     models = {k: m.hparams.model.get("name", m.hparams.model["backbone"]) for k, m in pipeline.stages.items()}
     tags = {"mlflow.runName": f"evaluate/{models['binary']}+{models['subtype']}/{metrics['split']}",
@@ -151,6 +198,7 @@ def log_evaluation(tracking_uri: str, artifact_dir: str, experiment: str, metric
 def log_folder_run(tracking_uri: str, artifact_dir: str, experiment: str, folder: Path,
                    params: dict[str, str]) -> str:
     """One MLflow run holding a whole output folder as artifacts."""
+    ensure_tracking_store(tracking_uri)
     client = MlflowClient(tracking_uri)
     run = client.create_run(experiment_id(client, experiment, artifact_dir),
                             tags={"mlflow.runName": f"{experiment}/{folder.name}"})

@@ -24,6 +24,7 @@ from pneumonia.sweep import in_multirun
 from pneumonia.tracking import (
     TrackingServerError,
     check_server,
+    ensure_tracking_store,
     log_results,
     log_run_inputs,
     write_environment,
@@ -140,6 +141,7 @@ def build_logger(cfg: DictConfig, run_id: str | None = None) -> tuple[MLFlowLogg
         overrides["tracking_uri"] = uri = cfg.paths.tracking_uri
     if uri.startswith(("http://", "https://")):
         overrides["artifact_location"] = None  # the server decides where artifacts go
+    ensure_tracking_store(uri)  # one process creates a fresh SQLite database, the others wait
     return hydra.utils.instantiate(logger_cfg, **overrides), uri
 
 

@@ -14,7 +14,6 @@ logged to the run as `score/*` metrics and appended to `<out>/scores.csv`; a fin
 from __future__ import annotations
 
 import argparse
-import csv
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ import numpy as np
 from pneumonia.data.kermany import Record
 from pneumonia.metrics import auroc, youden_threshold
 from pneumonia.pipeline import load_stages, recorded_split, softmax_positive, stage_logits
+from pneumonia.report import read_csv, write_csv
 from pneumonia.stages import stage_targets
 
 # The ablation's baseline: the first recipe (ResNet-18) without the idea it kept first (affine),
@@ -166,10 +166,7 @@ def ensemble_row(variants: list[str], seeds: list[int], stage: str, epochs: int,
 
 
 def read_rows(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    with path.open() as f:
-        return list(csv.DictReader(f))
+    return read_csv(path) if path.is_file() else []
 
 
 def table(rows: list[dict]) -> str:
@@ -191,12 +188,7 @@ def table(rows: list[dict]) -> str:
 
 
 def append(scores: Path, row: dict) -> None:
-    new = not scores.is_file()
-    with scores.open("a", newline="") as f:
-        writer = csv.DictWriter(f, FIELDS, restval="")
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
+    write_csv(scores, FIELDS, [[row.get(k) for k in FIELDS]], append=True)
     print(row, flush=True)
 
 

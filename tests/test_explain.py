@@ -221,7 +221,7 @@ def test_other_methods_give_the_same_report_layout(trained, synthetic_root, tmp_
     for src in sorted((synthetic_root / "test" / "NORMAL").glob("*.jpeg"))[:2]:
         shutil.copy(src, folder / src.name)
     out = tmp_path / "out"
-    result = explain(_explain_cfg(work, folder, out, runs, method=method, stage=stage, log_to_mlflow=False))
+    result = explain(_explain_cfg(work, folder, out, runs, method=method, explain_stage=stage, log_to_mlflow=False))
     assert result["failed"] == 0 and len(result["rows"]) == 2
     assert {r["explained_class"] for r in result["rows"]} <= ({"normal", "pneumonia"} if stage == "binary"
                                                              else {"bacterial", "viral"})

@@ -10,6 +10,7 @@ array, and is shared with the feature cache (`pneumonia.data.features`).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -33,6 +34,8 @@ VERSION = 1
 # JPEG draft mode decodes at 1/2, 1/4 or 1/8 scale in the DCT; the image is still at least
 # twice the target size before the final resize, so the result stays close to a full decode.
 DRAFT_MARGIN = 2.0
+# Space a cache leaves free on its disk, for the logs, checkpoints and other programs there.
+FREE_MARGIN = 256 * 2**20
 
 
 def decode_preprocessed(path: Path, pre: Preprocessing, draft: bool = True) -> np.ndarray:
@@ -83,6 +86,17 @@ def _valid(array_file: Path, meta_file: Path, shape: tuple[int, ...], dtype: np.
     return meta.get("checksum") == _checksum(array_file)
 
 
+def _check_free_space(folder: Path, nbytes: int) -> None:
+    """Refuses a cache that would not fit with FREE_MARGIN to spare, before anything is written:
+    reserving it would take the disk's last free bytes (a huge model.input_size asks terabytes)."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if nbytes + FREE_MARGIN > free:
+        raise OSError(errno.ENOSPC, f"the cache in {folder} needs {nbytes:,} bytes (and "
+                      f"{FREE_MARGIN:,} left free) but its disk has {free:,} bytes free: free some "
+                      "space, point paths.cache_dir at a larger disk, or set data.cache=false")
+
+
 def _reserve(path: Path, nbytes: int) -> None:
     """Allocate the file's blocks now, so a full disk is a clear error here and not a bus
     error (SIGBUS, which kills the process) at the first write into the memory map."""
@@ -112,6 +126,7 @@ def cached_array(array_file: Path, shape: tuple[int, ...], dtype, fill: Callable
     if not _valid(array_file, meta_file, shape, dtype):
         if array_file.exists():
             log.warning("Cache %s is damaged or incomplete: rebuilding it", array_file)
+        _check_free_space(array_file.parent, int(np.prod(shape)) * dtype.itemsize)
         array_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = array_file.with_suffix(f".tmp{os.getpid()}")
         try:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import logging
 import random
 import re
@@ -11,6 +10,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pneumonia.io import ImageReadError, image_size, is_image_file, read_grayscale
+from pneumonia.report import read_csv, write_csv
 
 LABELS = ("normal", "bacterial", "viral")
 CLASS_FOLDERS = ("NORMAL", "PNEUMONIA")
@@ -117,11 +117,7 @@ def scan_with_skipped(root: Path | str, folders: tuple[str, ...] = SPLIT_FOLDERS
 def write_skipped(skipped: list[ImageReadError], path: Path) -> Path:
     """The files a run left out (data.skip_bad=true), one row each: path, reason."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "reason"])
-        writer.writerows([str(err.path), err.reason] for err in skipped)
-    return path
+    return write_csv(path, ["path", "reason"], ([str(err.path), err.reason] for err in skipped))
 
 
 def _group_split(records: list[Record], fraction: float, rng: random.Random) -> tuple[list, list]:
@@ -175,20 +171,19 @@ def split_records(
 
 
 def write_manifest(records: list[Record], path: Path) -> Path:
-    """One row per image (path, label, patient, split, source folder, size): a run's exact split."""
+    """One row per image (path, label, patient, split, source folder, size): a run's exact split.
+
+    Text that a spreadsheet would run as a formula is written with a leading apostrophe
+    (`pneumonia.report.write_csv`); `read_manifest` removes it again.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "label", "patient", "split", "folder", "width", "height"])
-        for r in records:
-            writer.writerow([str(r.path), r.label, r.patient, r.split, r.folder, r.width, r.height])
-    return path
+    return write_csv(path, ["path", "label", "patient", "split", "folder", "width", "height"],
+                     ([str(r.path), r.label, r.patient, r.split, r.folder, r.width, r.height]
+                      for r in records))
 
 
 def read_manifest(path: Path) -> list[Record]:
-    with Path(path).open(newline="") as f:
-        return [
-            Record(Path(row["path"]), row["label"], row["patient"], row["folder"],
+    """The records `write_manifest` wrote, paths exactly as they were."""
+    return [Record(Path(row["path"]), row["label"], row["patient"], row["folder"],
                    int(row["width"]), int(row["height"]), row["split"])
-            for row in csv.DictReader(f)
-        ]
+            for row in read_csv(path)]
