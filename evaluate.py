@@ -10,7 +10,7 @@ import hydra
 from omegaconf import DictConfig
 
 from pneumonia.cli import run
-from pneumonia.compare import compare_runs, format_table, write_table
+from pneumonia.compare import compare, format_table
 import pneumonia.config  # noqa: F401  (registers the typed config schemas)
 from pneumonia.evaluate import evaluate
 
@@ -19,9 +19,8 @@ from pneumonia.evaluate import evaluate
 def main(cfg: DictConfig) -> None:
     output_dir = Path(cfg.paths.output_dir)
     if cfg.compare:
-        rows = compare_runs(cfg.paths.tracking_uri, list(cfg.compare_experiments), cfg.experiment_name)
-        print(format_table(rows))
-        print(f"\nSaved: {', '.join(str(p) for p in write_table(rows, output_dir))}")
+        rows, files = run(compare, cfg)
+        print(f"{format_table(rows)}\n\nSaved: {', '.join(map(str, files))}")
         return
     result = run(evaluate, cfg)
     m = result["metrics"]

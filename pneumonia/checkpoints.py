@@ -25,7 +25,7 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from pneumonia.stages import STAGE_CLASSES
-from pneumonia.tracking import is_run_id
+from pneumonia.tracking import ensure_tracking_store, is_run_id
 
 
 class CheckpointError(ValueError):
@@ -39,6 +39,7 @@ def _mlflow_run(ref: str, stage: str, tracking_uri: str | None):
 
     if not tracking_uri:
         raise CheckpointError(f"{ref}: an MLflow reference needs a tracking URI")
+    ensure_tracking_store(tracking_uri)
     client = MlflowClient(tracking_uri)
     if ref == "latest":
         experiment = client.get_experiment_by_name(stage)

@@ -6,7 +6,9 @@ import math
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig
 
+from pneumonia.outputs import claim_output
 from pneumonia.report import write_csv
 from pneumonia.tracking import ensure_tracking_store
 
@@ -82,3 +84,11 @@ def write_table(rows: list[dict], output_dir: Path) -> list[Path]:
     md_path.write_text(header + "".join(
         "| " + " | ".join(_fmt(r[c]) for c in COLUMNS) + " |\n" for r in rows))
     return [csv_path, md_path]
+
+
+def compare(cfg: DictConfig) -> tuple[list[dict], list[Path]]:
+    """evaluate.py compare=true: the table of finished training runs, saved in the output folder."""
+    rows = compare_runs(cfg.paths.tracking_uri, list(cfg.compare_experiments), cfg.experiment_name)
+    output_dir = claim_output(cfg.paths.output_dir, results=("compare.csv", "compare.md"),
+                              overwrite=cfg.overwrite, config=cfg)
+    return rows, write_table(rows, output_dir)

@@ -1,8 +1,8 @@
 """TwoStagePipeline: stage 1 (normal vs pneumonia) then stage 2 (bacterial vs viral).
 
 Three-class probabilities from the two stages' calibrated outputs:
-P(normal) = 1 - p, P(bacterial) = p * q, P(viral) = p * (1 - q), with p = P(pneumonia)
-from stage 1 and q = P(bacterial | pneumonia) from stage 2. Temperatures and decision
+P(normal) = 1 - p, P(bacterial) = p * (1 - r), P(viral) = p * r, with p = P(pneumonia)
+from stage 1 (`binary`) and r = P(viral | pneumonia) from stage 2 (`subtype`). Temperatures and decision
 thresholds are fitted on the validation split only and saved with the pipeline.
 """
 
@@ -134,9 +134,10 @@ def softmax_positive(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray
     return 1.0 / (1.0 + np.exp(z[:, 0] - z[:, 1]))
 
 
-def combine(p_pneumonia: np.ndarray, q_bacterial: np.ndarray) -> np.ndarray:
+def combine(p_pneumonia: np.ndarray, p_viral_given_pneumonia: np.ndarray) -> np.ndarray:
     """(N, 3) probabilities of normal, bacterial, viral."""
-    return np.stack([1 - p_pneumonia, p_pneumonia * q_bacterial, p_pneumonia * (1 - q_bacterial)], 1)
+    p, r = p_pneumonia, p_viral_given_pneumonia
+    return np.stack([1 - p, p * (1 - r), p * r], 1)
 
 
 @dataclass
@@ -236,7 +237,7 @@ class TwoStagePipeline:
         # A NaN compares False and would read as "normal": a non-finite output gets no decision.
         finite = np.isfinite(logits["binary"]).all(axis=1) & np.isfinite(logits["subtype"]).all(axis=1)
         decision[~finite] = -1
-        return Prediction(p, r, combine(p, 1 - r), decision)
+        return Prediction(p, r, combine(p, r), decision)
 
     def predict(self, records: list[Record], **loader) -> Prediction:
         return self.predict_logits(self.logits(records, **loader))

@@ -21,11 +21,11 @@ from tests.conftest import CONF, compose_train, tree_hashes
 
 def test_composed_probabilities_sum_to_one_and_reduce_to_each_stage():
     rng = np.random.default_rng(0)
-    p, q = rng.random(50), rng.random(50)
-    probs = combine(p, q)
+    p, r = rng.random(50), rng.random(50)  # P(pneumonia), P(viral | pneumonia)
+    probs = combine(p, r)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0)
     np.testing.assert_allclose(1 - probs[:, 0], p)  # stage 1 is P(not normal)
-    np.testing.assert_allclose(probs[:, 1] / (probs[:, 1] + probs[:, 2]), q)  # stage 2 given pneumonia
+    np.testing.assert_allclose(probs[:, 2] / (probs[:, 1] + probs[:, 2]), r)  # stage 2 given pneumonia
     assert (probs >= 0).all()
 
 

@@ -257,6 +257,8 @@ def test_awkward_names_and_entries_each_get_their_own_row(trained, synthetic_roo
     assert all((out / r).is_file() for r in reports)
     index = (out / "index.html").read_text()
     assert 'href="reports/a%23b%3F%25.png.png"' in index
+    summary = (out / "summary.csv").read_text()  # a spreadsheet shows the name, runs no formula
+    assert "\n'=HYPERLINK(1).png,ok," in summary and "\n=HYPERLINK" not in summary
 
 
 def test_a_window_larger_than_the_input_is_refused(trained, tmp_path):
