@@ -9,10 +9,11 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+import pneumonia.config  # noqa: F401  (registers the typed config schemas)
 from pneumonia.cli import run
 from pneumonia.compare import compare, format_table
-import pneumonia.config  # noqa: F401  (registers the typed config schemas)
 from pneumonia.evaluate import evaluate
+from pneumonia.report import STAGE_TITLES
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
@@ -27,11 +28,11 @@ def main(cfg: DictConfig) -> None:
     print(f"\nReport: {output_dir / 'report.md'}")
     if result["run_id"]:
         print(f"MLflow evaluation run: {result['run_id']}")
-    for section in ("stage1", "stage2", "pipeline"):
+    for section in STAGE_TITLES:
         values = m[section]["metrics"]
         ci = m[section]["ci"]["accuracy"]
         auroc = f", AUROC {values['auroc']:.3f}" if "auroc" in values else ""
-        print(f"  {m[section]['title']}: accuracy {values['accuracy']:.3f} "
+        print(f"  {STAGE_TITLES[section]}: accuracy {values['accuracy']:.3f} "
               f"(95 % CI {ci[0]:.3f}-{ci[1]:.3f}){auroc}")
 
 

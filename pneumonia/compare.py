@@ -14,7 +14,6 @@ from pneumonia.tracking import ensure_tracking_store
 
 COLUMNS = ("stage", "run_name", "backbone", "pretrained", "adapter", "head", "freeze", "input_size",
            "split", "epochs", "val_auroc", "val_acc", "test_auroc", "test_acc", "run_id")
-_TEST_KEYS = {"binary": "stage1", "subtype": "stage2"}
 
 
 def _experiment_ids(client: MlflowClient, names: list[str]) -> list[str]:
@@ -33,12 +32,12 @@ def compare_runs(tracking_uri: str, experiments: list[str], evaluation: str = "e
         for run in client.search_runs(eval_ids, finished, order_by=["attributes.start_time DESC"]):
             if run.data.tags.get("split") != "test":
                 continue
-            for stage, section in _TEST_KEYS.items():
+            for stage in ("binary", "subtype"):
                 train_id = run.data.tags.get(f"{stage}_run_id")
                 if train_id and train_id not in test:
                     m = run.data.metrics
-                    test[train_id] = {"test_auroc": m.get(f"{section}/auroc"),
-                                      "test_acc": m.get(f"{section}/accuracy")}
+                    test[train_id] = {"test_auroc": m.get(f"{stage}/auroc"),
+                                      "test_acc": m.get(f"{stage}/accuracy")}
     rows = []
     ids = _experiment_ids(client, experiments)
     for run in client.search_runs(ids, finished) if ids else []:

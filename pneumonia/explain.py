@@ -18,13 +18,13 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from pneumonia.attribution import attribution_map
-from pneumonia.checkpoints import local_references, resolve_all
+from pneumonia.checkpoints import local_references
 from pneumonia.config import check_values
 from pneumonia.io import ImageReadError, display_name, read_grayscale, scan_inputs
 from pneumonia.outputs import claim_output
-from pneumonia.pipeline import CLASSES, TwoStagePipeline
+from pneumonia.pipeline import TwoStagePipeline
 from pneumonia.report import index_html, plot_explanation, report_names, write_csv
-from pneumonia.stages import STAGE_CLASSES
+from pneumonia.stages import CLASSES, STAGE_CLASSES
 
 log = logging.getLogger(__name__)
 SUMMARY_FIELDS = ("file", "status", "reason", "p_normal", "p_bacterial", "p_viral", "decision",
@@ -38,8 +38,8 @@ def load_pipeline(cfg: DictConfig, downloads: Path) -> TwoStagePipeline:
         return TwoStagePipeline.load(Path(cfg.pipeline))
     if not cfg.binary or not cfg.subtype:
         raise ValueError("explain needs pipeline=<pipeline.json> or binary=... and subtype=...")
-    ckpts = {s: resolve_all(cfg[s], s, cfg.paths.tracking_uri, downloads / s) for s in STAGE_CLASSES}
-    pipeline = TwoStagePipeline.from_checkpoints(ckpts["binary"], ckpts["subtype"])
+    pipeline = TwoStagePipeline.from_references({s: cfg[s] for s in STAGE_CLASSES}, cfg.paths.tracking_uri,
+                                                downloads)
     root = Path(pipeline.data_settings().get("root") or "")
     if root.is_dir():
         val = [r for r in pipeline.split(root) if r.split == "val"]

@@ -17,15 +17,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from pneumonia.checkpoints import CheckpointError, load_stage
+from pneumonia.checkpoints import CheckpointError, load_stage, resolve_all
 from pneumonia.data.datamodule import XrayDataset
 from pneumonia.data.kermany import DataError, Record, scan_kermany, split_records
 from pneumonia.data.transforms import Preprocessing
 from pneumonia.metrics import threshold_for_sensitivity, youden_threshold
 from pneumonia.models import StageClassifier
-from pneumonia.stages import STAGE_CLASSES, stage_targets
+from pneumonia.stages import stage_targets
 
-CLASSES = ("normal", "bacterial", "viral")
 OPERATING_POINTS = ("youden", "sensitivity", "default")
 
 
@@ -180,6 +179,14 @@ class TwoStagePipeline:
 
         return cls(load_stages(binary, "binary"), load_stages(subtype, "subtype"),
                    checkpoints={"binary": names(binary), "subtype": names(subtype)}, tta=tta)
+
+    @classmethod
+    def from_references(cls, refs: dict, tracking_uri: str | None, downloads: Path,
+                        tta: bool = False) -> TwoStagePipeline:
+        """Each stage from its reference(s) (`pneumonia.checkpoints.resolve`): a checkpoint,
+        run folder, MLflow run id or `latest`, or a list of them (averaged)."""
+        paths = {s: resolve_all(refs[s], s, tracking_uri, downloads / s) for s in ("binary", "subtype")}
+        return cls.from_checkpoints(paths["binary"], paths["subtype"], tta=tta)
 
     def data_settings(self) -> dict:
         """The split both stages were trained on; they must agree or the test split leaks."""

@@ -16,7 +16,20 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from pneumonia.metrics import reliability_curve, roc_curve  # noqa: E402
+from pneumonia.metrics import (  # noqa: E402
+    binary_metrics,
+    bootstrap_intervals,
+    confusion_matrix,
+    expected_calibration_error,
+    multiclass_metrics,
+    reliability_curve,
+    roc_curve,
+)
+from pneumonia.stages import CLASSES, STAGE_CLASSES  # noqa: E402
+
+STAGE_TITLES = {"binary": "Stage 1, binary: normal vs pneumonia",
+                "subtype": "Stage 2, subtype: bacterial vs viral (true pneumonia images)",
+                "pipeline": "Three-class pipeline: normal / bacterial / viral"}
 
 # A spreadsheet runs a cell that starts with one of these as a formula (OWASP: CSV injection).
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
@@ -146,9 +159,9 @@ def write_markdown(path: Path, metrics: dict, figures: list[Path]) -> Path:
              "temperatures were fitted on the validation split "
              f"({metrics['calibration']['validation_images']}); the decision uses the "
              f"**{metrics['calibration']['operating_point']}** operating point.", ""]
-    for section in ("stage1", "stage2", "pipeline"):
+    for section in STAGE_TITLES:
         block = metrics[section]
-        lines += [f"## {block['title']}", "", f"{block['images']} images, threshold "
+        lines += [f"## {STAGE_TITLES[section]}", "", f"{block['images']} images, threshold "
                   f"{block.get('threshold', '-')}", "", "| metric | value | 95 % CI (bootstrap) |",
                   "|---|---|---|"]
         lines += [_row(k, v, block["ci"].get(k)) for k, v in block["metrics"].items()]
@@ -165,6 +178,73 @@ def write_markdown(path: Path, metrics: dict, figures: list[Path]) -> Path:
     lines += [f"![{f.stem}]({f.name})" for f in figures]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _stage_block(y: np.ndarray, p: np.ndarray, threshold: float, points: dict[str, float],
+                 samples: int, seed: int) -> dict:
+    """One stage's metrics at its decision threshold, with intervals, and at every operating
+    point chosen on validation."""
+    at = {}
+    for name, t in points.items():
+        m = binary_metrics(y, p, t)
+        at[name] = {"threshold": t, **{k: m[k] for k in
+                    ("sensitivity", "specificity", "false_positives", "false_negatives")}}
+    return {"images": int(len(y)), "threshold": round(threshold, 6),
+            "metrics": binary_metrics(y, p, threshold),
+            "ci": bootstrap_intervals(lambda yy, pp: binary_metrics(yy, pp, threshold), (y, p),
+                                      samples, seed),
+            "operating_points": at}
+
+
+def stage_truths(labels: list[str], pred) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """(truth, P(positive class)) of each stage: binary on every image, subtype on the truly
+    pneumonic ones."""
+    truth = np.array([CLASSES.index(label) for label in labels])
+    pneumonia = truth > 0
+    return {"binary": (pneumonia.astype(int), pred.p_pneumonia),
+            "subtype": ((truth[pneumonia] == 2).astype(int), pred.p_viral_given_pneumonia[pneumonia])}
+
+
+def evaluation_metrics(labels: list[str], pred, calibration, thresholds: dict[str, float],
+                       samples: int, seed: int) -> dict:
+    """metrics.json's figures: each stage at its decision threshold and the three-class
+    decision, with bootstrap intervals, and the calibration that chose the thresholds."""
+    stages = stage_truths(labels, pred)
+    truth = np.array([CLASSES.index(label) for label in labels])
+    metrics = {name: _stage_block(y, p, thresholds[name], calibration.thresholds[name], samples, seed)
+               for name, (y, p) in stages.items()}
+    labels3 = list(CLASSES)
+    metrics["pipeline"] = {
+        "images": len(truth), "metrics": multiclass_metrics(truth, pred.decision, labels3),
+        "ci": bootstrap_intervals(lambda a, b: multiclass_metrics(a, b, labels3),
+                                  (truth, pred.decision), samples, seed),
+        "confusion": confusion_matrix(truth, pred.decision, 3).tolist()}
+    metrics["calibration"] = {
+        "operating_point": calibration.operating_point, "temperature": calibration.temperature,
+        "thresholds": calibration.thresholds, "target_sensitivity": calibration.target_sensitivity,
+        "validation_images": calibration.validation_images,
+        "ece": {name: expected_calibration_error(y, p) for name, (y, p) in stages.items()}}
+    return metrics
+
+
+def evaluation_figures(output_dir: Path, labels: list[str], pred, metrics: dict,
+                       thresholds: dict[str, float]) -> list[Path]:
+    """Confusion matrices, ROC curves with the operating points, and the reliability diagram."""
+    stages = stage_truths(labels, pred)
+    figures = []
+    for name, (y, p) in stages.items():
+        decided = (p >= thresholds[name]).astype(int)
+        figures.append(plot_confusion(output_dir / f"confusion_{name}.png", confusion_matrix(y, decided, 2),
+                                      list(STAGE_CLASSES[name]), name))
+    figures.append(plot_confusion(output_dir / "confusion_pipeline.png",
+                                  np.array(metrics["pipeline"]["confusion"]), list(CLASSES), "pipeline"))
+    for name, (y, p) in stages.items():
+        positive = STAGE_CLASSES[name][1]
+        figures.append(plot_roc(output_dir / f"roc_{name}.png", y, p, metrics["calibration"]["thresholds"][name],
+                                f"{STAGE_TITLES[name]}: ROC ({positive} positive)"))
+    figures.append(plot_reliability(output_dir / "reliability.png", {
+        "binary: P(pneumonia)": stages["binary"], "subtype: P(viral | pneumonia)": stages["subtype"]}))
+    return figures
 
 
 def write_json(path: Path, payload: dict) -> Path:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+# The pipeline's three classes, in its output order.
+CLASSES = ("normal", "bacterial", "viral")
 # Class order is the output order of each stage's network; index 1 is the "positive" class.
 STAGE_CLASSES: dict[str, tuple[str, str]] = {
     "binary": ("normal", "pneumonia"),

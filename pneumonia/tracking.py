@@ -184,7 +184,7 @@ def log_evaluation(tracking_uri: str, artifact_dir: str, experiment: str, metric
         if module.mlflow_run_id:
             tags[f"{stage}_run_id"] = module.mlflow_run_id
     run = client.create_run(experiment_id(client, experiment, artifact_dir), tags=tags)
-    values = {f"{section}/{k}": float(v) for section in ("stage1", "stage2", "pipeline")
+    values = {f"{section}/{k}": float(v) for section in ("binary", "subtype", "pipeline")
               for k, v in metrics[section]["metrics"].items()}
     values.update({f"calibration/ece_{k}": v for k, v in metrics["calibration"]["ece"].items()})
     for key, value in values.items():

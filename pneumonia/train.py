@@ -14,11 +14,11 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from pneumonia.checkpoints import AtomicCheckpointIO, read_checkpoint, resolve
-from pneumonia.outputs import claim_output
 from pneumonia.config import validate
 from pneumonia.data import KermanyDataModule
 from pneumonia.data.synthetic import make_synthetic_dataset
 from pneumonia.models import StageClassifier, normalization_stats
+from pneumonia.outputs import claim_output
 from pneumonia.stages import STAGE_CLASSES, check_stage
 from pneumonia.sweep import in_multirun
 from pneumonia.tracking import (

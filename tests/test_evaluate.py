@@ -9,14 +9,14 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
+from pneumonia.checkpoints import CheckpointError
 from pneumonia.compare import compare_runs
 from pneumonia.data.kermany import DataError
 from pneumonia.evaluate import evaluate
 from pneumonia.metrics import youden_threshold
-from pneumonia.checkpoints import CheckpointError
 from pneumonia.outputs import OutputError
 from pneumonia.pipeline import TwoStagePipeline, combine, softmax_positive
-from tests.conftest import CONF, compose_train, tree_hashes
+from tests.conftest import CONF, tree_hashes
 
 
 def test_composed_probabilities_sum_to_one_and_reduce_to_each_stage():
@@ -64,8 +64,8 @@ def test_evaluation_report_end_to_end(trained, tmp_path, read_only_data):
     result = evaluate(cfg)
     assert tree_hashes(read_only_data) == before  # only ever read
     out = tmp_path / "report"
-    for name in ("metrics.json", "predictions.csv", "report.md", "pipeline.json", "confusion_stage1.png",
-                 "confusion_stage2.png", "confusion_pipeline.png", "roc_stage1.png", "roc_stage2.png",
+    for name in ("metrics.json", "predictions.csv", "report.md", "pipeline.json", "confusion_binary.png",
+                 "confusion_subtype.png", "confusion_pipeline.png", "roc_binary.png", "roc_subtype.png",
                  "reliability.png"):
         assert (out / name).stat().st_size > 0, name
     metrics = json.loads((out / "metrics.json").read_text())
@@ -78,7 +78,7 @@ def test_evaluation_report_end_to_end(trained, tmp_path, read_only_data):
     assert rows[0] == "path,truth,p_normal,p_bacterial,p_viral,decision"
     assert metrics["training_runs"] == {"binary": runs["binary"]["run_id"],
                                         "subtype": runs["subtype"]["run_id"]}
-    for section in ("stage1", "stage2", "pipeline"):
+    for section in ("binary", "subtype", "pipeline"):
         lo, hi = metrics[section]["ci"]["accuracy"]
         assert lo <= metrics[section]["metrics"]["accuracy"] <= hi
 
@@ -112,8 +112,8 @@ def test_evaluation_report_end_to_end(trained, tmp_path, read_only_data):
     rows = compare_runs(cfg.paths.tracking_uri, ["binary", "subtype"])
     assert [r["stage"] for r in rows] == ["binary", "subtype"]
     by_stage = {r["stage"]: r for r in rows}
-    assert by_stage["binary"]["test_auroc"] == pytest.approx(metrics["stage1"]["metrics"]["auroc"])
-    assert by_stage["subtype"]["test_acc"] == pytest.approx(metrics["stage2"]["metrics"]["accuracy"])
+    assert by_stage["binary"]["test_auroc"] == pytest.approx(metrics["binary"]["metrics"]["auroc"])
+    assert by_stage["subtype"]["test_acc"] == pytest.approx(metrics["subtype"]["metrics"]["accuracy"])
     assert by_stage["binary"]["val_auroc"] == pytest.approx(runs["binary"]["metrics"]["val/auroc"])
 
 

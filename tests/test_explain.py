@@ -16,9 +16,9 @@ from torch import nn
 
 from pneumonia.attribution import Probabilities, attribution_map, occlusion_map
 from pneumonia.explain import explain
-from pneumonia.outputs import OutputError
 from pneumonia.io import ImageReadError, read_grayscale
 from pneumonia.models import build_network
+from pneumonia.outputs import OutputError
 from tests.conftest import CONF, read_only, tree_hashes
 
 
