@@ -253,7 +253,8 @@ def _looks_like_bare_dataset(path: Path) -> bool:
 
 def _dcmread(path: Path, pixels: bool):
     """pydicom's read. A dataset without preamble and file meta (older systems write them) is read
-    with force=True and a logged warning, but only when it begins like a DICOM dataset."""
+    with force=True and a logged warning, but only when it begins like a DICOM dataset and then
+    holds a SOP Class UID or a Modality, so bytes that merely start alike are not taken for one."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -262,8 +263,11 @@ def _dcmread(path: Path, pixels: bool):
     except InvalidDicomError:
         if not _looks_like_bare_dataset(path):
             raise
+    ds = pydicom.dcmread(path, stop_before_pixels=not pixels, force=True)
+    if "SOPClassUID" not in ds and "Modality" not in ds:  # one of them is in every DICOM object
+        raise InvalidDicomError("neither file meta nor SOP Class UID nor Modality")
     log.warning("%s: DICOM without preamble or file meta; read with force=True", display_name(path))
-    return pydicom.dcmread(path, stop_before_pixels=not pixels, force=True)
+    return ds
 
 
 def _set_missing_transfer_syntax(ds) -> None:

@@ -239,6 +239,14 @@ def test_text_starting_like_no_dataset_is_still_not_dicom(tmp_path):
              "not a readable DICOM file (InvalidDicomError)")
 
 
+def test_bytes_that_only_start_like_a_bare_dataset_are_not_dicom(tmp_path):
+    path = tmp_path / "noise.dcm"
+    noise = np.random.default_rng(1).integers(0, 256, 300, dtype=np.uint8).tobytes()
+    path.write_bytes(b"\x08\x00" + noise)  # group 0008 as a bare dataset starts, then noise
+    for reader in (image_size, read_grayscale):
+        _refused(reader, path, ImageReadError, "not a readable DICOM file (InvalidDicomError)")
+
+
 # ---------------------------------------------------------------- colour encodings
 
 
