@@ -2,11 +2,14 @@
 
 Accepted inputs: JPEG (.jpeg, .jpg), PNG (.png) and DICOM (.dcm), one frame each, whose content
 matches the suffix, at least MIN_SIDE pixels on each side and no more elongated than MAX_ASPECT.
-Everything else is refused with an ImageReadError that names the file and says why.
+DICOM must also be a chest radiograph by its tags (see _check_chest_radiograph) unless the caller
+passes accept_any_modality=True. Everything else is refused with an ImageReadError that names the
+file and says why. docs/formats.md lists the DICOM transfer syntaxes and their decoders.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 import warnings
@@ -33,6 +36,20 @@ MAX_ASPECT = 5.0
 # contrast of the whole image.
 WINDOW_PERCENTILES = (0.5, 99.5)
 _DEEP_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+# Modalities of projection radiographs (DICOM PS3.3 C.7.3.1.1.1): CR computed radiography, DX
+# digital radiography, RG conventional film/screen radiography (a digitised chest film is still a
+# chest radiograph). PX (dental panoramic), MG (mammography), IO (intra-oral), XA and RF
+# (fluoroscopy) are projection images too, but never of a chest, so they are refused.
+RADIOGRAPH_MODALITIES = frozenset({"CR", "DX", "RG"})
+# BodyPartExamined values that name the chest: CHEST (PS3.16 Annex L, CID 4031), LUNG (CID 4031)
+# and THORAX / LUNGS, which vendors write. Combined regions (CHESTABDOMEN, a neonatal
+# "babygram") are refused: the models here learnt from chest films only.
+CHEST_BODY_PARTS = frozenset({"CHEST", "THORAX", "LUNG", "LUNGS"})
+# Photometric interpretations read: grayscale, and colour encodings that may hold a grayscale
+# image in three equal channels (pydicom converts the YBR ones to RGB while decoding).
+_COLOUR_PHOTOMETRICS = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT")
+_PHOTOMETRICS = ("MONOCHROME1", "MONOCHROME2", *_COLOUR_PHOTOMETRICS)
+log = logging.getLogger(__name__)
 
 
 def display_name(path: Path | str) -> str:
@@ -52,6 +69,11 @@ class ImageReadError(ValueError):
         super().__init__(f"{display_name(path)}: {reason}")
         self.path = Path(path)
         self.reason = reason
+
+
+class NotChestRadiograph(ImageReadError):
+    """A readable DICOM object whose tags say it is not a chest radiograph (another modality, body
+    part, or no image at all). A model trained on chest films must not diagnose it."""
 
 
 def _file_kind(mode: int) -> str:
@@ -146,17 +168,18 @@ def _check_header(path: Path, img: Image.Image) -> None:
     _check_shape(path, *img.size)
 
 
-def image_size(path: Path | str) -> tuple[int, int]:
+def image_size(path: Path | str, accept_any_modality: bool = False) -> tuple[int, int]:
     """(width, height) from the file header, without decoding the pixels.
 
     Also catches files that are not images, content that does not match the suffix, multi-frame
     files, implausible sizes and JPEGs cut short (no end-of-image marker), so bad files are found
-    before training starts rather than in the middle of an epoch.
+    before training starts rather than in the middle of an epoch. DICOM passes the same
+    chest-radiograph gate as in read_grayscale; accept_any_modality skips it.
     """
     path = Path(path)
     _require_regular_file(path)
     if path.suffix.lower() == ".dcm":
-        ds = _read_dicom(path, pixels=False)
+        ds = _read_dicom(path, pixels=False, accept_any_modality=accept_any_modality)
         return int(ds.Columns), int(ds.Rows)
     try:
         with _open_image(path) as img:
@@ -214,15 +237,88 @@ def _dicom_format_error(path: Path, err: Exception) -> ImageReadError:
     return ImageReadError(path, f"not a readable DICOM file ({err.__class__.__name__})")
 
 
-def _read_dicom(path: Path, pixels: bool = True):
-    """The pydicom dataset, its header checked like an image's (one frame, size, shape)."""
+# The groups a DICOM dataset written without preamble and file meta starts with: its own file
+# meta (0002) or, mostly, identifying data (0008). Read as a tag in either byte order.
+_BARE_DATASET_GROUPS = frozenset({0x0002, 0x0008})
+
+
+def _looks_like_bare_dataset(path: Path) -> bool:
+    """True when the file starts with a tag of a _BARE_DATASET_GROUPS group, as a dataset without
+    preamble and file meta does. Text and other formats do not, so they are never force-read."""
+    with path.open("rb") as f:
+        head = f.read(2)
+    return len(head) == 2 and any(int.from_bytes(head, order) in _BARE_DATASET_GROUPS
+                                  for order in ("little", "big"))
+
+
+def _dcmread(path: Path, pixels: bool):
+    """pydicom's read. A dataset without preamble and file meta (older systems write them) is read
+    with force=True and a logged warning, but only when it begins like a DICOM dataset and then
+    holds a SOP Class UID or a Modality, so bytes that merely start alike are not taken for one."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=not pixels)
-    except (InvalidDicomError, OSError, ValueError, EOFError) as err:
-        raise _dicom_format_error(path, err) from err
+        return pydicom.dcmread(path, stop_before_pixels=not pixels)
+    except InvalidDicomError:
+        if not _looks_like_bare_dataset(path):
+            raise
+    ds = pydicom.dcmread(path, stop_before_pixels=not pixels, force=True)
+    if "SOPClassUID" not in ds and "Modality" not in ds:  # one of them is in every DICOM object
+        raise InvalidDicomError("neither file meta nor SOP Class UID nor Modality")
+    log.warning("%s: DICOM without preamble or file meta; read with force=True", display_name(path))
+    return ds
+
+
+def _set_missing_transfer_syntax(ds) -> None:
+    """Names the transfer syntax when the file meta has none, so the pixel decoder knows the byte
+    order. pydicom's docs set implicit VR little endian for such files; the encoding pydicom
+    detected while reading is that in their case and also right for explicit VR files."""
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    if "TransferSyntaxUID" in ds.file_meta:
+        return
+    implicit, little = ds.original_encoding
+    if implicit is False:
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+    else:
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+
+
+def _tag_text(ds, keyword: str) -> str:
+    """A code-string tag's value, stripped and upper-case; '' when absent or empty."""
+    return str(ds.get(keyword, "") or "").strip().upper()
+
+
+def _check_chest_radiograph(path: Path, ds) -> None:
+    """Refuses, with NotChestRadiograph, a dataset whose tags say it is not a chest radiograph:
+    a Modality outside RADIOGRAPH_MODALITIES, or a BodyPartExamined outside CHEST_BODY_PARTS.
+
+    Modality is mandatory in every image object, so a dataset without it is malformed. It is
+    accepted, with a warning, only as a one-channel Secondary Capture (how converters store a
+    digitised film); anything else without a Modality is refused. The reason names only the
+    deciding tags, never a patient identifier.
+    """
+    from pydicom.uid import SecondaryCaptureImageStorage
+
+    modality, part = _tag_text(ds, "Modality"), _tag_text(ds, "BodyPartExamined")
+    if not modality:
+        if (ds.get("SOPClassUID") != SecondaryCaptureImageStorage
+                or int(ds.get("SamplesPerPixel") or 1) != 1):
+            raise NotChestRadiograph(path, "not a chest radiograph (Modality missing)")
+        log.warning("%s: DICOM Secondary Capture without Modality; read as a radiograph",
+                    display_name(path))
+    elif modality not in RADIOGRAPH_MODALITIES:
+        raise NotChestRadiograph(path, f"not a chest radiograph (Modality={modality})")
+    if part and part not in CHEST_BODY_PARTS:
+        shown = modality or "missing"
+        raise NotChestRadiograph(path, f"not a chest radiograph (Modality={shown}, "
+                                       f"BodyPartExamined={part})")
+
+
+def _check_dicom_header(path: Path, ds, pixels: bool) -> None:
+    """Refuses a header without pixels, with several frames, an unread photometric
+    interpretation or a bad size, as an image's header is checked."""
     if "Rows" not in ds or "Columns" not in ds or (pixels and "PixelData" not in ds):
         raise ImageReadError(path, "DICOM file has no pixel data")
     try:
@@ -232,35 +328,74 @@ def _read_dicom(path: Path, pixels: bool = True):
         raise ImageReadError(path, reason) from err
     if frames > 1:
         raise ImageReadError(path, f"{frames} frames (multi-frame DICOM); expected a single X-ray")
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+    if photometric not in _PHOTOMETRICS:
+        raise ImageReadError(path, f"photometric interpretation {photometric} is not read; "
+                                   "expected a grayscale radiograph")
     if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
         raise ImageReadError(path, f"refused: too many pixels for an X-ray ({width}x{height})")
     _check_shape(path, width, height)
+
+
+def _read_dicom(path: Path, pixels: bool = True, accept_any_modality: bool = False):
+    """The pydicom dataset: a chest radiograph by its tags (unless accept_any_modality), its
+    header checked like an image's (one frame, size, shape)."""
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        ds = _dcmread(path, pixels)
+    except (InvalidDicomError, OSError, ValueError, EOFError) as err:
+        raise _dicom_format_error(path, err) from err
+    _set_missing_transfer_syntax(ds)
+    if not accept_any_modality:
+        _check_chest_radiograph(path, ds)
+    _check_dicom_header(path, ds, pixels)
     return ds
 
 
-def _dicom_pixels(path: Path, ds) -> np.ndarray:
-    """The stored pixel array of one grayscale frame."""
-    try:
-        arr = ds.pixel_array
-    except Exception as err:  # compressed transfer syntax without a decoder, bad length...
-        raise ImageReadError(path, f"cannot decode DICOM pixel data ({err})") from err
+def _one_channel(path: Path, ds, arr: np.ndarray) -> np.ndarray:
+    """The decoded frame as (H, W). A colour frame (RGB, or YBR that pydicom turned into RGB) is a
+    grayscale radiograph when its three channels are equal, and is refused otherwise."""
+    colour = ds.get("PhotometricInterpretation") in _COLOUR_PHOTOMETRICS
+    if colour and arr.ndim == 3 and arr.shape[-1] == 3:
+        if not (np.array_equal(arr[..., 0], arr[..., 1])
+                and np.array_equal(arr[..., 0], arr[..., 2])):
+            raise ImageReadError(path, "colour image (RGB with differing channels); "
+                                       "expected a grayscale radiograph")
+        arr = arr[..., 0]
     if arr.ndim != 2:
         raise ImageReadError(path, f"expected one grayscale frame, got pixel array of shape "
                                    f"{arr.shape}")
     return arr
 
 
-def read_dicom(path: Path | str) -> np.ndarray:
+def _dicom_pixels(path: Path, ds) -> np.ndarray:
+    """The stored pixel array of one grayscale frame."""
+    from pydicom.uid import JPEGExtended12Bit
+
+    try:
+        arr = ds.pixel_array
+    except Exception as err:  # compressed transfer syntax without a decoder, bad length...
+        reason = f"cannot decode DICOM pixel data ({' '.join(str(err).split())})"
+        if ds.file_meta.get("TransferSyntaxUID") == JPEGExtended12Bit:
+            reason += "; 12-bit JPEG Extended needs the optional extra pneumonia[gpl-decoders]"
+        raise ImageReadError(path, reason) from err
+    return _one_channel(path, ds, arr)
+
+
+def read_dicom(path: Path | str, accept_any_modality: bool = False) -> np.ndarray:
     """DICOM to (H, W) uint8: modality LUT, then the file's own window (VOI LUT) when it has one,
     else the WINDOW_PERCENTILES window; MONOCHROME1 inverted.
 
-    Only pixels leave this function: no patient identifier reaches any output.
+    Refuses, with NotChestRadiograph, what is not a chest radiograph by its tags, unless
+    accept_any_modality (the caller then labels its report). Only pixels leave this function:
+    no patient identifier reaches any output.
     """
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     path = Path(path)
     _require_regular_file(path)
-    ds = _read_dicom(path)
+    ds = _read_dicom(path, accept_any_modality=accept_any_modality)
     arr, windowed = _dicom_pixels(path, ds), _has_window(ds)
     try:  # pydicom raises several types on bad values (a width of 0, a LUT of the wrong size)
         arr = apply_modality_lut(arr, ds)
@@ -283,17 +418,18 @@ def _pil_to_uint8(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("L"), dtype=np.uint8)
 
 
-def read_grayscale(path: Path | str) -> np.ndarray:
+def read_grayscale(path: Path | str, accept_any_modality: bool = False) -> np.ndarray:
     """Decode an X-ray file into an (H, W) uint8 array.
 
     JPEG and PNG (8 or 16 bit; grayscale, RGB, RGBA or CMYK, colour converted to luminance)
     and DICOM (.dcm). 8-bit pixels are kept as they are; deeper ones without a window of their
     own map their WINDOW_PERCENTILES to black and white. Refuses what image_size refuses.
+    accept_any_modality skips the DICOM chest-radiograph gate (JPEG and PNG carry no tags).
     """
     path = Path(path)
     _require_regular_file(path)
     if path.suffix.lower() == ".dcm":
-        return read_dicom(path)
+        return read_dicom(path, accept_any_modality)
     try:
         with _open_image(path) as img:
             _check_header(path, img)
