@@ -281,7 +281,7 @@ class EvaluateConfig:
     sweep: Optional[str] = None
     # a plain dict, so that callers may assign data={"root": ...}; its keys are checked below
     data: dict[str, Any] = field(default_factory=lambda: {"root": None})
-    split: str = "test"
+    report_split: str = "test"
     target_sensitivity: float = 0.99
     operating_point: str = "youden"
     tta: bool = False
@@ -298,7 +298,7 @@ class EvaluateConfig:
     def __post_init__(self) -> None:
         if set(self.data) != {"root"} or not isinstance(self.data["root"], (str, type(None))):
             raise ValueError(f"data={self.data} must be {{root: <a Kermany folder> or null}}")
-        _choice("split", self.split, ("test", "val"))
+        _choice("report_split", self.report_split, ("test", "val"))
         if not 0 < self.target_sensitivity <= 1:
             raise ValueError(f"target_sensitivity={self.target_sensitivity} must be in (0, 1]")
         _choice("operating_point", self.operating_point, OPERATING_POINTS)
@@ -325,6 +325,7 @@ class ExplainConfig:
     batch_images: int = 1
     channels_last: bool = True
     precision: str = "32"
+    accept_any_modality: bool = False
     limit: Optional[int] = None
     device: str = "cpu"
     overwrite: bool = False

@@ -48,10 +48,10 @@ def references(cfg: DictConfig) -> dict[str, Any]:
 def _splits(pipeline: TwoStagePipeline, cfg: DictConfig) -> tuple[list[Record], list[Record]]:
     """The validation images (for calibration) and the reported split's, as recorded."""
     records = pipeline.split(cfg.data.root)
-    held_out = [r for r in records if r.split == cfg.split]
+    held_out = [r for r in records if r.split == cfg.report_split]
     if not held_out:
         root = cfg.data.root or pipeline.data_settings()["root"]
-        raise DataError(f"the {cfg.split} split of {root} holds no images")
+        raise DataError(f"the {cfg.report_split} split of {root} holds no images")
     return [r for r in records if r.split == "val"], held_out
 
 
@@ -63,7 +63,7 @@ def _check_finite(records: list[Record], pred: Prediction) -> None:
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    """Calibrate on validation, then report stage 1, stage 2 and the pipeline on `cfg.split`."""
+    """Calibrate on validation, then report stage 1, stage 2 and the pipeline on `cfg.report_split`."""
     check_values(cfg)  # a wrong value stops here, before any checkpoint or image is read
     refs = references(cfg)
     inputs = [cfg.data.root, cfg.sweep, *(p for r in refs.values() for p in local_references(r))]
@@ -79,7 +79,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     _check_finite(held_out, pred)
 
     labels, thresholds = [r.label for r in held_out], pipeline.stage_thresholds()
-    metrics = {"split": cfg.split, "tta": cfg.tta, "n_images": len(held_out),
+    metrics = {"split": cfg.report_split, "tta": cfg.tta, "n_images": len(held_out),
                "checkpoints": pipeline.checkpoints,
                "training_runs": {k: m.mlflow_run_id for k, m in pipeline.stages.items()},
                **evaluation_metrics(labels, pred, calibration, thresholds, cfg.bootstrap.samples,

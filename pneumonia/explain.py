@@ -20,7 +20,13 @@ from tqdm import tqdm
 from pneumonia.attribution import attribution_map
 from pneumonia.checkpoints import local_references
 from pneumonia.config import check_values
-from pneumonia.io import ImageReadError, display_name, read_grayscale, scan_inputs
+from pneumonia.io import (
+    ImageReadError,
+    NotChestRadiograph,
+    display_name,
+    read_grayscale,
+    scan_inputs,
+)
 from pneumonia.outputs import claim_output
 from pneumonia.pipeline import TwoStagePipeline
 from pneumonia.report import index_html, plot_explanation, report_names, write_csv
@@ -126,10 +132,12 @@ class Explainer:
                 "attribution_seconds": f"{seconds:.3f}", "report": report.as_posix()}
 
 
-def _read(path: Path, name: str) -> tuple[np.ndarray | None, dict | None]:
-    """The decoded image, or the failed row that says why there is none."""
+def _read(path: Path, name: str, accept_any_modality: bool) -> tuple[np.ndarray | None, dict | None]:
+    """The decoded image, or the row that says why there is none."""
     try:
-        return read_grayscale(path), None
+        return read_grayscale(path, accept_any_modality), None
+    except NotChestRadiograph as err:
+        return None, {**_failed(name, err.reason), "status": "not a chest radiograph"}
     except ImageReadError as err:
         return None, _failed(name, err.reason)
 
@@ -143,7 +151,7 @@ def explain_files(explainer: Explainer, input_dir: Path, files: list[Path]) -> l
     for start in tqdm(range(0, len(files), size), desc="explaining", unit="batch"):
         batch, images = [], []
         for i in range(start, min(start + size, len(files))):
-            image, failed = _read(files[i], names[i])
+            image, failed = _read(files[i], names[i], explainer.cfg.accept_any_modality)
             if failed:
                 rows.append(failed)
             else:
@@ -167,8 +175,10 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
     rows.sort(key=lambda r: r["file"])
     write_csv(output_dir / "summary.csv", SUMMARY_FIELDS, [[r.get(k, "") for k in SUMMARY_FIELDS]
                                                            for r in rows])
-    (output_dir / "index.html").write_text(index_html(rows, f"Explanations: {display_name(Path(input_dir.name))}",
-                                                      CLASSES))
+    title = f"Explanations: {display_name(Path(input_dir.name))}"
+    if cfg.accept_any_modality:
+        title += " (accept_any_modality=true: DICOM of any modality and body part were diagnosed)"
+    (output_dir / "index.html").write_text(index_html(rows, title, CLASSES))
     failed = sum(r["status"] != "ok" for r in rows)
     run_id = None
     if cfg.log_to_mlflow:
@@ -176,5 +186,6 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
 
         run_id = log_folder_run(cfg.paths.tracking_uri, cfg.paths.artifact_dir, cfg.experiment_name,
                                 output_dir, {"method": cfg.method, "stage": cfg.explain_stage,
+                                             "accept_any_modality": str(cfg.accept_any_modality),
                                              "images": str(len(rows)), "failed": str(failed)})
     return {"output_dir": str(output_dir), "rows": rows, "failed": failed, "run_id": run_id}

@@ -267,3 +267,24 @@ def test_a_window_larger_than_the_input_is_refused(trained, tmp_path):
     folder.mkdir()
     with pytest.raises(ValueError, match="window=65 is larger than the binary stage's input .64 px"):
         explain(_explain_cfg(work, folder, tmp_path / "out", runs, window=65, log_to_mlflow=False))
+
+
+@pytest.mark.slow
+def test_only_chest_radiographs_are_diagnosed_unless_asked(trained, tmp_path):
+    import pydicom
+
+    work, runs = trained
+    folder = tmp_path / "in"
+    folder.mkdir()
+    scan = _write_dicom(folder / "scan.dcm", _pixels().astype(np.uint16) * 257, "MONOCHROME2")
+    ds = pydicom.dcmread(scan)
+    ds.Modality = "CT"
+    ds.save_as(scan)
+    rows = explain(_explain_cfg(work, folder, tmp_path / "a", runs, log_to_mlflow=False))["rows"]
+    assert [(r["status"], r["reason"]) for r in rows] == [
+        ("not a chest radiograph", "not a chest radiograph (Modality=CT)")]
+    assert "p_normal" not in rows[0]  # no probabilities, no decision
+    result = explain(_explain_cfg(work, folder, tmp_path / "b", runs, log_to_mlflow=False,
+                                  accept_any_modality=True))
+    assert result["rows"][0]["status"] == "ok"
+    assert "accept_any_modality=true" in (tmp_path / "b" / "index.html").read_text()

@@ -24,7 +24,7 @@ EVALUATE_REFUSED = {
     "target_sensitivity=2": "target_sensitivity=2.0 must be in (0, 1]",
     "target_sensitivity=0": "target_sensitivity=0.0 must be in (0, 1]",
     "operating_point=best": "operating_point='best' is not one of: youden, sensitivity, default",
-    "split=train": "split='train' is not one of: test, val",
+    "report_split=train": "report_split='train' is not one of: test, val",
     "batch_size=0": "batch_size=0 must be at least 1",
     "num_workers=-1": "num_workers=-1 must be at least 0",
     "device=gpu": "device='gpu' is not one of: cpu, cuda, cuda:N",
@@ -67,7 +67,7 @@ def test_explain_refuses_a_wrong_value(override):
 
 
 @pytest.mark.parametrize("overrides", [
-    [], ["device=cuda"], ["device=cuda:1"], ["split=val", "target_sensitivity=1",
+    [], ["device=cuda"], ["device=cuda:1"], ["report_split=val", "target_sensitivity=1",
                                              "bootstrap.samples=1", "num_workers=0"],
     ["operating_point=default", "binary=[a.ckpt,b.ckpt]", "subtype=latest", "data.root=/x"],
 ])
