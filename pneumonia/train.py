@@ -50,7 +50,6 @@ def build_datamodule(cfg: DictConfig) -> KermanyDataModule:
         test_fraction=data.test_fraction,
         seed=data.split_seed,
         crop=OmegaConf.to_container(data.crop) if data.crop else None,
-        equalize=data.equalize,
         augment=OmegaConf.to_container(data.augment) if data.augment else None,
         batch_size=data.batch_size,
         num_workers=data.num_workers,
@@ -62,7 +61,6 @@ def build_datamodule(cfg: DictConfig) -> KermanyDataModule:
         persistent_workers=data.persistent_workers,
         shuffle_seed=cfg.seed,
         skip_bad=data.skip_bad,
-        balanced=data.balanced,
     )
 
 
@@ -89,7 +87,6 @@ def build_module(cfg: DictConfig, datamodule: KermanyDataModule) -> StageClassif
         scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True) if cfg.scheduler else None,
         class_weights=class_weights(cfg.loss.class_weights, datamodule),
         label_smoothing=cfg.loss.label_smoothing,
-        mixup=cfg.loss.mixup,
         pretrained=pretrained,
         data={"root": str(datamodule.root), "split": cfg.data.split, "split_seed": cfg.data.split_seed,
               "val_fraction": cfg.data.val_fraction, "test_fraction": cfg.data.test_fraction,

@@ -47,14 +47,11 @@ class XrayDataset(Dataset):
 class EpochShuffle(Sampler[int]):
     """A shuffle fixed by (seed, epoch), so a resumed run sees the same order.
 
-    With `weights` (one per item) an epoch instead draws as many items with replacement, each in
-    proportion to its weight: 1 / its class's count gives every class the same share.
     Lightning calls `set_epoch` before each training epoch (and wraps this sampler for DDP).
     """
 
-    def __init__(self, size: int, seed: int = 0, weights: list[float] | None = None):
+    def __init__(self, size: int, seed: int = 0):
         self.size, self.seed, self.epoch = size, seed, 0
-        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float64)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -64,10 +61,7 @@ class EpochShuffle(Sampler[int]):
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        if self.weights is None:
-            yield from torch.randperm(self.size, generator=generator).tolist()
-        else:
-            yield from torch.multinomial(self.weights, self.size, True, generator=generator).tolist()
+        yield from torch.randperm(self.size, generator=generator).tolist()
 
 
 class CachedDataset(Dataset):
@@ -111,7 +105,6 @@ class KermanyDataModule(L.LightningDataModule):
         test_fraction: float = 0.2,
         seed: int = 0,
         crop: dict | None = None,
-        equalize: bool = False,
         augment: dict | None = None,
         batch_size: int = 32,
         num_workers: int = 0,
@@ -123,11 +116,9 @@ class KermanyDataModule(L.LightningDataModule):
         persistent_workers: bool = True,
         shuffle_seed: int = 0,
         skip_bad: bool = False,
-        balanced: bool = False,
     ) -> None:
         super().__init__()
         self.shuffle_seed = shuffle_seed
-        self.balanced = balanced
         if cache and not cache_dir:
             raise ValueError("data.cache=true needs data.cache_dir")
         self.cache_dir = Path(cache_dir).expanduser() if cache and cache_dir else None
@@ -159,8 +150,7 @@ class KermanyDataModule(L.LightningDataModule):
                 "width_fraction": float(crop.get("width", 0.35)),
                 "height_fraction": float(crop.get("height", 0.20)),
             }
-        self.preprocessing = Preprocessing(image_size=image_size, mean=mean, std=std, crop=crop_stats,
-                                           equalize=equalize)
+        self.preprocessing = Preprocessing(image_size=image_size, mean=mean, std=std, crop=crop_stats)
 
     def _check_classes(self) -> None:
         classes = STAGE_CLASSES[self.stage]
@@ -224,13 +214,7 @@ class KermanyDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         data = self.dataset(split, augment=train)
-        sampler = None
-        if train:
-            weights = None
-            if self.balanced:  # 1 / its class's count: every class drawn equally often
-                counts = self.class_counts(split)
-                weights = [1.0 / counts[t] for t in data.targets]
-            sampler = EpochShuffle(len(data), self.shuffle_seed, weights)
+        sampler = EpochShuffle(len(data), self.shuffle_seed) if train else None
         return DataLoader(
             data,
             batch_size=self.batch_size,
