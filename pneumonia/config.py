@@ -87,6 +87,9 @@ class SyntheticConfig:
 
 @dataclass
 class DataConfig:
+    """The data module's options (train() instantiates `_target_` with them), except
+    `normalization` and `synthetic`, which train() resolves itself."""
+    _target_: str = "pneumonia.data.KermanyDataModule"
     root: str = MISSING
     split: str = "official"
     split_seed: int = 0
@@ -176,7 +179,7 @@ def register() -> None:
 
 def check_feature_cache(cfg: DictConfig) -> None:
     """data.feature_cache stores the frozen part's features once: only valid when nothing
-    before the head trains and the only augmentation is a horizontal flip."""
+    before the head trains and no training image is augmented."""
     if not cfg.data.feature_cache:
         return
     changes = []
@@ -186,18 +189,14 @@ def check_feature_cache(cfg: DictConfig) -> None:
         changes.append(f"model.adapter=none (now {cfg.model.adapter}, which trains)")
     if not cfg.data.cache:
         changes.append("data.cache=true (features are computed from the preprocessed cache)")
-    augment = cfg.data.augment or {}
-    for key in ("brightness", "contrast", "scale"):
-        if augment.get(key) is not None:
-            changes.append(f"data.augment.{key}=null (now {list(augment[key])})")
-    for key in ("rotate", "translate"):
-        if augment.get(key):
-            changes.append(f"data.augment.{key}=0 (now {augment[key]})")
+    if cfg.data.augment is not None:
+        changes.append("data.augment=null (now augmenting: "
+                       f"{OmegaConf.to_container(cfg.data.augment)})")
     if changes:
         raise ValueError(
-            "data.feature_cache=true computes the backbone's features once per image (and its "
-            "mirror), so nothing before the head may train and the only augmentation may be "
-            f"data.augment.hflip. Set {', '.join(changes)}; or data.feature_cache=false."
+            "data.feature_cache=true computes the backbone's features once per image, so nothing "
+            f"before the head may train and no image may change. Set {', '.join(changes)}; or "
+            "data.feature_cache=false."
         )
 
 

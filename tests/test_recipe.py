@@ -1,14 +1,12 @@
-"""The from-scratch recipe's options: affine augmentation, flip test-time augmentation and seed
-ensembles."""
+"""The from-scratch recipe's options: flip test-time augmentation, seed ensembles and the
+augmentation settings' checks (the augmentation itself: tests/test_augment.py)."""
 
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from pneumonia.data.transforms import batch_augment, build_augmentation, random_affine
 from pneumonia.attribution import attribution_map
 from pneumonia.pipeline import (
     CheckpointError,
@@ -19,52 +17,6 @@ from pneumonia.pipeline import (
     load_stages,
 )
 from tests.conftest import compose_train
-
-NO_PHOTOMETRIC = dict(hflip=0.0, brightness=None, contrast=None)
-
-
-def _params(n, value):
-    return torch.full((n, 1, 1, 1), float(value))
-
-
-def test_affine_identity_shift_zoom_and_rotation():
-    image = torch.zeros(1, 1, 40, 40)
-    image[0, 0, 18:22, 8:12] = 1.0  # a bright square left of centre
-    same = random_affine(image, _params(1, 1), _params(1, 0), _params(1, 0), _params(1, 0))
-    torch.testing.assert_close(same, image, atol=1e-5, rtol=0)
-    # shifting right by a quarter of the side moves the square 10 pixels right
-    shifted = random_affine(image, _params(1, 1), _params(1, 0), _params(1, 0.25), _params(1, 0))
-    torch.testing.assert_close(shifted[..., 18:22, 18:22], image[..., 18:22, 8:12], atol=1e-5, rtol=0)
-    # a 90 degree turn of a square image is exact
-    turned = random_affine(image, _params(1, 1), _params(1, 90), _params(1, 0), _params(1, 0))
-    assert torch.allclose(turned, torch.rot90(image, 1, (2, 3)), atol=1e-5) or \
-        torch.allclose(turned, torch.rot90(image, -1, (2, 3)), atol=1e-5)
-    # zoom 2x: a square 4 px left of the centre lands 8 px left of it, twice as wide
-    near = torch.zeros(1, 1, 40, 40)
-    near[0, 0, 18:22, 14:18] = 1.0
-    zoomed = random_affine(near, _params(1, 2), _params(1, 0), _params(1, 0), _params(1, 0))
-    centre_of_mass = (zoomed[0, 0].sum(0) * torch.arange(40)).sum() / zoomed[0, 0].sum()
-    assert abs(centre_of_mass.item() - (19.5 - 2 * 4)) < 0.5
-    assert zoomed.sum().item() == pytest.approx(4 * near.sum().item(), rel=0.1)
-
-
-def test_affine_in_batch_augment_draws_per_image():
-    images = torch.rand(16, 1, 24, 24)
-    moved = batch_augment(images, **NO_PHOTOMETRIC, scale=(0.9, 1.15), rotate=10, translate=0.06)
-    change = (moved - images).abs().mean(dim=(1, 2, 3))
-    assert change.min() > 0 and change.std() > 0  # every image moved, each by its own draw
-    generator = lambda: torch.Generator().manual_seed(3)  # noqa: E731
-    again = [batch_augment(images, rotate=10, generator=generator()) for _ in range(2)]
-    torch.testing.assert_close(*again)
-
-
-def test_albumentations_path_applies_the_same_kinds_of_transform():
-    transform = build_augmentation(**NO_PHOTOMETRIC, scale=(0.9, 1.1), rotate=10, translate=0.05)
-    assert [type(t).__name__ for t in transform.transforms] == ["Affine"]
-    image = np.random.default_rng(0).integers(0, 256, (32, 32), dtype=np.uint8)
-    out = transform(image=image)["image"]
-    assert out.shape == image.shape and out.dtype == np.uint8 and not np.array_equal(out, image)
-
 
 def test_tta_averages_the_image_and_its_mirror():
     torch.manual_seed(0)

@@ -1,14 +1,12 @@
-"""Deterministic preprocessing (crop, resize) shared by training and inference, and augmentation."""
+"""Deterministic preprocessing (crop, resize, normalisation) shared by training and inference,
+and the training augmentation."""
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -67,77 +65,40 @@ class Preprocessing:
         return ((image.astype(np.float32) / 255.0 - self.mean) / self.std)[None]
 
 
-def batch_augment(images: torch.Tensor, hflip: float = 0.5, brightness=(-0.1, 0.1),
-                  contrast=(0.0, 0.1), scale=None, rotate: float = 0.0, translate: float = 0.0,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
-    """The same augmentation as `build_augmentation`, on a float batch (N, 1, H, W) in [0, 1].
+class Augmentation:
+    """Training augmentation of preprocessed uint8 (S, S) images, each draw fixed by
+    (seed, epoch, image index).
 
-    Runs on whatever device the batch is on; each image draws its own parameters. Order:
-    flip, affine (zoom `scale`, rotation up to `rotate` degrees, shift up to `translate` of
-    the side; black outside the image), then brightness and contrast.
+    One albumentations 2.0.8 pipeline serves the decoded and the cached path alike: a flip with
+    probability `hflip`; one affine step (zoom drawn from `scale`, used for both axes, rotation
+    up to `rotate` degrees, shift up to `translate` of the side, black outside the image); then
+    brightness and contrast, which 2.0.8 applies as img * (1 + c) + b * 255 (not centred on the
+    mean). Before each image every transform is reseeded from (seed, epoch, index), each from
+    its own stream, so that its draws do not depend on the transforms before it: a resumed run
+    repeats its draws, and the number of loader workers changes nothing.
     """
-    n, device = images.shape[0], images.device
 
-    def uniform(bounds) -> torch.Tensor:
-        lo, hi = bounds or (0.0, 0.0)
-        return (torch.rand(n, 1, 1, 1, generator=generator, device=device) * (hi - lo) + lo)
-
-    if hflip:
-        flip = flip_mask(n, hflip, generator, device)
-        images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-    if scale or rotate or translate:
-        images = random_affine(images, uniform(scale or (1.0, 1.0)), uniform((-rotate, rotate)),
-                               uniform((-translate, translate)), uniform((-translate, translate)))
-    alpha, beta = 1 + uniform(contrast), uniform(brightness)
-    return apply_brightness_contrast(images, alpha, beta)
-
-
-def flip_mask(n: int, hflip: float, generator: torch.Generator | None = None,
-              device: torch.device | str = "cpu") -> torch.Tensor:
-    """Which of n images to mirror: the first draw of `batch_augment`, shared with the feature
-    cache so that both paths mirror the same images for the same generator."""
-    return torch.rand(n, generator=generator, device=device) < hflip
-
-
-def random_affine(images: torch.Tensor, scale, degrees, shift_x, shift_y) -> torch.Tensor:
-    """Zoom by `scale` (> 1 enlarges), rotate by `degrees`, shift by a fraction of the side;
-    each argument (N, 1, 1, 1)."""
-    angle = degrees.flatten() * math.pi / 180
-    cos, sin, inv = angle.cos(), angle.sin(), 1 / scale.flatten()
-    theta = torch.stack([
-        torch.stack([cos * inv, -sin * inv, -2 * shift_x.flatten()], 1),
-        torch.stack([sin * inv, cos * inv, -2 * shift_y.flatten()], 1),
-    ], 1)
-    grid = F.affine_grid(theta.to(images.dtype), list(images.shape), align_corners=False)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-
-
-def apply_brightness_contrast(images: torch.Tensor, alpha, beta) -> torch.Tensor:
-    """albumentations 2.0.8's formula on [0, 1] images: clip(img * alpha + beta)."""
-    return (images * alpha + beta).clamp_(0.0, 1.0)
-
-
-def build_augmentation(hflip: float = 0.5, brightness=(-0.1, 0.1), contrast=(0.0, 0.1),
-                       scale=None, rotate: float = 0.0, translate: float = 0.0) -> A.Compose:
-    """Train-time augmentation on uint8 images (the path without the preprocessed cache).
-
-    albumentations 2.0.8 applies contrast as img * (1 + c) + b * 255 (not centred on the mean).
-    Flip, brightness and contrast match `batch_augment` exactly for the same parameters; the
-    affine step is the same transform drawn the same way, not bit-identical.
-    """
-    transforms = []
-    if hflip:
-        transforms.append(A.HorizontalFlip(p=hflip))
-    if scale or rotate or translate:
-        transforms.append(A.Affine(scale=tuple(scale or (1.0, 1.0)), rotate=(-rotate, rotate),
-                                   translate_percent=(-translate, translate), fill=0, p=1.0))
-    if brightness is not None or contrast is not None:
-        transforms.append(
-            A.RandomBrightnessContrast(
+    def __init__(self, seed: int = 0, hflip: float = 0.5, brightness=(-0.1, 0.1),
+                 contrast=(0.0, 0.1), scale=None, rotate: float = 0.0, translate: float = 0.0):
+        self.seed = seed
+        transforms: list[A.BasicTransform] = []
+        if hflip:
+            transforms.append(A.HorizontalFlip(p=hflip))
+        if scale or rotate or translate:
+            transforms.append(A.Affine(scale=tuple(scale or (1.0, 1.0)), keep_ratio=True,
+                                       rotate=(-rotate, rotate), translate_percent=(-translate, translate),
+                                       fill=0, p=1.0))
+        if brightness is not None or contrast is not None:
+            transforms.append(A.RandomBrightnessContrast(
                 brightness_limit=tuple(brightness or (0.0, 0.0)),
-                contrast_limit=tuple(contrast or (0.0, 0.0)),
-                brightness_by_max=True,
-                p=1.0,
-            )
-        )
-    return A.Compose(transforms)
+                contrast_limit=tuple(contrast or (0.0, 0.0)), brightness_by_max=True, p=1.0))
+        self.compose = A.Compose(transforms)
+
+    def __call__(self, image: np.ndarray, epoch: int, index: int) -> np.ndarray:
+        """The augmented copy of uint8 `image` (S, S) for this epoch and image index."""
+        streams = np.random.SeedSequence([self.seed, epoch, index]).generate_state(
+            len(self.compose.transforms) + 1)
+        self.compose.set_random_seed(int(streams[0]))  # also seeds every transform with it...
+        for transform, stream in zip(self.compose.transforms, streams[1:]):
+            transform.set_random_seed(int(stream))  # ...so each one gets its own stream after
+        return self.compose(image=image)["image"]

@@ -19,7 +19,6 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 
-from pneumonia.data.transforms import batch_augment, flip_mask
 from pneumonia.models.network import build_network
 
 # Options of earlier versions that their checkpoints still carry, each with the value that meant
@@ -31,6 +30,9 @@ RETIRED = {
     "module": {"mixup": 0.0},
 }
 RETIRED_AT = "1fafa00"
+# Training settings that earlier checkpoints recorded but the module no longer uses (the data
+# module augments and seeds its draws): dropped whatever their value, inference never read them.
+TRAINING_RECORDS = ("augment", "seed")
 
 
 def without_retired(group: str, options: dict) -> dict:
@@ -66,14 +68,12 @@ class StageClassifier(L.LightningModule):
     way training did. `pretrained` is separate so a checkpoint can be loaded offline with
     `StageClassifier.load_from_checkpoint(path, pretrained=False)` (its weights are in it).
     `data` records the data root and split settings, so evaluation finds the same test split.
-    Batches of uint8 images (the preprocessed cache) are normalised here, after the transfer
-    to the device, and augmented with `augment` in training. `retired` takes the arguments of
-    older checkpoints that this version dropped (`RETIRED`), when they hold their neutral value.
+    Batches arrive augmented and normalised by the data module. `retired` takes the arguments
+    of older checkpoints that this version dropped (`RETIRED`, `TRAINING_RECORDS`).
 
     With `cached_features` set (train() sets it for data.feature_cache=true; it is not saved,
-    so the checkpoint stays an ordinary one) batches hold the frozen part's features per view
-    (N, V, C, H, W) and only the head runs; in training, the mirrored view (V = 2) is picked
-    with probability `augment["hflip"]`, the same draw that flips images on the image path.
+    so the checkpoint stays an ordinary one) batches hold the frozen part's features
+    (N, C, H, W) and only the head runs.
     """
 
     def __init__(
@@ -88,17 +88,15 @@ class StageClassifier(L.LightningModule):
         label_smoothing: float = 0.0,
         pretrained: bool | str = False,
         data: dict | None = None,
-        augment: dict | None = None,
         channels_last: bool = False,
         compile: bool = False,
-        seed: int = 0,
         **retired: Any,
     ) -> None:
         super().__init__()
-        unknown = retired.keys() - RETIRED["module"].keys()
+        unknown = retired.keys() - RETIRED["module"].keys() - set(TRAINING_RECORDS)
         if unknown:
             raise TypeError(f"StageClassifier got unexpected arguments: {', '.join(sorted(unknown))}")
-        without_retired("module", retired)
+        without_retired("module", {k: v for k, v in retired.items() if k not in TRAINING_RECORDS})
         model = without_retired("model", model)
         preprocessing = without_retired("preprocessing", preprocessing)
         # train() logs the whole resolved config
@@ -121,33 +119,9 @@ class StageClassifier(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
-    def _augment_generator(self, device: torch.device) -> torch.Generator:
-        # drawn from (seed, step): a resumed run augments exactly like an uninterrupted one
-        generator = torch.Generator(device)
-        generator.manual_seed(self.hparams.seed * 100_003 + self.global_step)
-        return generator
-
-    def _pick_view(self, views: torch.Tensor) -> torch.Tensor:
-        """Cached features (N, V, C, H, W) -> (N, C, H, W): in training with V = 2 the mirror's
-        with probability hflip, else the image's own."""
-        if self.trainer.training and views.shape[1] == 2:
-            flip = flip_mask(len(views), self.hparams.augment["hflip"],
-                             self._augment_generator(views.device), views.device)
-            return torch.where(flip[:, None, None, None], views[:, 1], views[:, 0])
-        return views[:, 0]
-
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         images, targets = batch
-        if self.cached_features:
-            return self._pick_view(images), targets
-        if images.dtype == torch.uint8:
-            images = images.float().div_(255.0)
-            if self.trainer.training and self.hparams.augment:
-                images = batch_augment(images, **self.hparams.augment,
-                                       generator=self._augment_generator(images.device))
-            pre = self.hparams.preprocessing
-            images = (images - pre["mean"]) / pre["std"]
-        if self.hparams.channels_last:
+        if self.hparams.channels_last and not self.cached_features:
             images = images.contiguous(memory_format=torch.channels_last)
         return images, targets
 
