@@ -5,7 +5,8 @@ python -m benchmarks.data_path [--full-size 300] [--workdir /tmp/pneumonia-bench
 Both paths deliver the same thing, a normalised, augmented (flip, brightness, contrast)
 batch of (1, S, S) tensors, augmented per image in the dataset by the same albumentations
 pipeline: the plain path decodes, crops and resizes each JPEG first; the cached path reads
-the preprocessed uint8 image from the memory-mapped cache. Same loader settings for both. The one-off cache build time is reported separately.
+the preprocessed uint8 image from the memory-mapped cache. Same loader settings for both.
+The one-off cache build time is reported separately.
 """
 
 from __future__ import annotations

@@ -72,14 +72,17 @@ def network(args):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, default=SHARED_DATA / "kermany224")
-    parser.add_argument("--model", default=None, help="resnet18; with --frozen mobilenetv3_large_100")
+    parser.add_argument("--model", default=None,
+                        help="default resnet18; with --frozen mobilenetv3_large_100")
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--limit", type=int, default=None, help="stop after this many batches")
-    parser.add_argument("--frozen", action="store_true", help="frozen backbone: image vs feature cache")
+    parser.add_argument("--frozen", action="store_true",
+                        help="frozen backbone: preprocessed cache vs feature cache")
     parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/pneumonia-bench/cache/epoch"))
     args = parser.parse_args()
     args.model = args.model or ("mobilenetv3_large_100" if args.frozen else "resnet18")
