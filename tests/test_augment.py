@@ -17,7 +17,8 @@ NONE = dict(hflip=0.0, brightness=None, contrast=None)  # each test switches on 
 SIZE = 64
 
 
-def _square(size: int = SIZE, side: int = 8, left: int | None = None, top: int | None = None) -> np.ndarray:
+def _square(size: int = SIZE, side: int = 8, left: int | None = None,
+            top: int | None = None) -> np.ndarray:
     image = np.zeros((size, size), np.uint8)
     left = (size - side) // 2 if left is None else left
     top = (size - side) // 2 if top is None else top
@@ -86,7 +87,8 @@ def test_rotation_stays_within_its_limit_in_both_directions():
     for i in range(200):
         x, y = _centroid(turn(off_centre, 0, i))
         angles.append(np.degrees(np.arctan2(y, x)))
-    assert max(np.abs(angles)) <= 10 + 1.5  # a square 19 px out turns at most 10 degrees about the centre
+    # a square 19 px right of the centre turns at most 10 degrees about it
+    assert max(np.abs(angles)) <= 10 + 1.5
     assert min(angles) < -7 and max(angles) > 7
 
 
@@ -99,7 +101,8 @@ def test_draws_are_fixed_by_seed_epoch_and_index_and_by_nothing_else():
     for other_index in range(5):  # other images drawn in between (another order, another worker)
         first(image, epoch=2, index=other_index)
     np.testing.assert_array_equal(first(image, 2, 7), drawn)
-    np.testing.assert_array_equal(Augmentation(seed=3, **options)(image, 2, 7), drawn)  # a new process
+    fresh = Augmentation(seed=3, **options)  # as in another loader worker
+    np.testing.assert_array_equal(fresh(image, 2, 7), drawn)
     assert not np.array_equal(first(image, 3, 7), drawn)  # another epoch
     assert not np.array_equal(first(image, 2, 8), drawn)  # another image index
     assert not np.array_equal(Augmentation(seed=4, **options)(image, 2, 7), drawn)  # another seed
@@ -139,7 +142,8 @@ def test_cached_and_decoded_paths_augment_the_same_image_identically(synthetic_r
     for key in [(0, 0), (3, 0), (3, 1), (5, 4)]:
         image, target = decoded[key]
         torch.testing.assert_close(cached[key][0], image, rtol=0, atol=0)
-        assert cached[key][1] == target and image.shape == (1, SIZE, SIZE) and image.dtype == torch.float32
+        assert cached[key][1] == target
+        assert image.shape == (1, SIZE, SIZE) and image.dtype == torch.float32
     # a plain index (validation, test) is never augmented: the normalised preprocessed image
     torch.testing.assert_close(cached[3][0], torch.from_numpy(pre.normalize(rows[3])))
     assert not torch.equal(cached[(3, 0)][0], cached[3][0])
@@ -154,8 +158,8 @@ def test_epoch_shuffle_yields_index_epoch_pairs_and_works_under_lightnings_ddp_w
     assert list(sampler) == pairs  # a resumed epoch repeats its order
     sampler.set_epoch(1)
     assert {e for _, e in sampler} == {1} and [i for i, _ in sampler] != [i for i, _ in pairs]
-    ranks = [DistributedSamplerWrapper(EpochShuffle(50, seed=1), num_replicas=2, rank=r, shuffle=False)
-             for r in range(2)]
+    ranks = [DistributedSamplerWrapper(EpochShuffle(50, seed=1), num_replicas=2, rank=rank,
+                                       shuffle=False) for rank in range(2)]
     for wrapper in ranks:
         wrapper.set_epoch(3)  # Lightning calls this on the wrapper; it reaches EpochShuffle
     shares = [list(wrapper) for wrapper in ranks]
@@ -167,9 +171,9 @@ def test_training_data_is_augmented_and_validation_data_is_not(synthetic_root, t
     from pneumonia.train import build_datamodule
 
     for cache in ("true", "false"):
-        datamodule = build_datamodule(compose_train(tmp_path, [f"data.root={synthetic_root}",
-                                                               f"data.cache={cache}", "model.input_size=48",
-                                                               "data.num_workers=0", "seed=4"]))
+        cfg = compose_train(tmp_path, [f"data.root={synthetic_root}", f"data.cache={cache}",
+                                       "model.input_size=48", "data.num_workers=0", "seed=4"])
+        datamodule = build_datamodule(cfg)
         train, val = datamodule.train_dataloader(), datamodule.val_dataloader()
         assert isinstance(train.sampler, EpochShuffle) and train.dataset.augmentation.seed == 4
         assert val.dataset.augmentation is None and not isinstance(val.sampler, EpochShuffle)

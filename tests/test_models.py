@@ -181,6 +181,17 @@ def test_checkpoints_with_retired_options_load_when_off_and_are_refused_when_on(
         StageClassifier.load_from_checkpoint(path, dropout=0.1)
 
 
+def test_checkpoints_that_recorded_the_augmentation_and_seed_still_load(tmp_path):
+    """Earlier modules augmented batches themselves and kept these; the weights do not depend
+    on them at inference, so they are dropped whatever their value."""
+    path = _saved_module(tmp_path)
+    saved = torch.load(path, weights_only=True)
+    saved["hyper_parameters"].update(augment={"hflip": 0.5, "gamma": [0.7, 1.4]}, seed=3)
+    torch.save(saved, tmp_path / "old.ckpt")
+    loaded = StageClassifier.load_from_checkpoint(tmp_path / "old.ckpt")
+    assert "augment" not in loaded.hparams and "seed" not in loaded.hparams
+
+
 @pytest.mark.parametrize("backbone", ["resnet18", "vgg16"])
 def test_frozen_features_run_without_a_graph_when_nothing_before_them_trains(backbone):
     net = build_network(backbone, adapter="none", head="linear", freeze="features", input_size=64).train()

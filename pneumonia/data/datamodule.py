@@ -259,7 +259,9 @@ class KermanyDataModule(L.LightningDataModule):
         augmented when `augment` and data.augment say so; or their cached features."""
         if self.feature_cache:
             return FeatureDataset(self.features(split), self.splits[split], self.stage)
-        augmentation = Augmentation(self.shuffle_seed, **self.augment) if augment and self.augment else None
+        augmentation = None
+        if augment and self.augment:
+            augmentation = Augmentation(self.shuffle_seed, **self.augment)
         if self.cache_dir is not None:
             return CachedDataset(self.cached_images(split), self.splits[split], self.stage,
                                  self.preprocessing, augmentation)

@@ -70,7 +70,8 @@ def check_cacheable(net: PneumoniaNet) -> None:
 
 
 @torch.inference_mode()
-def compute_features(net: PneumoniaNet, images: np.ndarray, mean: float, std: float) -> torch.Tensor:
+def compute_features(net: PneumoniaNet, images: np.ndarray, mean: float,
+                     std: float) -> torch.Tensor:
     """Features of uint8 images (n, S, S), normalised as `Preprocessing.normalize` does it."""
     device = next(net.parameters()).device
     x = torch.from_numpy(np.array(images, dtype=np.float32))[:, None].to(device).div_(255.0)

@@ -86,8 +86,8 @@ class Augmentation:
             transforms.append(A.HorizontalFlip(p=hflip))
         if scale or rotate or translate:
             transforms.append(A.Affine(scale=tuple(scale or (1.0, 1.0)), keep_ratio=True,
-                                       rotate=(-rotate, rotate), translate_percent=(-translate, translate),
-                                       fill=0, p=1.0))
+                                       rotate=(-rotate, rotate),
+                                       translate_percent=(-translate, translate), fill=0, p=1.0))
         if brightness is not None or contrast is not None:
             transforms.append(A.RandomBrightnessContrast(
                 brightness_limit=tuple(brightness or (0.0, 0.0)),

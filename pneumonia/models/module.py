@@ -43,8 +43,9 @@ def without_retired(group: str, options: dict) -> dict:
         if options[key] != retired[key]:
             name = key if group == "module" else f"{group}.{key}"
             raise ValueError(
-                f"this checkpoint was trained with {name}={options[key]!r}, an option this version no "
-                f"longer has; load it with commit {RETIRED_AT} of this project (git checkout {RETIRED_AT})"
+                f"this checkpoint was trained with {name}={options[key]!r}, an option this version "
+                f"no longer has; load it with commit {RETIRED_AT} of this project "
+                f"(git checkout {RETIRED_AT})"
             )
     return {k: v for k, v in options.items() if k not in retired}
 
