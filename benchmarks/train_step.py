@@ -5,10 +5,10 @@ python -m benchmarks.train_step [--models mobilenetv3_large_100 vgg16] [--size 2
 adapter none + freeze features: nothing before the frozen layers trains, so the fast path
 runs them without an autograd graph and backward covers only the classifier. "plain"
 is the same network with the fast path switched off. "feature cache" (data.feature_cache=true)
-runs only the head: each step reads the batch's stored features (image and mirror, float32,
-from a memory-mapped file in a temporary folder), picks a view per image like the hflip
-draw, and runs forward + backward + step of the head. Building that cache (two forward
-passes of the frozen part per training image, once) is printed below each table.
+runs only the head: each step reads the batch's stored features (float32, from a
+memory-mapped file in a temporary folder) and runs forward + backward + step of the head.
+Building that cache (one forward pass of the frozen part per training image, once) is
+printed below each table.
 Images per second of forward + backward + optimizer step, best of `--repeat` timed rounds
 after a warm-up, one process.
 """
@@ -26,7 +26,6 @@ import torch.nn.functional as F
 
 from benchmarks.common import header, print_rows
 from pneumonia.data.features import build_feature_cache
-from pneumonia.data.transforms import flip_mask
 from pneumonia.models import build_network
 
 
@@ -56,15 +55,12 @@ def feature_cache_rows(net, images: torch.Tensor, targets, args) -> tuple[list, 
     pixels = (images * 40 + 120).clamp(0, 255).to(torch.uint8)[:, 0].cpu().numpy()
     with tempfile.TemporaryDirectory() as folder:
         start = time.perf_counter()
-        cache = build_feature_cache(pixels, "benchmark", net, 0.45, 0.22, views=2, cache_dir=Path(folder),
+        cache = build_feature_cache(pixels, "benchmark", net, 0.45, 0.22, cache_dir=Path(folder),
                                     batch_size=len(pixels), device=args.device)
         build = len(pixels) / (time.perf_counter() - start)
-        generator = torch.Generator().manual_seed(0)
 
         def head_on_cache(_):
-            views = torch.from_numpy(np.array(cache)).to(args.device)
-            flip = flip_mask(len(views), 0.5, generator).to(args.device)
-            return net.classify(torch.where(flip[:, None, None, None], views[:, 1], views[:, 0]))
+            return net.classify(torch.from_numpy(np.array(cache)).to(args.device))
 
         speed = images_per_second(net, head_on_cache, None, targets, args.steps, args.repeat)
     return [("feature cache (head only, stored features)", speed)], build
@@ -107,7 +103,7 @@ def main() -> None:
                 rows.append(("fast path + bf16 + channels_last",
                              images_per_second(net_cl, net_cl, images_cl, targets, args.steps, args.repeat)))
         print_rows(name, rows, "images/s", higher_is_better=True)
-        print(f"  (feature cache built once at {build:.2f} images/s: image + mirror, eval mode)")
+        print(f"  (feature cache built once at {build:.2f} images/s, eval mode)")
 
 
 if __name__ == "__main__":

@@ -173,9 +173,9 @@ def load_stage(path: Path | str, stage: str):
     if tuple(hparams.get("classes") or ()) != STAGE_CLASSES[stage]:
         raise CheckpointError(f"{path}: classes {hparams.get('classes')} are not {STAGE_CLASSES[stage]}")
     try:
-        Preprocessing(**hparams["preprocessing"])
         module = StageClassifier(**{**hparams, "pretrained": False})
         module.load_state_dict(checkpoint["state_dict"])
+        Preprocessing(**module.hparams.preprocessing)
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"{path}: does not build a stage module ({err})") from err
     module.on_load_checkpoint(checkpoint)

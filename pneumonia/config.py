@@ -15,7 +15,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from pneumonia.attribution import METHODS
-from pneumonia.models.network import ADAPTERS, FREEZE, HEADS, check_backbone, check_norm
+from pneumonia.models.network import ADAPTERS, FREEZE, HEADS, check_backbone
 from pneumonia.models.network import check_choice as _choice
 from pneumonia.pipeline import OPERATING_POINTS
 from pneumonia.stages import STAGE_CLASSES
@@ -35,19 +35,12 @@ class ModelConfig:
     head: str = "linear"
     freeze: str = "none"
     input_size: int = 224
-    norm: str = "batch"     # batch | group (GroupNorm in place of BatchNorm; from scratch only)
-    mixstyle: float = 0.0   # MixStyle probability per training batch (0: off)
 
     def __post_init__(self) -> None:
         check_backbone(self.backbone)
-        check_norm(self.norm, self.pretrained)
         _choice("model.adapter", self.adapter, ADAPTERS)
         _choice("model.head", self.head, HEADS)
         _choice("model.freeze", self.freeze, FREEZE)
-        _fraction("model.mixstyle", self.mixstyle, high_inclusive=True)
-        if self.mixstyle > 0 and self.freeze != "none":
-            raise ValueError(f"model.mixstyle={self.mixstyle} with model.freeze={self.freeze}: MixStyle "
-                             "trains the backbone to ignore feature statistics; set model.freeze=none")
         if not isinstance(self.pretrained, (bool, str)):
             raise ValueError(f"model.pretrained={self.pretrained!r} must be true, false or a file path")
         if not 32 <= self.input_size <= 1024:
@@ -71,27 +64,21 @@ class AugmentConfig:
     hflip: float = 0.5
     brightness: Optional[list[float]] = field(default_factory=lambda: [-0.1, 0.1])
     contrast: Optional[list[float]] = field(default_factory=lambda: [0.0, 0.1])
-    gamma: Optional[list[float]] = None   # [low, high] exponents, e.g. [0.7, 1.4]
     scale: Optional[list[float]] = None   # zoom [low, high], e.g. [0.9, 1.15]
     rotate: float = 0.0                   # degrees, either way
     translate: float = 0.0                # fraction of the side, either way
-    stretch: float = 0.0                  # horizontal stretch 1 +- this (aspect ratio)
-    sharpness: Optional[list[float]] = None  # unsharp-mask amount [low, high]; < 0 blurs
 
     def __post_init__(self) -> None:
         _fraction("data.augment.hflip", self.hflip, high_inclusive=True)
-        for key in ("brightness", "contrast", "gamma", "scale", "sharpness"):
+        for key in ("brightness", "contrast", "scale"):
             bounds = getattr(self, key)
             if bounds is not None and (len(bounds) != 2 or bounds[0] > bounds[1]):
                 raise ValueError(f"data.augment.{key}={bounds} must be [low, high] with low <= high")
-        for key in ("gamma", "scale"):
-            bounds = getattr(self, key)
-            if bounds is not None and bounds[0] <= 0:
-                raise ValueError(f"data.augment.{key}={bounds} must be positive")
+        if self.scale is not None and self.scale[0] <= 0:
+            raise ValueError(f"data.augment.scale={self.scale} must be positive")
         if not 0 <= self.rotate <= 180:
             raise ValueError(f"data.augment.rotate={self.rotate} must be in [0, 180] degrees")
         _fraction("data.augment.translate", self.translate)
-        _fraction("data.augment.stretch", self.stretch)
 
 
 @dataclass
@@ -105,6 +92,9 @@ class SyntheticConfig:
 
 @dataclass
 class DataConfig:
+    """The data module's options (train() instantiates `_target_` with them), except
+    `normalization` and `synthetic`, which train() resolves itself."""
+    _target_: str = "pneumonia.data.KermanyDataModule"
     root: str = MISSING
     split: str = "official"
     split_seed: int = 0
@@ -112,7 +102,6 @@ class DataConfig:
     test_fraction: float = 0.2
     normalization: str = "backbone"
     crop: CropConfig = field(default_factory=CropConfig)
-    equalize: bool = False
     augment: Optional[AugmentConfig] = field(default_factory=AugmentConfig)
     batch_size: int = 32
     num_workers: int = 4
@@ -124,7 +113,6 @@ class DataConfig:
     feature_cache: bool = False
     synthetic: Optional[SyntheticConfig] = None
     skip_bad: bool = False
-    balanced: bool = False  # draw training images class-balanced (with replacement)
 
     def __post_init__(self) -> None:
         _choice("data.split", self.split, ("official", "random"))
@@ -196,7 +184,7 @@ def register() -> None:
 
 def check_feature_cache(cfg: DictConfig) -> None:
     """data.feature_cache stores the frozen part's features once: only valid when nothing
-    before the head trains and the only augmentation is a horizontal flip."""
+    before the head trains and no training image is augmented."""
     if not cfg.data.feature_cache:
         return
     changes = []
@@ -206,20 +194,14 @@ def check_feature_cache(cfg: DictConfig) -> None:
         changes.append(f"model.adapter=none (now {cfg.model.adapter}, which trains)")
     if not cfg.data.cache:
         changes.append("data.cache=true (features are computed from the preprocessed cache)")
-    augment = cfg.data.augment or {}
-    for key in ("brightness", "contrast", "gamma", "scale", "sharpness"):
-        if augment.get(key) is not None:
-            changes.append(f"data.augment.{key}=null (now {list(augment[key])})")
-    for key in ("rotate", "translate", "stretch"):
-        if augment.get(key):
-            changes.append(f"data.augment.{key}=0 (now {augment[key]})")
-    if cfg.get("loss", {}).get("mixup"):
-        changes.append(f"loss.mixup=0 (now {cfg.loss.mixup}: mixed images have no cached features)")
+    if cfg.data.augment is not None:
+        changes.append("data.augment=null (now augmenting: "
+                       f"{OmegaConf.to_container(cfg.data.augment)})")
     if changes:
         raise ValueError(
-            "data.feature_cache=true computes the backbone's features once per image (and its "
-            "mirror), so nothing before the head may train and the only augmentation may be "
-            f"data.augment.hflip. Set {', '.join(changes)}; or data.feature_cache=false."
+            "data.feature_cache=true computes the backbone's features once per image, so nothing "
+            f"before the head may train and no image may change. Set {', '.join(changes)}; or "
+            "data.feature_cache=false."
         )
 
 
@@ -231,13 +213,6 @@ def validate(cfg: DictConfig) -> None:
     lr = cfg.optimizer.get("lr")
     if not isinstance(lr, (int, float)) or lr <= 0:
         raise ValueError(f"optimizer.lr={lr} must be a positive number")
-    mixup = cfg.get("loss", {}).get("mixup", 0.0)
-    if not isinstance(mixup, (int, float)) or mixup < 0:
-        raise ValueError(f"loss.mixup={mixup} must be 0 (off) or a positive Beta parameter")
-    weights = cfg.get("loss", {}).get("class_weights")
-    if cfg.data.balanced and weights is not None:
-        raise ValueError(f"data.balanced=true with loss.class_weights={weights}: both correct the class "
-                         "imbalance, together they over-correct; set loss.class_weights=null")
 
 
 register()

@@ -9,6 +9,7 @@ from typing import Any
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -16,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from pneumonia.checkpoints import AtomicCheckpointIO, read_checkpoint, resolve
 from pneumonia.config import validate
 from pneumonia.data import KermanyDataModule
+from pneumonia.data.features import FrozenFeatures
 from pneumonia.data.synthetic import make_synthetic_dataset
 from pneumonia.models import StageClassifier, normalization_stats
 from pneumonia.outputs import claim_output
@@ -33,38 +35,29 @@ from pneumonia.tracking import (
 log = logging.getLogger(__name__)
 
 
+# Keys of the data group that the run uses itself and does not hand to the data module: the
+# normalisation mode (turned into the backbone's mean and std) and the synthetic data recipe.
+RUN_DATA_KEYS = ("normalization", "synthetic")
+
+
 def build_datamodule(cfg: DictConfig) -> KermanyDataModule:
-    """The data module of a run, making the synthetic data set first when data=synthetic."""
-    data = cfg.data
-    root = Path(data.root).expanduser()
-    if data.synthetic:
-        root = make_synthetic_dataset(root, **data.synthetic)
-    mean, std = normalization_stats(cfg.model.backbone, data.normalization)
-    return KermanyDataModule(
-        root=root,
-        stage=check_stage(cfg.stage.name),
-        image_size=cfg.model.input_size,
-        mean=mean,
-        std=std,
-        split=data.split,
-        val_fraction=data.val_fraction,
-        test_fraction=data.test_fraction,
-        seed=data.split_seed,
-        crop=OmegaConf.to_container(data.crop) if data.crop else None,
-        equalize=data.equalize,
-        augment=OmegaConf.to_container(data.augment) if data.augment else None,
-        batch_size=data.batch_size,
-        num_workers=data.num_workers,
-        cache=data.cache,
-        cache_dir=data.cache_dir,
-        cache_workers=data.cache_workers,
-        feature_cache=data.feature_cache,
-        pin_memory=data.pin_memory,
-        persistent_workers=data.persistent_workers,
-        shuffle_seed=cfg.seed,
-        skip_bad=data.skip_bad,
-        balanced=data.balanced,
-    )
+    """The data module of a run, instantiated from the `data` group (`_target_`) plus what the
+    group cannot know: stage, input size, the backbone's mean and std, the run's seed. The
+    synthetic data set is made first when data=synthetic."""
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    normalization, synthetic = (data.pop(key) for key in RUN_DATA_KEYS)
+    root = Path(data.pop("root")).expanduser()
+    if synthetic:
+        root = make_synthetic_dataset(root, **synthetic)
+    mean, std = normalization_stats(cfg.model.backbone, normalization)
+    try:
+        return hydra.utils.instantiate(data, root=str(root), stage=check_stage(cfg.stage.name),
+                                       image_size=cfg.model.input_size, mean=mean, std=std,
+                                       shuffle_seed=cfg.seed, _convert_="all")
+    except InstantiationException as err:  # the data module's own error (DataError...), unwrapped
+        if err.__cause__ is None:
+            raise
+        raise err.__cause__ from None
 
 
 def class_weights(setting: Any, datamodule: KermanyDataModule) -> list[float] | None:
@@ -79,6 +72,8 @@ def class_weights(setting: Any, datamodule: KermanyDataModule) -> list[float] | 
 
 
 def build_module(cfg: DictConfig, datamodule: KermanyDataModule) -> StageClassifier:
+    """The stage's module from plain config values; with data.feature_cache it also hands the
+    data module the network's feature extractor."""
     model = OmegaConf.to_container(cfg.model, resolve=True)
     pretrained = model.pop("pretrained")
     module = StageClassifier(
@@ -90,24 +85,24 @@ def build_module(cfg: DictConfig, datamodule: KermanyDataModule) -> StageClassif
         scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True) if cfg.scheduler else None,
         class_weights=class_weights(cfg.loss.class_weights, datamodule),
         label_smoothing=cfg.loss.label_smoothing,
-        mixup=cfg.loss.mixup,
         pretrained=pretrained,
         data={"root": str(datamodule.root), "split": cfg.data.split, "split_seed": cfg.data.split_seed,
               "val_fraction": cfg.data.val_fraction, "test_fraction": cfg.data.test_fraction,
               "skip_bad": cfg.data.skip_bad},
-        augment=OmegaConf.to_container(cfg.data.augment) if cfg.data.augment else None,
         channels_last=cfg.speed.channels_last,
         compile=cfg.speed.compile,
-        seed=cfg.seed,
     )
-    module.cached_features = cfg.data.feature_cache  # batches are features; not saved in checkpoints
+    if cfg.data.feature_cache:  # batches are the frozen part's features; not saved in checkpoints
+        module.cached_features = True
+        pre = datamodule.preprocessing
+        datamodule.use_features(FrozenFeatures(module.net, pre.mean, pre.std, cfg.data.batch_size))
     return module
 
 
 class EpochSeed(L.Callback):
     """Reseed the global RNGs at each epoch start from (seed, epoch) (dropout, loader workers),
-    so a resumed run draws like an uninterrupted one. The shuffle (EpochShuffle) and the batch
-    augmentation (seeded by step) do not depend on the global RNG at all."""
+    so a resumed run draws like an uninterrupted one. The shuffle (EpochShuffle) and the
+    augmentation (drawn from seed, epoch and image index) do not depend on the global RNG."""
 
     def __init__(self, seed: int):
         self.seed = seed

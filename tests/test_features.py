@@ -1,8 +1,6 @@
 """The feature cache: the head on stored features computes what the full network computes,
 training on it writes an ordinary checkpoint, and the cache follows the weights and settings."""
 
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 import torch
@@ -11,8 +9,13 @@ from safetensors.torch import save_file
 
 import pneumonia.config  # noqa: F401  (registers the config schemas)
 from pneumonia.config import validate
-from pneumonia.data.features import build_feature_cache, feature_key, frozen_weights_digest
-from pneumonia.models import StageClassifier, build_network
+from pneumonia.data.features import (
+    FrozenFeatures,
+    build_feature_cache,
+    feature_key,
+    frozen_weights_digest,
+)
+from pneumonia.models import build_network
 from tests.conftest import compose_train
 
 # float32 features; the full network and the cached path differ only in how the convolutions
@@ -22,7 +25,7 @@ MEAN, STD = 0.45, 0.22
 
 
 def _images(n: int, size: int, seed: int = 0) -> np.ndarray:
-    """Smooth random uint8 images with a left/right asymmetry, so mirrors differ."""
+    """Smooth random uint8 images with a left/right intensity slope."""
     rng = np.random.default_rng(seed)
     coarse = rng.integers(0, 256, (n, size // 8, size // 8)).astype(np.float32)
     images = np.kron(coarse, np.ones((8, 8), np.float32)) * np.linspace(0.3, 1.0, size)
@@ -44,43 +47,43 @@ def _normalised(images: np.ndarray) -> torch.Tensor:
 def test_head_on_cached_features_equals_the_full_network(backbone, head, tmp_path):
     images = _images(6, 64)
     net = _frozen(backbone, head, size=64)
-    features = build_feature_cache(images, "images", net, MEAN, STD, views=2, cache_dir=tmp_path,
-                                   batch_size=4)
-    assert features.dtype == np.float32 and features.shape[:2] == (6, 2)
+    features = build_feature_cache(images, "images", net, MEAN, STD, cache_dir=tmp_path, batch_size=4)
+    assert features.dtype == np.float32 and features.shape[0] == 6 and features.ndim == 4
     assert net.training  # built in eval mode, the mode given back
     net.eval()
     with torch.no_grad():
-        cached = net.classify(torch.from_numpy(np.array(features[:, 0])))
-        mirrored = net.classify(torch.from_numpy(np.array(features[:, 1])))
+        cached = net.classify(torch.from_numpy(np.array(features)))
         torch.testing.assert_close(cached, net(_normalised(images)), **LOGIT_TOLERANCE)
-        torch.testing.assert_close(mirrored, net(_normalised(images[..., ::-1].copy())), **LOGIT_TOLERANCE)
-    assert not np.allclose(features[:, 0], features[:, 1])  # the mirror is really another input
 
 
-def test_training_picks_the_mirrored_feature_where_the_image_path_flips(tmp_path):
-    """Same (seed, step) draw: the head sees the features of the batch the image path makes."""
-    images = _images(16, 48)
-    module = StageClassifier(
-        model=dict(backbone="resnet18", adapter="none", head="linear", freeze="features", input_size=48),
-        classes=["normal", "pneumonia"], stage="binary",
-        preprocessing=dict(image_size=48, mean=MEAN, std=STD, crop=None),
-        optimizer={"_target_": "torch.optim.SGD", "_partial_": True, "lr": 1e-3},
-        augment={"hflip": 0.5, "brightness": None, "contrast": None}, seed=7,
-    )
-    module.trainer = SimpleNamespace(training=True, global_step=5)
-    targets = torch.zeros(16, dtype=torch.long)
-    augmented, _ = module.on_after_batch_transfer((torch.from_numpy(images)[:, None], targets), 0)
-    views = build_feature_cache(images, "images", module.net, MEAN, STD, views=2, cache_dir=tmp_path)
-    module.cached_features = True
-    picked, _ = module.on_after_batch_transfer((torch.from_numpy(np.array(views)), targets), 0)
+def test_the_data_module_serves_the_features_it_is_handed(synthetic_root, tmp_path):
+    """The one seam: the data module gets a FrozenFeatures built from the network and serves
+    exactly what that network's frozen part computes from the cached images."""
+    from pneumonia.train import build_datamodule, build_module
+
+    cfg = compose_train(tmp_path, ["experiment=study_b_mobilenet", f"data.root={synthetic_root}",
+                                   "model.pretrained=false", "model.input_size=64"])
+    datamodule = build_datamodule(cfg)
+    with pytest.raises(RuntimeError, match="use_features"):
+        datamodule.dataset("val")
+    module = build_module(cfg, datamodule)
+    assert module.cached_features
+    val = datamodule.dataset("val")
+    features = torch.stack([val[i][0] for i in range(len(val))])
+    pre = datamodule.preprocessing
     module.net.eval()
     with torch.no_grad():
-        torch.testing.assert_close(picked, module.net.features(augmented), atol=1e-4, rtol=1e-4)
-    mirrored = [not torch.allclose(picked[i], torch.from_numpy(np.array(views[i, 0]))) for i in range(16)]
-    assert 0 < sum(mirrored) < 16  # some images mirrored, some not
-    module.trainer = SimpleNamespace(training=False, global_step=5)  # validation: never mirrored
-    unflipped, _ = module.on_after_batch_transfer((torch.from_numpy(np.array(views)), targets), 0)
-    torch.testing.assert_close(unflipped, torch.from_numpy(np.array(views[:, 0])))
+        expected = module.net.features(_normalised_with(datamodule.cached_images("val"), pre))
+    torch.testing.assert_close(features, expected, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="data.augment=null"):
+        build_datamodule(compose_train(tmp_path, [*FEATURES, f"data.root={synthetic_root}",
+                                                  "model.input_size=64"]))
+    with pytest.raises(ValueError, match="model.freeze=features"):
+        FrozenFeatures(build_network("resnet18", freeze="none"), MEAN, STD)
+
+
+def _normalised_with(images: np.ndarray, pre) -> torch.Tensor:
+    return torch.from_numpy(np.stack([pre.normalize(image) for image in images]))
 
 
 def _weighted_val_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, batch: int) -> float:
@@ -100,12 +103,11 @@ def test_training_on_cached_features_writes_a_normal_checkpoint(synthetic_root, 
 
     cfg = compose_train(tmp_path, [
         "model=resnet18", "model.pretrained=false", "model.freeze=features", "model.input_size=64",
-        "data.feature_cache=true", "data.augment.brightness=null", "data.augment.contrast=null",
+        "data.feature_cache=true", "data.augment=null",
         f"data.root={synthetic_root}", "data.num_workers=0", "data.batch_size=4", "debug=short",
         "logger=none"])
     result = train(cfg)
-    meta = [f.with_suffix(".json").read_text() for f in (tmp_path / "cache" / "preprocessed").glob("*.f32")]
-    assert len(meta) == 3 and sum('"views": 2' in m for m in meta) == 1  # train (image, mirror), val, test
+    assert len(list((tmp_path / "cache" / "preprocessed").glob("*.f32"))) == 3  # train, val, test
 
     # The checkpoint loads through the evaluation pipeline (strictly: backbone weights included)
     # and the full network on images reproduces the validation scores of the head on features.
@@ -127,8 +129,8 @@ def test_training_on_cached_features_writes_a_normal_checkpoint(synthetic_root, 
 def test_feature_cache_is_reused_and_rebuilt_when_weights_or_settings_change(tmp_path):
     images, cache = _images(6, 48), tmp_path / "cache"
 
-    def build(net, key="images", views=2):
-        return np.array(build_feature_cache(images, key, net, MEAN, STD, views=views, cache_dir=cache))
+    def build(net, key="images"):
+        return np.array(build_feature_cache(images, key, net, MEAN, STD, cache_dir=cache))
 
     def files():
         return sorted(cache.glob("*.f32"))
@@ -150,52 +152,46 @@ def test_feature_cache_is_reused_and_rebuilt_when_weights_or_settings_change(tmp
     assert len(files()) == 3
     np.testing.assert_array_equal(build(_frozen("resnet18", seed=3, pretrained=str(weights))), from_file)
     assert len(files()) == 3
-    # another weights file, other preprocessed images, other views: rebuilt
+    # another weights file, other preprocessed images: rebuilt
     save_file({k: v * 1.01 for k, v in reference.items() if not k.startswith("fc.")}, str(weights))
     build(_frozen("resnet18", seed=2, pretrained=str(weights)))
     assert len(files()) == 4
     net = _frozen("resnet18", seed=0)
     build(net, key="other images")
-    build(net, views=1)
-    assert len(files()) == 6
+    assert len(files()) == 5
     digest = frozen_weights_digest(net)
-    assert feature_key("k", "resnet18", digest, 2) != feature_key("k", "resnet34", digest, 2)
+    assert feature_key("k", "resnet18", digest) != feature_key("k", "resnet34", digest)
 
 
 def test_damaged_feature_file_is_detected_and_rebuilt(tmp_path):
     images, net = _images(4, 48), _frozen("resnet18")
-    good = np.array(build_feature_cache(images, "images", net, MEAN, STD, views=2, cache_dir=tmp_path))
+    good = np.array(build_feature_cache(images, "images", net, MEAN, STD, cache_dir=tmp_path))
     (array_file,) = tmp_path.glob("*.f32")
     raw = bytearray(array_file.read_bytes())
     raw[1000:1400] = bytes(400)  # silently damaged bytes, same size
     array_file.write_bytes(bytes(raw))
-    np.testing.assert_array_equal(build_feature_cache(images, "images", net, MEAN, STD, 2, tmp_path), good)
+    np.testing.assert_array_equal(build_feature_cache(images, "images", net, MEAN, STD, tmp_path), good)
     array_file.write_bytes(bytes(raw[:4000]))  # truncated
-    np.testing.assert_array_equal(build_feature_cache(images, "images", net, MEAN, STD, 2, tmp_path), good)
+    np.testing.assert_array_equal(build_feature_cache(images, "images", net, MEAN, STD, tmp_path), good)
     assert len(list(tmp_path.glob("*.f32"))) == 1 and not list(tmp_path.glob("*.tmp*"))
 
 
-VALID = ["model=mobilenet", "model.pretrained=false", "data.feature_cache=true",
-         "data.augment.brightness=null", "data.augment.contrast=null", "data.root=/nonexistent",
-         "logger=none"]
+FEATURES = ["model=mobilenet", "model.pretrained=false", "data.feature_cache=true", "logger=none"]
+VALID = [*FEATURES, "data.augment=null", "data.root=/nonexistent"]
 
 
-@pytest.mark.parametrize("override, message", [
-    ("model.freeze=none", r"Set model.freeze=features \(now none\)"),
-    ("model.adapter=conv", r"model.adapter=none \(now conv, which trains\)"),
-    ("data.augment.brightness=[-0.1,0.1]", r"data.augment.brightness=null \(now \[-0.1, 0.1\]\)"),
-    ("data.augment.contrast=[0.0,0.1]", r"data.augment.contrast=null \(now \[0.0, 0.1\]\)"),
-    ("data.cache=false", r"data.cache=true"),
-    ("data.augment.gamma=[0.7,1.4]", r"data.augment.gamma=null"),
-    ("data.augment.rotate=10", r"data.augment.rotate=0 \(now 10"),
-    ("loss.mixup=0.4", r"loss.mixup=0 \(now 0.4"),
+@pytest.mark.parametrize("overrides, message", [
+    ([*VALID, "model.freeze=none"], r"Set model.freeze=features \(now none\)"),
+    ([*VALID, "model.adapter=conv"], r"model.adapter=none \(now conv, which trains\)"),
+    ([*FEATURES, "data.root=/nonexistent"], r"data.augment=null \(now augmenting: \{'hflip': 0.5"),
+    ([*VALID, "data.cache=false"], r"data.cache=true"),
 ])
-def test_feature_cache_where_something_before_the_head_changes_fails_naming_the_keys(tmp_path, override,
+def test_feature_cache_where_something_before_the_head_changes_fails_naming_the_keys(tmp_path, overrides,
                                                                                      message):
     from pneumonia.train import train
 
     validate(compose_train(tmp_path, VALID))  # the valid combination passes
-    cfg = compose_train(tmp_path, [*VALID, override])
+    cfg = compose_train(tmp_path, overrides)
     with pytest.raises(ValueError, match=r"data.feature_cache=true .*" + message + r".*data.feature_cache=false"):
         validate(cfg)
     with pytest.raises(ValueError, match="data.feature_cache=true"):
@@ -207,7 +203,12 @@ def test_study_a_with_the_feature_cache_names_every_key_to_change(tmp_path):
     cfg = compose_train(tmp_path, ["experiment=study_a", "data.root=/data", "data.feature_cache=true"])
     with pytest.raises(ValueError) as err:
         validate(cfg)
-    for key in ("model.adapter=none", "data.augment.brightness=null", "data.augment.contrast=null"):
+    for key in ("model.adapter=none", "data.augment=null"):
         assert key in str(err.value)
-    validate(compose_train(tmp_path, ["experiment=study_b_mobilenet", "data.root=/data",
-                                      "data.feature_cache=true"]))
+
+
+def test_study_b_recipes_use_the_feature_cache(tmp_path):
+    for backbone in ("mobilenet", "xception", "inception_v3"):
+        cfg = compose_train(tmp_path, [f"experiment=study_b_{backbone}", "data.root=/data"])
+        validate(cfg)
+        assert cfg.data.feature_cache and cfg.data.augment is None and cfg.model.freeze == "features"

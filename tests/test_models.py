@@ -2,6 +2,7 @@ import itertools
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import timm
@@ -114,79 +115,16 @@ def test_unknown_backbone_lists_the_valid_ones():
         build_network("vgg61")
 
 
-@pytest.mark.parametrize("key, value", [("adapter", "rgb"), ("head", "mlp"), ("freeze", "all"), ("norm", "layer")])
+@pytest.mark.parametrize("key, value", [("adapter", "rgb"), ("head", "mlp"), ("freeze", "all")])
 def test_unknown_option_is_named(key, value):
     with pytest.raises(ValueError, match=f"model.{key}={value!r}"):
         build_network("resnet18", **{key: value})
 
 
-@pytest.mark.parametrize("backbone", ["resnet18", "densenet121"])
-def test_group_norm_normalises_each_image_by_its_own_statistics(backbone):
-    torch.manual_seed(0)
-    x = torch.randn(4, 1, 64, 64)
-    x[1:] = x[1:] * 5 + 3  # the other images of the batch are far brighter and more contrasted
-    grouped = build_network(backbone, norm="group", input_size=64).train()
-    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in grouped.modules())
-    with torch.no_grad():
-        # in training, an image's output does not depend on the batch it comes in...
-        torch.testing.assert_close(grouped(x)[:1], grouped(x[:1]), rtol=1e-4, atol=1e-5)
-        # ...nor on the mode: no running statistics
-        torch.testing.assert_close(grouped.eval()(x[:1]), grouped.train()(x[:1]))
-        batch = build_network(backbone, norm="batch", input_size=64).train()
-        assert not torch.allclose(batch(x)[:1], batch(x[:1]), rtol=1e-4, atol=1e-5)
-    if backbone == "densenet121":  # timm's norm + activation layers keep their ReLU
-        acts = [type(m.act) for m in grouped.modules() if isinstance(m, torch.nn.GroupNorm) and hasattr(m, "act")]
-        assert len(acts) == 121 and torch.nn.ReLU in acts
-
-
-def test_mixstyle_mixes_channel_statistics_between_images_in_training_only():
-    from pneumonia.models.mixstyle import MixStyle
-
-    torch.manual_seed(0)
-    x = torch.randn(2, 3, 8, 8)
-    x[1] = x[1] * 4 + 10  # the second image's channels: far larger mean and spread
-    mix = MixStyle(p=1.0, alpha=0.1).train()
-    out = mix(x)
-    mean, std = x.mean((2, 3)), x.std((2, 3))
-    out_mean, out_std = out.mean((2, 3)), out.std((2, 3))
-    # each image's statistics move to a point between its own and another image's
-    assert ((out_mean >= mean.min(0).values - 1e-4) & (out_mean <= mean.max(0).values + 1e-4)).all()
-    assert ((out_std >= std.min(0).values - 1e-4) & (out_std <= std.max(0).values + 1e-4)).all()
-    assert not torch.allclose(out, x)
-    # ...while the spatial pattern of each channel is kept (an affine map per channel)
-    normalised = (out - out_mean[..., None, None]) / out_std[..., None, None]
-    torch.testing.assert_close(normalised, (x - mean[..., None, None]) / std[..., None, None])
-    assert torch.equal(mix.eval()(x), x)
-
-
-def test_mixstyle_changes_training_only_and_adds_no_weights():
-    torch.manual_seed(0)
-    mixed = build_network("resnet18", input_size=64, mixstyle=1.0)
-    plain = build_network("resnet18", input_size=64)
-    plain.load_state_dict(mixed.state_dict())  # same keys: checkpoints load either way
-    hooked = [name for name, m in mixed.backbone.named_modules() if m._forward_hooks]
-    assert hooked == ["layer1", "layer2", "layer3"]
-    x = torch.randn(4, 1, 64, 64)
-    with torch.no_grad():
-        torch.testing.assert_close(mixed.eval()(x), plain.eval()(x))
-        assert not torch.allclose(mixed.train()(x), plain.train()(x))
-
-
-def test_group_norm_refuses_imagenet_weights(tmp_path):
-    with pytest.raises(ValueError, match="model.norm=group with model.pretrained=True.*from scratch"):
-        build_network("resnet18", pretrained=True, norm="group")
-    cfg = compose_train(tmp_path, ["model=resnet18", "model.norm=group", "data.root=/data"])
-    with pytest.raises(ValueError, match="model.pretrained=false or model.norm=batch"):
-        validate(cfg)
-    validate(compose_train(tmp_path, ["model=resnet18", "model.norm=group", "model.pretrained=false",
-                                      "data.root=/data"]))
-
-
-@pytest.mark.parametrize("norm", ["batch", "group"])
-def test_checkpoint_rebuilds_the_model_from_plain_hparams(tmp_path, norm):
+def test_checkpoint_rebuilds_the_model_from_plain_hparams(tmp_path):
     module = StageClassifier(
         model=dict(name="r18", backbone="resnet18", adapter="conv", head="deep_mlp",
-                   freeze="features", input_size=64, norm=norm),
+                   freeze="features", input_size=64),
         classes=["normal", "pneumonia"], stage="binary",
         preprocessing=dict(image_size=64, mean=0.45, std=0.22, crop=None),
         optimizer={"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-3},
@@ -202,6 +140,56 @@ def test_checkpoint_rebuilds_the_model_from_plain_hparams(tmp_path, norm):
     x = torch.randn(3, 1, 64, 64)
     torch.testing.assert_close(loaded(x), module(x))
     assert loaded.hparams.preprocessing["mean"] == 0.45
+
+
+def _saved_module(tmp_path) -> Path:
+    import lightning as L
+
+    module = StageClassifier(
+        model=dict(name="r18", backbone="resnet18", input_size=64), classes=["normal", "pneumonia"],
+        stage="binary", preprocessing=dict(image_size=64, mean=0.45, std=0.22, crop=None),
+        optimizer={"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-3}, pretrained=False)
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, max_epochs=0)
+    trainer.strategy.connect(module)
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    return tmp_path / "m.ckpt"
+
+
+@pytest.mark.parametrize("group, key, neutral, other", [
+    ("model", "norm", "batch", "group"),
+    ("model", "mixstyle", 0.0, 0.5),
+    ("preprocessing", "equalize", False, True),
+    (None, "mixup", 0.0, 0.4),
+])
+def test_checkpoints_with_retired_options_load_when_off_and_are_refused_when_on(tmp_path, group, key,
+                                                                                 neutral, other):
+    path = _saved_module(tmp_path)
+    saved = torch.load(path, weights_only=True)
+
+    def with_value(value) -> Path:
+        hparams = saved["hyper_parameters"]
+        (hparams[group] if group else hparams)[key] = value
+        torch.save(saved, tmp_path / "old.ckpt")
+        return tmp_path / "old.ckpt"
+
+    loaded = StageClassifier.load_from_checkpoint(with_value(neutral))
+    assert key not in (loaded.hparams[group] if group else loaded.hparams)
+    name = f"{group}.{key}" if group else key
+    with pytest.raises(ValueError, match=f"trained with {name}={other!r}.*git checkout 1fafa00"):
+        StageClassifier.load_from_checkpoint(with_value(other))
+    with pytest.raises(TypeError, match="unexpected arguments: dropout"):
+        StageClassifier.load_from_checkpoint(path, dropout=0.1)
+
+
+def test_checkpoints_that_recorded_the_augmentation_and_seed_still_load(tmp_path):
+    """Earlier modules augmented batches themselves and kept these; the weights do not depend
+    on them at inference, so they are dropped whatever their value."""
+    path = _saved_module(tmp_path)
+    saved = torch.load(path, weights_only=True)
+    saved["hyper_parameters"].update(augment={"hflip": 0.5, "gamma": [0.7, 1.4]}, seed=3)
+    torch.save(saved, tmp_path / "old.ckpt")
+    loaded = StageClassifier.load_from_checkpoint(tmp_path / "old.ckpt")
+    assert "augment" not in loaded.hparams and "seed" not in loaded.hparams
 
 
 @pytest.mark.parametrize("backbone", ["resnet18", "vgg16"])

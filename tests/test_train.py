@@ -85,27 +85,3 @@ def test_existing_checkpoints_are_never_overwritten(synthetic_root, tmp_path):
     with pytest.raises(OutputError, match="already holds results .checkpoints"):
         train(cfg)
     assert existing.read_bytes() == b"earlier result"
-
-
-def test_balanced_sampling_draws_every_class_equally_and_repeats_per_epoch(synthetic_root, tmp_path):
-    from pneumonia.data.datamodule import EpochShuffle
-    from pneumonia.train import build_datamodule
-
-    targets = [0] * 100 + [1] * 900
-    sampler = EpochShuffle(len(targets), seed=1, weights=[1 / 100] * 100 + [1 / 900] * 900)
-    drawn = list(sampler)
-    assert len(drawn) == 1000
-    assert 0.45 < sum(targets[i] == 0 for i in drawn) / 1000 < 0.55  # 10 % of the items, half the draws
-    assert list(sampler) == drawn  # a resumed epoch draws the same images
-    sampler.set_epoch(1)
-    assert list(sampler) != drawn
-    assert sorted(EpochShuffle(len(targets), seed=1)) == list(range(1000))  # plain: a permutation
-    # wired from the config to the training loader (subtype: bacterial vs viral only)
-    cfg = compose_train(tmp_path, [f"data.root={synthetic_root}", "stage=subtype", "data.balanced=true",
-                                   "loss.class_weights=null", f"paths.cache_dir={tmp_path}/cache"])
-    datamodule = build_datamodule(cfg)
-    datamodule.setup("fit")
-    loader = datamodule.train_dataloader()
-    counts = [loader.dataset.targets.count(c) for c in (0, 1)]
-    assert loader.sampler.weights.tolist() == [1 / counts[t] for t in loader.dataset.targets]
-    assert set(loader.dataset.targets) == {0, 1}

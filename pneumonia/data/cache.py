@@ -53,7 +53,7 @@ def decode_preprocessed(path: Path, pre: Preprocessing, draft: bool = True) -> n
             sx, sy = img.width / width, img.height / height
             scaled = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
             out = img.resize((pre.image_size, pre.image_size), Image.BILINEAR, box=scaled)
-            return pre.finish(np.asarray(out, dtype=np.uint8))
+            return np.asarray(out, dtype=np.uint8)
     except (OSError, SyntaxError, ValueError) as err:  # a sound header over broken pixel data
         raise ImageReadError(path, f"cannot decode image ({err})") from err
 

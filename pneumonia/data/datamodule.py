@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
+from typing import Callable
 
 import lightning as L
 import numpy as np
@@ -11,7 +12,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pneumonia.data.cache import build_cache, cache_key
-from pneumonia.data.features import build_feature_cache
 from pneumonia.data.kermany import (
     DataError,
     Record,
@@ -20,41 +20,97 @@ from pneumonia.data.kermany import (
     write_manifest,
     write_skipped,
 )
-from pneumonia.data.transforms import Preprocessing, build_augmentation
+from pneumonia.data.transforms import Augmentation, Preprocessing
 from pneumonia.io import read_grayscale
 from pneumonia.stages import STAGE_CLASSES, stage_target, stage_targets
 
 
-class XrayDataset(Dataset):
-    """(1, S, S) float tensor and the class index in `stage` (-1 where the stage has none)."""
+# (cached uint8 images (N, S, S), their cache key, cache folder, device) -> features (N, C, H, W)
+FeatureExtractor = Callable[[np.ndarray, str, Path, "torch.device | None"], np.ndarray]
 
-    def __init__(self, records: list[Record], stage: str, preprocessing: Preprocessing, augment=None):
+
+class StageImages(Dataset):
+    """Normalised images (1, S, S) of one stage and their class index (-1 where it has none).
+
+    A key is an image index, or an (index, epoch) pair from `EpochShuffle`: with an
+    `augmentation`, a pair draws that image's augmentation for that epoch. Both paths below
+    thus augment and normalise the same uint8 image the same way; they differ only in where
+    the image comes from.
+    """
+
+    def __init__(self, records: list[Record], stage: str, preprocessing: Preprocessing,
+                 augmentation: Augmentation | None = None):
         self.records = records
         self.targets = stage_targets(stage, (r.label for r in records))
         self.preprocessing = preprocessing
-        self.augment = augment
+        self.augmentation = augmentation
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image = self.preprocessing(read_grayscale(self.records[index].path))
-        if self.augment is not None:
-            image = self.augment(image=image)["image"]
+    def image(self, index: int) -> np.ndarray:
+        """The preprocessed uint8 image (S, S) of record `index`."""
+        raise NotImplementedError
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        index, epoch = key if isinstance(key, tuple) else (key, None)
+        image = self.image(index)
+        if self.augmentation is not None and epoch is not None:
+            image = self.augmentation(image, epoch, index)
         return torch.from_numpy(self.preprocessing.normalize(image)), self.targets[index]
 
 
-class EpochShuffle(Sampler[int]):
-    """A shuffle fixed by (seed, epoch), so a resumed run sees the same order.
+class XrayDataset(StageImages):
+    """Images decoded, cropped and resized from their files at each access."""
 
-    With `weights` (one per item) an epoch instead draws as many items with replacement, each in
-    proportion to its weight: 1 / its class's count gives every class the same share.
-    Lightning calls `set_epoch` before each training epoch (and wraps this sampler for DDP).
+    def image(self, index: int) -> np.ndarray:
+        return self.preprocessing(read_grayscale(self.records[index].path))
+
+
+class CachedDataset(StageImages):
+    """Images read from the preprocessed cache: `rows` (N, S, S) uint8, one per record."""
+
+    def __init__(self, rows: np.ndarray, records: list[Record], stage: str,
+                 preprocessing: Preprocessing, augmentation: Augmentation | None = None):
+        super().__init__(records, stage, preprocessing, augmentation)
+        self.rows = rows
+
+    def image(self, index: int) -> np.ndarray:
+        return np.array(self.rows[index])
+
+
+class FeatureDataset(Dataset):
+    """Frozen-backbone features (C, H, W) from the feature cache and the class index. A key is
+    an index or an (index, epoch) pair, as for `StageImages`; features are never augmented."""
+
+    def __init__(self, features: np.ndarray, records: list[Record], stage: str):
+        self.features = features
+        self.targets = stage_targets(stage, (r.label for r in records))
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys: list[int | tuple[int, int]]) -> list[tuple[torch.Tensor, int]]:
+        # One fancy-indexed read per batch instead of one per item (DataLoader uses this).
+        indices = [key[0] if isinstance(key, tuple) else key for key in keys]
+        block = torch.from_numpy(self.features[np.asarray(indices)])
+        return list(zip(block, (self.targets[i] for i in indices)))
+
+
+class EpochShuffle(Sampler[tuple[int, int]]):
+    """A shuffle fixed by (seed, epoch), yielding (index, epoch) pairs: a resumed run sees the
+    same order, and the dataset draws each image's augmentation from the pair.
+
+    Lightning calls `set_epoch` before each training epoch. Under DDP it wraps this sampler in
+    its DistributedSamplerWrapper, which forwards `set_epoch` and hands each rank its share of
+    these pairs unchanged.
     """
 
-    def __init__(self, size: int, seed: int = 0, weights: list[float] | None = None):
+    def __init__(self, size: int, seed: int = 0):
         self.size, self.seed, self.epoch = size, seed, 0
-        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float64)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -64,31 +120,8 @@ class EpochShuffle(Sampler[int]):
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        if self.weights is None:
-            yield from torch.randperm(self.size, generator=generator).tolist()
-        else:
-            yield from torch.multinomial(self.weights, self.size, True, generator=generator).tolist()
-
-
-class CachedDataset(Dataset):
-    """Rows of a cached array and the class index: preprocessed uint8 images (1, S, S), which
-    the module normalises and augments as whole batches (on the GPU when there is one), or
-    backbone features (V, C, H, W) from the feature cache."""
-
-    def __init__(self, rows: np.ndarray, records: list[Record], stage: str):
-        self.rows = rows
-        self.targets = stage_targets(stage, (r.label for r in records))
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return torch.from_numpy(np.array(self.rows[index])), self.targets[index]
-
-    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int]]:
-        # One fancy-indexed read per batch instead of one per image (DataLoader uses this).
-        block = torch.from_numpy(self.rows[np.asarray(indices)])
-        return list(zip(block, (self.targets[i] for i in indices)))
+        for index in torch.randperm(self.size, generator=generator).tolist():
+            yield index, self.epoch
 
 
 class KermanyDataModule(L.LightningDataModule):
@@ -96,7 +129,11 @@ class KermanyDataModule(L.LightningDataModule):
 
     Scanning, validation and the split happen in the constructor, so a bad data folder fails
     before any model is built. The split is assigned on all images before the stage filter,
-    so both stages trained with the same seed share one train/val/test partition.
+    so both stages trained with the same seed share one train/val/test partition. Training
+    images are augmented in the dataset (`Augmentation`), drawn from (shuffle_seed, epoch,
+    index); validation and test images are not. The arguments mirror the `data` config group
+    (train() instantiates this class from it), plus what only the run knows: the stage, the
+    input size, the backbone's mean and std, and the run's seed as `shuffle_seed`.
     """
 
     def __init__(
@@ -107,60 +144,59 @@ class KermanyDataModule(L.LightningDataModule):
         mean: float = 0.0,
         std: float = 1.0,
         split: str = "official",
+        split_seed: int = 0,
         val_fraction: float = 0.15,
         test_fraction: float = 0.2,
-        seed: int = 0,
         crop: dict | None = None,
-        equalize: bool = False,
         augment: dict | None = None,
         batch_size: int = 32,
         num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = True,
         cache: bool = False,
         cache_dir: str | Path | None = None,
         cache_workers: int = 0,
         feature_cache: bool = False,
-        pin_memory: bool = False,
-        persistent_workers: bool = True,
-        shuffle_seed: int = 0,
         skip_bad: bool = False,
-        balanced: bool = False,
+        shuffle_seed: int = 0,
     ) -> None:
         super().__init__()
-        self.shuffle_seed = shuffle_seed
-        self.balanced = balanced
         if cache and not cache_dir:
             raise ValueError("data.cache=true needs data.cache_dir")
-        self.cache_dir = Path(cache_dir).expanduser() if cache and cache_dir else None
-        if feature_cache and self.cache_dir is None:
+        if feature_cache and not cache:
             raise ValueError("data.feature_cache=true needs data.cache=true")
-        self.feature_cache = feature_cache
-        self.cache_workers = cache_workers
-        self.pin_memory = pin_memory
-        self.persistent_workers = persistent_workers
-        self.stage = stage
-        self.root = Path(root).expanduser().resolve()
-        self.batch_size = batch_size
-        self.num_workers = num_workers
+        if feature_cache and augment:
+            raise ValueError("data.feature_cache=true needs data.augment=null: features are "
+                             "computed once per image, so no training image may change")
+        self.cache_dir = Path(cache_dir).expanduser() if cache else None
+        self.feature_cache, self.extract_features = feature_cache, None
+        self.cache_workers, self.pin_memory = cache_workers, pin_memory
+        self.persistent_workers, self.shuffle_seed = persistent_workers, shuffle_seed
+        self.stage, self.batch_size, self.num_workers = stage, batch_size, num_workers
         self.augment = dict(augment) if augment else None
+        self.root = Path(root).expanduser().resolve()
         # skip_bad: unreadable files are left out before the split, so no epoch ever meets them
         records, self.skipped = scan_with_skipped(self.root, skip_bad=skip_bad)
-        self.manifest = split_records(records, split, val_fraction, test_fraction, seed)
+        self.manifest = split_records(records, split, val_fraction, test_fraction, split_seed)
         self.splits = {
             name: [r for r in self.manifest if r.split == name and stage_target(stage, r.label) is not None]
             for name in ("train", "val", "test")
         }
         self._check_classes()
+        self.preprocessing = Preprocessing(image_size=image_size, mean=mean, std=std,
+                                           crop=self._crop_stats(crop))
+
+    def _crop_stats(self, crop: dict | None) -> dict | None:
+        """ProportionalCrop's fields: the crop fractions and the training split's largest sides."""
+        if not crop or not crop.get("enabled", True):
+            return None
         train = self.splits["train"]
-        crop_stats = None
-        if crop and crop.get("enabled", True):
-            crop_stats = {
-                "max_width": max(r.width for r in train),
-                "max_height": max(r.height for r in train),
-                "width_fraction": float(crop.get("width", 0.35)),
-                "height_fraction": float(crop.get("height", 0.20)),
-            }
-        self.preprocessing = Preprocessing(image_size=image_size, mean=mean, std=std, crop=crop_stats,
-                                           equalize=equalize)
+        return {
+            "max_width": max(r.width for r in train),
+            "max_height": max(r.height for r in train),
+            "width_fraction": float(crop.get("width", 0.35)),
+            "height_fraction": float(crop.get("height", 0.20)),
+        }
 
     def _check_classes(self) -> None:
         classes = STAGE_CLASSES[self.stage]
@@ -188,49 +224,52 @@ class KermanyDataModule(L.LightningDataModule):
     def write_skipped(self, path: Path) -> Path:
         return write_skipped(self.skipped, path)
 
+    def use_features(self, extract: FeatureExtractor) -> None:
+        """Serve features instead of images (data.feature_cache=true): `extract` turns a split's
+        cached images into the frozen part's features. train() hands it in, built from the
+        network, so this module needs no model and the model no data module."""
+        self.extract_features = extract
+
     def prepare_data(self) -> None:
         """Build the preprocessed caches once (Lightning calls this on one process per node),
-        and the feature cache with the trainer's network on its device."""
+        and the feature caches on the trainer's device."""
         if self.cache_dir is not None:
             for split in ("train", "val", "test"):
                 self.cached_images(split)
         if self.feature_cache:
+            device = self.trainer.strategy.root_device if self.trainer is not None else None
             for split in ("train", "val", "test"):
-                self.cached_features(split, self.trainer.lightning_module.net, self.trainer.strategy.root_device)
+                self.features(split, device)
 
     def cached_images(self, split: str) -> np.ndarray:
         return build_cache(self.splits[split], self.preprocessing, self.cache_dir, self.cache_workers,
                            desc=f"caching {self.stage}/{split}")
 
-    def cached_features(self, split: str, net, device=None) -> np.ndarray:
-        """(N, V, C, H, W) frozen features of `net`; V = 2 (image, mirror) for a flipped train split."""
-        views = 2 if split == "train" and self.augment and self.augment.get("hflip") else 1
-        return build_feature_cache(
-            self.cached_images(split), cache_key(self.splits[split], self.preprocessing), net,
-            self.preprocessing.mean, self.preprocessing.std, views, self.cache_dir, self.batch_size,
-            device, desc=f"features {self.stage}/{split}")
+    def features(self, split: str, device: torch.device | None = None) -> np.ndarray:
+        """(N, C, H, W) features of the split's cached images, from the `use_features` extractor."""
+        if self.extract_features is None:
+            raise RuntimeError("data.feature_cache=true: hand in the feature extractor with "
+                               "use_features() before asking for data (train() does)")
+        return self.extract_features(self.cached_images(split),
+                                     cache_key(self.splits[split], self.preprocessing),
+                                     self.cache_dir, device)
 
     def dataset(self, split: str, augment: bool = False) -> Dataset:
-        """Cached: uint8 images, augmented later on the batch. Plain: decoded, augmented here.
-        Feature cache: the features of the trainer's network (hashed again here, after a
-        resumed run's weights are restored, so they always match the weights in use)."""
+        """The split's images (decoded from their files, or read from the preprocessed cache),
+        augmented when `augment` and data.augment say so; or their cached features."""
         if self.feature_cache:
-            features = self.cached_features(split, self.trainer.lightning_module.net)
-            return CachedDataset(features, self.splits[split], self.stage)
+            return FeatureDataset(self.features(split), self.splits[split], self.stage)
+        augmentation = None
+        if augment and self.augment:
+            augmentation = Augmentation(self.shuffle_seed, **self.augment)
         if self.cache_dir is not None:
-            return CachedDataset(self.cached_images(split)[:, None], self.splits[split], self.stage)
-        aug = build_augmentation(**self.augment) if augment and self.augment else None
-        return XrayDataset(self.splits[split], self.stage, self.preprocessing, aug)
+            return CachedDataset(self.cached_images(split), self.splits[split], self.stage,
+                                 self.preprocessing, augmentation)
+        return XrayDataset(self.splits[split], self.stage, self.preprocessing, augmentation)
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         data = self.dataset(split, augment=train)
-        sampler = None
-        if train:
-            weights = None
-            if self.balanced:  # 1 / its class's count: every class drawn equally often
-                counts = self.class_counts(split)
-                weights = [1.0 / counts[t] for t in data.targets]
-            sampler = EpochShuffle(len(data), self.shuffle_seed, weights)
+        sampler = EpochShuffle(len(data), self.shuffle_seed) if train else None
         return DataLoader(
             data,
             batch_size=self.batch_size,

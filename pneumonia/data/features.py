@@ -1,18 +1,19 @@
 """A feature cache for frozen backbones: the frozen part runs once per image, then only the head.
 
-When nothing before the head trains (model.freeze=features, model.adapter=none) and the only
-augmentation is a horizontal flip, an image's features can take just two values: those of
-the image and those of its mirror. Both are computed once, in eval mode, and stored beside the
-preprocessed images as one float32 array (N, V, C, H, W) per split (V = 2 views, the image
-and its mirror, for training with a flip; else 1), built and checked by the same
-`cached_array` as the images (checksum, temporary file moved into place).
+When nothing before the head trains (model.freeze=features, model.adapter=none) and no image
+is augmented (data.augment=null, as in study B's recipes), an image's features never change.
+They are computed once, in eval mode, and stored beside the preprocessed images as one float32
+array (N, C, H, W) per split, built and checked by the same `cached_array` as the images
+(checksum, temporary file moved into place). `FrozenFeatures` is the one seam between the
+network and the data module: train() builds it from the network and hands it to the data
+module (`KermanyDataModule.use_features`).
 
 float32, not float16: the head then sees what the full network would compute, up to float
 rounding, so training on the cache is the same training; float16 would halve the file but
 add about 1e-3 relative error and overflow past 65504 on backbones with unbounded activations.
 
-The key covers the split's preprocessed-image key (files and preprocessing), the backbone,
-the views and a hash of the frozen weights themselves (every parameter and buffer of the
+The key covers the split's preprocessed-image key (files and preprocessing), the backbone
+and a hash of the frozen weights themselves (every parameter and buffer of the
 adapter and backbone that does not train). Hub weights, a weights file and a seeded random
 initialisation are thus all identified by the numbers the features are computed with: another
 file, seed or release of the weights makes another cache, the same weights reuse it.
@@ -31,10 +32,10 @@ from tqdm import tqdm
 
 from pneumonia.data.cache import cached_array
 
-if TYPE_CHECKING:  # pneumonia.models imports pneumonia.data
+if TYPE_CHECKING:  # for type hints only: the data side runs without the models package
     from pneumonia.models.network import PneumoniaNet
 
-VERSION = 1
+VERSION = 2
 DTYPE = np.float32
 
 
@@ -56,9 +57,9 @@ def backbone_name(net: PneumoniaNet) -> str:
     return getattr(net.backbone, "pretrained_cfg", {}).get("architecture") or type(net.backbone).__name__
 
 
-def feature_key(image_key: str, backbone: str, weights: str, views: int) -> str:
+def feature_key(image_key: str, backbone: str, weights: str) -> str:
     spec = {"version": VERSION, "images": image_key, "backbone": backbone, "weights": weights,
-            "views": views, "dtype": np.dtype(DTYPE).name}
+            "dtype": np.dtype(DTYPE).name}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -69,21 +70,20 @@ def check_cacheable(net: PneumoniaNet) -> None:
 
 
 @torch.inference_mode()
-def compute_features(net: PneumoniaNet, images: np.ndarray, mean: float, std: float,
-                     mirror: bool = False) -> torch.Tensor:
-    """Features of uint8 images (n, S, S), normalised exactly as StageClassifier does it."""
+def compute_features(net: PneumoniaNet, images: np.ndarray, mean: float,
+                     std: float) -> torch.Tensor:
+    """Features of uint8 images (n, S, S), normalised as `Preprocessing.normalize` does it."""
     device = next(net.parameters()).device
-    x = torch.from_numpy(np.asarray(images))[:, None].to(device).float().div_(255.0)
-    if mirror:
-        x = x.flip(-1)
+    x = torch.from_numpy(np.array(images, dtype=np.float32))[:, None].to(device).div_(255.0)
     return net.features((x - mean) / std)
 
 
-def build_feature_cache(images: np.ndarray, image_key: str, net: PneumoniaNet, mean: float, std: float,
-                        views: int, cache_dir: Path, batch_size: int = 32,
-                        device: torch.device | str | None = None, desc: str = "features") -> np.memmap:
-    """(N, views, C, H, W) float32 features of the frozen part for the preprocessed `images`
-    (view 1: the mirrored image), computed in eval mode on `device` unless a valid cache exists."""
+def build_feature_cache(images: np.ndarray, image_key: str, net: PneumoniaNet, mean: float,
+                        std: float, cache_dir: Path, batch_size: int = 32,
+                        device: torch.device | str | None = None,
+                        desc: str = "features") -> np.memmap:
+    """(N, C, H, W) float32 features of the frozen part for the preprocessed `images`, computed
+    in eval mode on `device` (default: the network's) unless a valid cache exists."""
     check_cacheable(net)
     home, was_training = next(net.parameters()).device, net.training
     net.eval().to(device or home)
@@ -91,18 +91,34 @@ def build_feature_cache(images: np.ndarray, image_key: str, net: PneumoniaNet, m
         size = images.shape[-1]
         shape = tuple(compute_features(net, np.zeros((1, size, size), np.uint8), mean, std).shape[1:])
         if len(images) == 0:
-            return np.zeros((0, views, *shape), DTYPE)
-        key = feature_key(image_key, backbone_name(net), frozen_weights_digest(net), views)
+            return np.zeros((0, *shape), DTYPE)
+        key = feature_key(image_key, backbone_name(net), frozen_weights_digest(net))
 
         def fill(out: np.memmap) -> None:
             for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False):
                 block = images[start:start + batch_size]
-                for view in range(views):
-                    features = compute_features(net, block, mean, std, mirror=view == 1)
-                    out[start:start + len(block), view] = features.float().cpu().numpy()
+                features = compute_features(net, block, mean, std)
+                out[start:start + len(block)] = features.float().cpu().numpy()
 
-        return cached_array(Path(cache_dir) / f"{key}.f32", (len(images), views, *shape), DTYPE, fill,
-                            {"images": image_key, "backbone": backbone_name(net), "views": views,
-                             "version": VERSION})
+        return cached_array(Path(cache_dir) / f"{key}.f32", (len(images), *shape), DTYPE, fill,
+                            {"images": image_key, "backbone": backbone_name(net), "version": VERSION})
     finally:
         net.train(was_training).to(home)
+
+
+class FrozenFeatures:
+    """A data module's feature extractor (`KermanyDataModule.use_features`): the cached
+    features of `net`'s frozen part, normalised with `mean` and `std`.
+
+    It holds the network itself, so the features are hashed from the weights in use when the
+    data is asked for (after a resumed run has restored its weights).
+    """
+
+    def __init__(self, net: PneumoniaNet, mean: float, std: float, batch_size: int = 32):
+        check_cacheable(net)
+        self.net, self.mean, self.std, self.batch_size = net, mean, std, batch_size
+
+    def __call__(self, images: np.ndarray, image_key: str, cache_dir: Path,
+                 device: torch.device | None = None) -> np.ndarray:
+        return build_feature_cache(images, image_key, self.net, self.mean, self.std, cache_dir,
+                                   self.batch_size, device)

@@ -1,16 +1,13 @@
-"""Deterministic preprocessing (crop, resize) shared by training and inference, and augmentation."""
+"""Deterministic preprocessing (crop, resize, normalisation) shared by training and inference,
+and the training augmentation."""
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from PIL import Image, ImageOps
-from torchvision.transforms.v2.functional import gaussian_blur
+from PIL import Image
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import albumentations as A  # noqa: E402
@@ -50,7 +47,6 @@ class Preprocessing:
     mean: float
     std: float
     crop: dict | None = None  # ProportionalCrop fields, or None for no crop
-    equalize: bool = False    # histogram equalisation after the resize (exposure differences)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -62,12 +58,6 @@ class Preprocessing:
         if image.shape != (self.image_size, self.image_size):
             resized = Image.fromarray(image).resize((self.image_size, self.image_size), Image.BILINEAR)
             image = np.asarray(resized)
-        return self.finish(image)
-
-    def finish(self, image: np.ndarray) -> np.ndarray:
-        """The steps after the resize, shared with the cache's reduced-size decode."""
-        if self.equalize:
-            image = np.asarray(ImageOps.equalize(Image.fromarray(image)))
         return image
 
     def normalize(self, image: np.ndarray) -> np.ndarray:
@@ -75,120 +65,40 @@ class Preprocessing:
         return ((image.astype(np.float32) / 255.0 - self.mean) / self.std)[None]
 
 
-def batch_augment(images: torch.Tensor, hflip: float = 0.5, brightness=(-0.1, 0.1),
-                  contrast=(0.0, 0.1), gamma=None, scale=None, rotate: float = 0.0,
-                  translate: float = 0.0, stretch: float = 0.0, sharpness=None,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
-    """The same augmentation as `build_augmentation`, on a float batch (N, 1, H, W) in [0, 1].
+class Augmentation:
+    """Training augmentation of preprocessed uint8 (S, S) images, each draw fixed by
+    (seed, epoch, image index).
 
-    Runs on whatever device the batch is on; each image draws its own parameters. Order:
-    flip, affine (zoom `scale`, rotation up to `rotate` degrees, shift up to `translate` of
-    the side, then a horizontal stretch by 1 +- up to `stretch`; black outside the image),
-    sharpness (`sharpen`, amount drawn from `sharpness`), gamma, then brightness and contrast.
+    One albumentations 2.0.8 pipeline serves the decoded and the cached path alike: a flip with
+    probability `hflip`; one affine step (zoom drawn from `scale`, used for both axes, rotation
+    up to `rotate` degrees, shift up to `translate` of the side, black outside the image); then
+    brightness and contrast, which 2.0.8 applies as img * (1 + c) + b * 255 (not centred on the
+    mean). Before each image every transform is reseeded from (seed, epoch, index), each from
+    its own stream, so that its draws do not depend on the transforms before it: a resumed run
+    repeats its draws, and the number of loader workers changes nothing.
     """
-    n, device = images.shape[0], images.device
 
-    def uniform(bounds) -> torch.Tensor:
-        lo, hi = bounds or (0.0, 0.0)
-        return (torch.rand(n, 1, 1, 1, generator=generator, device=device) * (hi - lo) + lo)
-
-    if hflip:
-        flip = flip_mask(n, hflip, generator, device)
-        images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-    if scale or rotate or translate or stretch:
-        images = random_affine(images, uniform(scale or (1.0, 1.0)), uniform((-rotate, rotate)),
-                               uniform((-translate, translate)), uniform((-translate, translate)),
-                               uniform((1 - stretch, 1 + stretch)) if stretch else None)
-    if sharpness:
-        images = sharpen(images, uniform(sharpness))
-    if gamma:
-        log_gamma = uniform((math.log(gamma[0]), math.log(gamma[1])))
-        images = images.clamp(min=1e-6).pow(log_gamma.exp())
-    alpha, beta = 1 + uniform(contrast), uniform(brightness)
-    return apply_brightness_contrast(images, alpha, beta)
-
-
-def flip_mask(n: int, hflip: float, generator: torch.Generator | None = None,
-              device: torch.device | str = "cpu") -> torch.Tensor:
-    """Which of n images to mirror: the first draw of `batch_augment`, shared with the feature
-    cache so that both paths mirror the same images for the same generator."""
-    return torch.rand(n, generator=generator, device=device) < hflip
-
-
-def random_affine(images: torch.Tensor, scale, degrees, shift_x, shift_y, stretch=None) -> torch.Tensor:
-    """Zoom by `scale` (> 1 enlarges), rotate by `degrees`, shift by a fraction of the side, then
-    widen by `stretch` (> 1) or narrow (< 1) the result horizontally; each argument (N, 1, 1, 1)."""
-    angle = degrees.flatten() * math.pi / 180
-    cos, sin, inv = angle.cos(), angle.sin(), 1 / scale.flatten()
-    theta = torch.stack([
-        torch.stack([cos * inv, -sin * inv, -2 * shift_x.flatten()], 1),
-        torch.stack([sin * inv, cos * inv, -2 * shift_y.flatten()], 1),
-    ], 1)
-    if stretch is not None:  # output x / stretch is where the unstretched image had x
-        theta[:, :, 0] = theta[:, :, 0] / stretch.flatten()[:, None]
-    grid = F.affine_grid(theta.to(images.dtype), list(images.shape), align_corners=False)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-
-
-def sharpen(images: torch.Tensor, amount) -> torch.Tensor:
-    """Unsharp masking with a Gaussian of sigma 1 px: image + amount * (image - blurred), clipped
-    to [0, 1]. amount < 0 blurs (-1: the blurred image), > 0 sharpens; per image (N, 1, 1, 1)."""
-    blurred = gaussian_blur(images, kernel_size=[5, 5], sigma=[1.0, 1.0])
-    return (images + amount * (images - blurred)).clamp_(0.0, 1.0)
-
-
-class Sharpness(A.ImageOnlyTransform):
-    """`sharpen` on a uint8 image, the amount drawn uniformly from `limits`."""
-
-    def __init__(self, limits=(-0.5, 0.5), p: float = 1.0):
-        super().__init__(p=p)
-        self.limits = tuple(limits)
-
-    def get_params(self) -> dict:
-        return {"amount": self.py_random.uniform(*self.limits)}
-
-    def apply(self, img: np.ndarray, amount: float = 0.0, **params) -> np.ndarray:
-        image = torch.from_numpy(img.astype(np.float32) / 255.0)[None, None]
-        out = sharpen(image, torch.tensor(amount))[0, 0].numpy()
-        return np.round(out * 255.0).astype(np.uint8)
-
-    def get_transform_init_args_names(self) -> tuple[str, ...]:
-        return ("limits",)
-
-
-def apply_brightness_contrast(images: torch.Tensor, alpha, beta) -> torch.Tensor:
-    """albumentations 2.0.8's formula on [0, 1] images: clip(img * alpha + beta)."""
-    return (images * alpha + beta).clamp_(0.0, 1.0)
-
-
-def build_augmentation(hflip: float = 0.5, brightness=(-0.1, 0.1), contrast=(0.0, 0.1), gamma=None,
-                       scale=None, rotate: float = 0.0, translate: float = 0.0,
-                       stretch: float = 0.0, sharpness=None) -> A.Compose:
-    """Train-time augmentation on uint8 images (the path without the preprocessed cache).
-
-    albumentations 2.0.8 applies contrast as img * (1 + c) + b * 255 (not centred on the mean).
-    Flip, brightness and contrast match `batch_augment` exactly for the same parameters; the
-    affine and gamma steps are the same transforms drawn the same way, not bit-identical.
-    """
-    transforms = []
-    if hflip:
-        transforms.append(A.HorizontalFlip(p=hflip))
-    if scale or rotate or translate:
-        transforms.append(A.Affine(scale=tuple(scale or (1.0, 1.0)), rotate=(-rotate, rotate),
-                                   translate_percent=(-translate, translate), fill=0, p=1.0))
-    if stretch:
-        transforms.append(A.Affine(scale={"x": (1 - stretch, 1 + stretch), "y": (1.0, 1.0)}, fill=0, p=1.0))
-    if sharpness:
-        transforms.append(Sharpness(sharpness))
-    if gamma:
-        transforms.append(A.RandomGamma(gamma_limit=(gamma[0] * 100, gamma[1] * 100), p=1.0))
-    if brightness is not None or contrast is not None:
-        transforms.append(
-            A.RandomBrightnessContrast(
+    def __init__(self, seed: int = 0, hflip: float = 0.5, brightness=(-0.1, 0.1),
+                 contrast=(0.0, 0.1), scale=None, rotate: float = 0.0, translate: float = 0.0):
+        self.seed = seed
+        transforms: list[A.BasicTransform] = []
+        if hflip:
+            transforms.append(A.HorizontalFlip(p=hflip))
+        if scale or rotate or translate:
+            transforms.append(A.Affine(scale=tuple(scale or (1.0, 1.0)), keep_ratio=True,
+                                       rotate=(-rotate, rotate),
+                                       translate_percent=(-translate, translate), fill=0, p=1.0))
+        if brightness is not None or contrast is not None:
+            transforms.append(A.RandomBrightnessContrast(
                 brightness_limit=tuple(brightness or (0.0, 0.0)),
-                contrast_limit=tuple(contrast or (0.0, 0.0)),
-                brightness_by_max=True,
-                p=1.0,
-            )
-        )
-    return A.Compose(transforms)
+                contrast_limit=tuple(contrast or (0.0, 0.0)), brightness_by_max=True, p=1.0))
+        self.compose = A.Compose(transforms)
+
+    def __call__(self, image: np.ndarray, epoch: int, index: int) -> np.ndarray:
+        """The augmented copy of uint8 `image` (S, S) for this epoch and image index."""
+        streams = np.random.SeedSequence([self.seed, epoch, index]).generate_state(
+            len(self.compose.transforms) + 1)
+        self.compose.set_random_seed(int(streams[0]))  # also seeds every transform with it...
+        for transform, stream in zip(self.compose.transforms, streams[1:]):
+            transform.set_random_seed(int(stream))  # ...so each one gets its own stream after
+        return self.compose(image=image)["image"]

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import hydra
 import lightning as L
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,8 +19,35 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 
-from pneumonia.data.transforms import batch_augment, flip_mask
 from pneumonia.models.network import build_network
+
+# Options of earlier versions that their checkpoints still carry, each with the value that meant
+# "off": such a checkpoint loads when the option was off and is refused when it was on, since
+# this version cannot build or train what it describes. "module" holds constructor arguments.
+RETIRED = {
+    "model": {"norm": "batch", "mixstyle": 0.0},
+    "preprocessing": {"equalize": False},
+    "module": {"mixup": 0.0},
+}
+RETIRED_AT = "1fafa00"
+# Training settings that earlier checkpoints recorded but the module no longer uses (the data
+# module augments and seeds its draws): dropped whatever their value, inference never read them.
+TRAINING_RECORDS = ("augment", "seed")
+
+
+def without_retired(group: str, options: dict) -> dict:
+    """`options` less the retired keys of `group` that hold their neutral value; a retired key
+    set to anything else raises ValueError naming it and the commit that still has it."""
+    retired = RETIRED[group]
+    for key in retired.keys() & options.keys():
+        if options[key] != retired[key]:
+            name = key if group == "module" else f"{group}.{key}"
+            raise ValueError(
+                f"this checkpoint was trained with {name}={options[key]!r}, an option this version "
+                f"no longer has; load it with commit {RETIRED_AT} of this project "
+                f"(git checkout {RETIRED_AT})"
+            )
+    return {k: v for k, v in options.items() if k not in retired}
 
 
 def _metrics(num_classes: int) -> nn.ModuleDict:
@@ -41,14 +69,12 @@ class StageClassifier(L.LightningModule):
     way training did. `pretrained` is separate so a checkpoint can be loaded offline with
     `StageClassifier.load_from_checkpoint(path, pretrained=False)` (its weights are in it).
     `data` records the data root and split settings, so evaluation finds the same test split.
-    Batches of uint8 images (the preprocessed cache) are normalised here, after the transfer
-    to the device, and augmented with `augment` in training. `mixup` > 0 blends each training
-    batch with a shuffled copy of itself, the weight drawn from Beta(mixup, mixup).
+    Batches arrive augmented and normalised by the data module. `retired` takes the arguments
+    of older checkpoints that this version dropped (`RETIRED`, `TRAINING_RECORDS`).
 
     With `cached_features` set (train() sets it for data.feature_cache=true; it is not saved,
-    so the checkpoint stays an ordinary one) batches hold the frozen part's features per view
-    (N, V, C, H, W) and only the head runs; in training, the mirrored view (V = 2) is picked
-    with probability `augment["hflip"]`, the same draw that flips images on the image path.
+    so the checkpoint stays an ordinary one) batches hold the frozen part's features
+    (N, C, H, W) and only the head runs.
     """
 
     def __init__(
@@ -61,16 +87,21 @@ class StageClassifier(L.LightningModule):
         scheduler: dict | None = None,
         class_weights: list[float] | None = None,
         label_smoothing: float = 0.0,
-        mixup: float = 0.0,
         pretrained: bool | str = False,
         data: dict | None = None,
-        augment: dict | None = None,
         channels_last: bool = False,
         compile: bool = False,
-        seed: int = 0,
+        **retired: Any,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(logger=False)  # train() logs the whole resolved config
+        unknown = retired.keys() - RETIRED["module"].keys() - set(TRAINING_RECORDS)
+        if unknown:
+            raise TypeError(f"StageClassifier got unexpected arguments: {', '.join(sorted(unknown))}")
+        without_retired("module", {k: v for k, v in retired.items() if k not in TRAINING_RECORDS})
+        model = without_retired("model", model)
+        preprocessing = without_retired("preprocessing", preprocessing)
+        # train() logs the whole resolved config
+        self.save_hyperparameters(ignore=list(retired), logger=False)
         self.net = build_network(**model, pretrained=pretrained, num_classes=len(classes))
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
@@ -89,33 +120,9 @@ class StageClassifier(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
-    def _augment_generator(self, device: torch.device) -> torch.Generator:
-        # drawn from (seed, step): a resumed run augments exactly like an uninterrupted one
-        generator = torch.Generator(device)
-        generator.manual_seed(self.hparams.seed * 100_003 + self.global_step)
-        return generator
-
-    def _pick_view(self, views: torch.Tensor) -> torch.Tensor:
-        """Cached features (N, V, C, H, W) -> (N, C, H, W): in training with V = 2 the mirror's
-        with probability hflip, else the image's own."""
-        if self.trainer.training and views.shape[1] == 2:
-            flip = flip_mask(len(views), self.hparams.augment["hflip"],
-                             self._augment_generator(views.device), views.device)
-            return torch.where(flip[:, None, None, None], views[:, 1], views[:, 0])
-        return views[:, 0]
-
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         images, targets = batch
-        if self.cached_features:
-            return self._pick_view(images), targets
-        if images.dtype == torch.uint8:
-            images = images.float().div_(255.0)
-            if self.trainer.training and self.hparams.augment:
-                images = batch_augment(images, **self.hparams.augment,
-                                       generator=self._augment_generator(images.device))
-            pre = self.hparams.preprocessing
-            images = (images - pre["mean"]) / pre["std"]
-        if self.hparams.channels_last:
+        if self.hparams.channels_last and not self.cached_features:
             images = images.contiguous(memory_format=torch.channels_last)
         return images, targets
 
@@ -134,15 +141,8 @@ class StageClassifier(L.LightningModule):
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> torch.Tensor:
         inputs, targets = batch
         forward = self.net.classify if self.cached_features else self
-        if split == "train" and self.hparams.mixup > 0:
-            rng = np.random.default_rng([self.hparams.seed, self.global_step])
-            lam = float(rng.beta(self.hparams.mixup, self.hparams.mixup))
-            perm = torch.from_numpy(rng.permutation(len(targets))).to(inputs.device)
-            logits = forward(lam * inputs + (1 - lam) * inputs[perm])
-            loss = lam * self._loss(logits, targets) + (1 - lam) * self._loss(logits, targets[perm])
-        else:
-            logits = forward(inputs)
-            loss = self._loss(logits, targets)
+        logits = forward(inputs)
+        loss = self._loss(logits, targets)
         probs = logits.detach().float().softmax(dim=1)
         for name, metric in self.metrics[f"{split}_metrics"].items():
             metric.update(probs[:, 1] if name == "auroc" else probs, targets)

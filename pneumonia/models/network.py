@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import timm
 import torch
-from timm.layers.norm_act import BatchNormAct2d, GroupNormAct
 from torch import nn
-
-from pneumonia.models.mixstyle import add_mixstyle
 
 ADAPTERS = ("conv", "none")
 HEADS = ("linear", "deep_mlp")
 FREEZE = ("features", "none")
-NORMS = ("batch", "group")
 
 
 class PretrainedWeightsError(RuntimeError):
@@ -55,7 +50,6 @@ class PneumoniaNet(nn.Module):
         self.backbone = backbone
         self.head = head  # None: the backbone's own (reset) timm classifier
         self.frozen_features = frozen_features
-        self.mixstyle: nn.Module | None = None  # MixStyle hooks in the backbone (training only)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.adapter(x)
@@ -111,28 +105,6 @@ def create_backbone(name: str, pretrained: bool | str, **kwargs) -> nn.Module:
     )
 
 
-def to_group_norm(module: nn.Module, groups: int = 32) -> nn.Module:
-    """Replace every BatchNorm2d in place by a GroupNorm over the same channels (timm's
-    norm + activation layers keep their activation), in at most `groups` groups.
-
-    GroupNorm normalises each image by its own statistics, in training and at inference alike:
-    no running averages and no dependence on the batch (small batches, one image at a time).
-    It did not help the CPU recipe with the Kermany test images (docs/results.md).
-    """
-    for name, child in module.named_children():
-        if isinstance(child, nn.BatchNorm2d):
-            num_groups = math.gcd(child.num_features, groups)
-            if isinstance(child, BatchNormAct2d):
-                norm = GroupNormAct(child.num_features, num_groups, eps=child.eps, apply_act=False)
-                norm.drop, norm.act = child.drop, child.act
-            else:
-                norm = nn.GroupNorm(num_groups, child.num_features, eps=child.eps)
-            setattr(module, name, norm)
-        else:
-            to_group_norm(child, groups)
-    return module
-
-
 def _head_trainable_names(backbone: nn.Module) -> list[str]:
     """The timm classifier, plus VGG's dense pre-logits block (study A trains all dense layers)."""
     names = [backbone.pretrained_cfg["classifier"]]
@@ -151,21 +123,13 @@ def build_network(
     freeze: str = "none",
     input_size: int = 224,
     num_classes: int = 2,
-    norm: str = "batch",
-    mixstyle: float = 0.0,
     **_: object,
 ) -> PneumoniaNet:
-    """The network for one stage from plain options (the same options are stored in checkpoints).
-
-    norm="group" swaps the backbone's BatchNorm layers for GroupNorm (`to_group_norm`): for
-    training from scratch only, since ImageNet weights were trained with BatchNorm statistics.
-    mixstyle > 0: MixStyle with that probability per batch after the middle feature stages
-    (`add_mixstyle`); training only, the same network at inference.
-    """
+    """The network for one stage from plain options (the same options are stored in checkpoints;
+    other keys, such as the config's `name`, are ignored)."""
     check_choice("model.adapter", adapter, ADAPTERS)
     check_choice("model.head", head, HEADS)
     check_choice("model.freeze", freeze, FREEZE)
-    check_norm(norm, pretrained)
     in_chans = 3 if adapter == "conv" else 1  # in_chans=1: timm sums the RGB filters of conv 1
     if adapter == "conv":
         # A trainable 1->3 convolution; starting as "copy gray into R, G and B" keeps the
@@ -177,8 +141,6 @@ def build_network(
         adapter_module = nn.Identity()
     net = create_backbone(backbone, pretrained, num_classes=num_classes if head == "linear" else 0,
                           in_chans=in_chans)
-    if norm == "group":
-        to_group_norm(net)
     head_module = None
     if head == "deep_mlp":
         with torch.no_grad():
@@ -191,20 +153,7 @@ def build_network(
         timm.utils.freeze(net)
         if head_module is None:
             timm.utils.unfreeze(net, _head_trainable_names(net))
-    network = PneumoniaNet(adapter_module, net, head_module, frozen_features=freeze == "features")
-    if mixstyle > 0:
-        network.mixstyle = add_mixstyle(net, mixstyle)
-    return network
-
-
-def check_norm(norm: str, pretrained: bool | str) -> None:
-    check_choice("model.norm", norm, NORMS)
-    if norm == "group" and pretrained not in (False, None):
-        raise ValueError(
-            f"model.norm=group with model.pretrained={pretrained}: ImageNet weights were trained with "
-            "BatchNorm, so GroupNorm is for training from scratch; set model.pretrained=false or "
-            "model.norm=batch"
-        )
+    return PneumoniaNet(adapter_module, net, head_module, frozen_features=freeze == "features")
 
 
 def normalization_stats(backbone: str, mode: str) -> tuple[float, float]:
