@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 from pneumonia.checkpoints import local_references
 from pneumonia.config import check_values
 from pneumonia.data.kermany import DataError, Record
+from pneumonia.io import ImageReadError, read_grayscale
 from pneumonia.outputs import check_overlap, claim_output
 from pneumonia.pipeline import Prediction, TwoStagePipeline
 from pneumonia.report import (
@@ -55,11 +56,21 @@ def _splits(pipeline: TwoStagePipeline, cfg: DictConfig) -> tuple[list[Record], 
     return [r for r in records if r.split == "val"], held_out
 
 
-def _check_finite(records: list[Record], pred: Prediction) -> None:
-    broken = [str(r.path) for r, d in zip(records, pred.decision) if d < 0]
-    if broken:
-        raise DataError(f"the model gave non-finite outputs (NaN or inf) for {len(broken)} of "
-                        f"{len(records)} images (first: {broken[0]}); no report was written")
+def unscored(records: list[Record], pred: Prediction) -> list[dict[str, str]]:
+    """The images that got no decision, each with why: unreadable, or a non-finite output.
+    Refuses when none got one (a broken model, or no readable image)."""
+    failed = []
+    for record in (r for r, d in zip(records, pred.decision) if d < 0):
+        try:
+            read_grayscale(record.path)
+            reason = "the model gave a non-finite output (NaN or inf): no diagnosis"
+        except ImageReadError as err:
+            reason = err.reason
+        failed.append({"path": str(record.path), "reason": reason})
+    if len(failed) == len(records):
+        raise DataError(f"none of the {len(records)} images got a decision (first: "
+                        f"{failed[0]['path']}: {failed[0]['reason']}); no report was written")
+    return failed
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -76,10 +87,15 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     calibration = pipeline.calibrate(val, cfg.target_sensitivity, cfg.operating_point, **loader)
     log.info("Calibrated on %s validation images: %s", calibration.validation_images, calibration)
     pred = pipeline.predict(held_out, **loader)
-    _check_finite(held_out, pred)
+    failed = unscored(held_out, pred)  # reported, and left out of the figures
+    if failed:
+        log.warning("%d of %d images got no decision; see metrics.json", len(failed), len(held_out))
+        held_out = [r for r, d in zip(held_out, pred.decision) if d >= 0]
+        pred = pred.subset(pred.decision >= 0)
 
     labels, thresholds = [r.label for r in held_out], pipeline.stage_thresholds()
     metrics = {"split": cfg.report_split, "tta": cfg.tta, "n_images": len(held_out),
+               "unscored_images": failed,
                "checkpoints": pipeline.checkpoints,
                "training_runs": {k: m.mlflow_run_id for k, m in pipeline.stages.items()},
                **evaluation_metrics(labels, pred, calibration, thresholds, cfg.bootstrap.samples,

@@ -21,6 +21,7 @@ from pneumonia.checkpoints import CheckpointError, load_stage, resolve_all
 from pneumonia.data.datamodule import XrayDataset
 from pneumonia.data.kermany import DataError, Record, scan_kermany, split_records
 from pneumonia.data.transforms import Preprocessing
+from pneumonia.io import ImageReadError, read_grayscale
 from pneumonia.metrics import threshold_for_sensitivity, youden_threshold
 from pneumonia.models import StageClassifier
 from pneumonia.stages import stage_targets
@@ -93,11 +94,23 @@ def recorded_split(settings: dict, root: str | Path | None = None) -> list[Recor
                          settings["test_fraction"], settings["split_seed"])
 
 
+class ScoredImages(XrayDataset):
+    """The images a stage scores; one that cannot be read becomes NaN pixels, so its logits are
+    NaN and the pipeline gives it no decision, while the rest of its batch is scored."""
+
+    def __getitem__(self, key: int) -> tuple[torch.Tensor, int]:
+        try:
+            return super().__getitem__(key)
+        except ImageReadError:
+            size = self.preprocessing.image_size
+            return torch.full((1, size, size), float("nan")), self.targets[key]
+
+
 @torch.inference_mode()
 def stage_logits(module: StageClassifier, records: list[Record], batch_size: int = 32,
                  num_workers: int = 0, device: str = "cpu", tta: bool = False) -> np.ndarray:
     """(N, 2) logits of one stage for these images, preprocessed as that stage was trained."""
-    data = XrayDataset(records, module.hparams.stage, Preprocessing(**module.hparams.preprocessing))
+    data = ScoredImages(records, module.hparams.stage, Preprocessing(**module.hparams.preprocessing))
     loader = DataLoader(data, batch_size=batch_size, num_workers=num_workers)
     module = module.to(device)
     out = [forward_logits(module, images.to(device), tta).cpu() for images, _ in loader]
@@ -156,6 +169,10 @@ class Prediction:
     p_viral_given_pneumonia: np.ndarray
     probabilities: np.ndarray  # (N, 3): normal, bacterial, viral
     decision: np.ndarray  # class index into CLASSES; -1 where an output is not finite
+
+    def subset(self, keep: np.ndarray) -> Prediction:
+        return Prediction(self.p_pneumonia[keep], self.p_viral_given_pneumonia[keep],
+                          self.probabilities[keep], self.decision[keep])
 
 
 class TwoStagePipeline:
@@ -218,7 +235,7 @@ class TwoStagePipeline:
         temperature, thresholds, counts = {}, {}, {}
         for name, z in logits.items():
             y = np.array(stage_targets(name, (r.label for r in val)))
-            keep = y >= 0
+            keep = (y >= 0) & np.isfinite(z).all(axis=1)  # an unreadable image has no logits
             if len(np.unique(y[keep])) < 2:
                 raise DataError(f"the validation split has no images of one {name} class")
             temperature[name] = fit_temperature(z[keep], y[keep])

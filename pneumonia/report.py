@@ -159,6 +159,10 @@ def write_markdown(path: Path, metrics: dict, figures: list[Path]) -> Path:
              "temperatures were fitted on the validation split "
              f"({metrics['calibration']['validation_images']}); the decision uses the "
              f"**{metrics['calibration']['operating_point']}** operating point.", ""]
+    unscored = metrics.get("unscored_images") or []
+    if unscored:
+        lines += [f"**{len(unscored)} images got no decision** and are left out of every figure "
+                  "below:", "", *(f"- `{u['path']}`: {u['reason']}" for u in unscored), ""]
     for section in STAGE_TITLES:
         block = metrics[section]
         lines += [f"## {STAGE_TITLES[section]}", "", f"{block['images']} images, threshold "

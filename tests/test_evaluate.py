@@ -153,3 +153,24 @@ def test_bad_evaluation_inputs(trained, tmp_path, synthetic_root):
         empty.data.root = str(no_test)
     with pytest.raises(DataError, match="the test split of .*no_test holds no images"):
         evaluate(empty)
+
+
+@pytest.mark.slow
+def test_an_unreadable_test_image_is_reported_and_the_rest_scored(trained, synthetic_root, tmp_path):
+    from tests.conftest import corrupt_pixels
+
+    work, runs = trained
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_root, data)
+    broken = sorted((data / "test" / "NORMAL").glob("*.jpeg"))[0]
+    corrupt_pixels(Path(shutil.copy(broken, tmp_path / "source.jpeg")), broken)
+    cfg = _evaluate_cfg(work, tmp_path / "out", binary=runs["binary"]["best_checkpoint"],
+                        subtype=runs["subtype"]["best_checkpoint"], log_to_mlflow=False)
+    with open_dict(cfg):
+        cfg.data.root = str(data)
+    metrics = evaluate(cfg)["metrics"]
+    total = len(list((data / "test").rglob("*.jpeg")))
+    assert metrics["unscored_images"] == [
+        {"path": str(broken), "reason": "cannot decode image (broken data stream when reading image file)"}]
+    assert metrics["n_images"] == metrics["pipeline"]["images"] == total - 1
+    assert str(broken) in (tmp_path / "out" / "report.md").read_text()
