@@ -20,6 +20,7 @@ from tqdm import tqdm
 from pneumonia.attribution import attribution_map
 from pneumonia.checkpoints import local_references
 from pneumonia.config import check_values
+from pneumonia.data.transforms import normalize
 from pneumonia.io import (
     ImageReadError,
     NotChestRadiograph,
@@ -77,7 +78,7 @@ class Explainer:
         if self.cfg.window > pre["image_size"]:
             raise ValueError(f"window={self.cfg.window} is larger than the {self.cfg.explain_stage} stage's "
                              f"input ({pre['image_size']} px)")
-        self.baseline = (self.cfg.baseline - pre["mean"]) / pre["std"]  # [0, 1] -> model space
+        self.baseline = normalize(self.cfg.baseline, pre["mean"], pre["std"])
         # channels_last paid 1.8x for occlusion on a 2-core CPU (benchmarks/occlusion_speed.py)
         self.memory_format = torch.channels_last if self.cfg.channels_last else torch.contiguous_format
         self.net = module.net.to(self.cfg.device, memory_format=self.memory_format)

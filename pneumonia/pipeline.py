@@ -21,7 +21,7 @@ from pneumonia.checkpoints import CheckpointError, load_stage, resolve_all
 from pneumonia.data.datamodule import XrayDataset
 from pneumonia.data.kermany import DataError, Record, scan_kermany, split_records
 from pneumonia.data.transforms import Preprocessing
-from pneumonia.io import ImageReadError, read_grayscale
+from pneumonia.io import ImageReadError
 from pneumonia.metrics import threshold_for_sensitivity, youden_threshold
 from pneumonia.models import StageClassifier
 from pneumonia.stages import stage_targets

@@ -119,3 +119,17 @@ def test_two_explain_runs_into_one_folder_do_not_both_write(tmp_path):
                     "subtype=b.ckpt", cwd=tmp_path)
     assert done.returncode == 2 and "in use by another run" in done.stdout
     assert not (out / "summary.csv").exists()
+
+
+@pytest.mark.slow
+def test_a_refused_training_run_keeps_the_earlier_runs_record(synthetic_root, tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"an earlier run's checkpoint")
+    (run / ".hydra").mkdir()
+    (run / ".hydra" / "config.yaml").write_text("how the earlier run was made\n")
+    before = tree_hashes(run)
+    done = _run("train.py", "experiment=demo", "data.synthetic=null", f"data.root={synthetic_root}",
+                "logger=none", f"paths.cache_dir={tmp_path}/cache", f"hydra.run.dir={run}", cwd=tmp_path)
+    assert done.returncode == 2 and "already holds results (checkpoints)" in done.stdout
+    assert tree_hashes(run) == before

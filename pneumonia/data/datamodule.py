@@ -24,7 +24,6 @@ from pneumonia.data.transforms import Augmentation, Preprocessing
 from pneumonia.io import read_grayscale
 from pneumonia.stages import STAGE_CLASSES, stage_target, stage_targets
 
-
 # (cached uint8 images (N, S, S), their cache key, cache folder, device) -> features (N, C, H, W)
 FeatureExtractor = Callable[[np.ndarray, str, Path, "torch.device | None"], np.ndarray]
 

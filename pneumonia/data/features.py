@@ -31,6 +31,7 @@ import torch
 from tqdm import tqdm
 
 from pneumonia.data.cache import cached_array
+from pneumonia.data.transforms import normalize
 
 if TYPE_CHECKING:  # for type hints only: the data side runs without the models package
     from pneumonia.models.network import PneumoniaNet
@@ -75,7 +76,7 @@ def compute_features(net: PneumoniaNet, images: np.ndarray, mean: float,
     """Features of uint8 images (n, S, S), normalised as `Preprocessing.normalize` does it."""
     device = next(net.parameters()).device
     x = torch.from_numpy(np.array(images, dtype=np.float32))[:, None].to(device).div_(255.0)
-    return net.features((x - mean) / std)
+    return net.features(normalize(x, mean, std))
 
 
 def build_feature_cache(images: np.ndarray, image_key: str, net: PneumoniaNet, mean: float,

@@ -62,7 +62,13 @@ class Preprocessing:
 
     def normalize(self, image: np.ndarray) -> np.ndarray:
         """uint8 (H, W) -> float32 (1, H, W) in the backbone's normalised space."""
-        return ((image.astype(np.float32) / 255.0 - self.mean) / self.std)[None]
+        return normalize(image.astype(np.float32) / 255.0, self.mean, self.std)[None]
+
+
+def normalize(pixels, mean: float, std: float):
+    """Pixel values in [0, 1] (a number, array or tensor) -> the backbone's normalised space:
+    the one place the project applies a backbone's mean and std."""
+    return (pixels - mean) / std
 
 
 class Augmentation:
