@@ -14,12 +14,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 from tqdm import tqdm
 
 from pneumonia.attribution import attribution_map
 from pneumonia.checkpoints import local_references
 from pneumonia.config import check_values
+from pneumonia.hardware import inference_precision, resolve_device
 from pneumonia.io import ImageReadError, display_name, read_grayscale, scan_inputs
 from pneumonia.outputs import claim_output
 from pneumonia.pipeline import TwoStagePipeline
@@ -157,6 +158,9 @@ def explain_files(explainer: Explainer, input_dir: Path, files: list[Path]) -> l
 def explain(cfg: DictConfig) -> dict[str, Any]:
     """Explain every image of cfg.input. Returns the summary rows and the number of failures."""
     check_values(cfg)  # a wrong value stops here, before any checkpoint or image is read
+    with open_dict(cfg):  # auto: the first GPU if there is one; bf16 where it is native
+        cfg.device = resolve_device(cfg.device)
+        cfg.precision = inference_precision(cfg.device, cfg.precision)
     input_dir = Path(cfg.input).expanduser()
     files, problems = scan_inputs(input_dir)
     inputs = [input_dir, cfg.pipeline, *local_references(cfg.binary), *local_references(cfg.subtype)]
