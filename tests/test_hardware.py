@@ -3,12 +3,18 @@ for mocked machines and on this one."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
 
 from pneumonia import hardware
+from tests.conftest import REPO
 
 
 def _machine(monkeypatch, gpus: int = 0, capability: tuple[int, int] | None = (9, 0),
@@ -97,3 +103,57 @@ def test_cpu_description_without_cpuinfo(monkeypatch, tmp_path):
     monkeypatch.setattr(hardware, "CPUINFO", info)
     assert hardware.cpu_description() == ("AMD EPYC 9454P 48-Core Processor "
                                           "(avx2, avx512f, avx512_bf16)")
+
+
+@pytest.mark.parametrize("multirun, launcher, strategy", [
+    (False, None, "ddp"),
+    (True, "hydra._internal.core_plugins.basic_launcher.BasicLauncher", "ddp_spawn"),
+    (True, "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher", "ddp"),
+])
+def test_a_chosen_ddp_inside_a_local_multirun_is_spawned(monkeypatch, multirun, launcher, strategy):
+    from pneumonia import train
+
+    _machine(monkeypatch, gpus=4)
+    monkeypatch.setattr(train, "in_multirun", lambda: multirun)
+    monkeypatch.setattr(train.HydraConfig, "get",
+                        staticmethod(lambda: OmegaConf.create({"launcher": {"_target_": launcher}})))
+    overrides = train._trainer_overrides(hardware.choose())
+    assert overrides == {"accelerator": "gpu", "devices": 4, "strategy": strategy,
+                         "precision": "bf16-mixed"}
+
+
+DDP_ARGS = ["experiment=demo", "data.synthetic=null", "data.num_workers=0", "data.batch_size=8",
+            "model.input_size=64", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
+            "trainer.limit_val_batches=2", "log_best_checkpoint=false",
+            "trainer.accelerator=cpu", "trainer.devices=2"]
+
+
+@pytest.mark.slow
+def test_an_automatic_ddp_run_writes_one_folder_one_run_and_its_checkpoints_once(synthetic_root,
+                                                                                tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    done = subprocess.run([sys.executable, str(REPO / "train.py"), *DDP_ARGS,
+                           f"data.root={synthetic_root}", f"paths.cache_dir={tmp_path}/cache"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    precision = "bf16-mixed" if hardware.cpu_has_native_bf16() else "32-true"
+    line = f"Hardware: accelerator=cpu, devices=2, strategy=ddp, precision={precision} on "
+    assert done.stdout.count(line) == 1, done.stdout[-3000:]  # said once, by rank 0
+
+    # the default run dir is stamped to the microsecond: a rank resolving its own would differ
+    folders = list((tmp_path / "outputs").glob("*/*/*"))
+    assert len(folders) == 1, folders
+    assert (folders[0] / "train_ddp_process_1.log").is_file()  # rank 1 ran in rank 0's folder
+    checkpoints = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.ckpt"))
+    assert [p.name for p in checkpoints] == sorted(["last.ckpt", checkpoints[0].name])
+    assert all(p.parent == folders[0].relative_to(tmp_path) / "checkpoints" for p in checkpoints)
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 1
+    tags = runs[0].data.tags
+    assert {k: tags[k] for k in tags if k.startswith("hardware/")} == {
+        "hardware/accelerator": "cpu", "hardware/devices": "2", "hardware/strategy": "ddp",
+        "hardware/precision": precision, "hardware/device_name": hardware.cpu_description()}
+    assert runs[0].info.status == "FINISHED"
