@@ -11,12 +11,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pneumonia.hardware import cpu_description
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def header(settings: str) -> None:
     print(f"command: {' '.join(sys.argv)}")
-    print(f"machine: {platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} torch "
+    print(f"machine: {platform.machine()} {cpu_description()}, {torch.get_num_threads()} torch "
           f"threads, torch {torch.__version__}; {settings}")
 
 

@@ -163,7 +163,7 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         _choice("trainer.accelerator", self.accelerator, ACCELERATORS)
-        _choice("trainer.precision", str(self.precision), PRECISIONS)
+        _choice("trainer.precision", str(self.precision), (*PRECISIONS, "auto"))
         if self.max_epochs < 1:
             raise ValueError(f"trainer.max_epochs={self.max_epochs} must be a positive integer")
         devices = self.devices
@@ -222,7 +222,7 @@ register()
 # Their schemas are the first entry of conf/evaluate.yaml's and conf/explain.yaml's defaults;
 # `check_values(cfg)` runs the value checks below at start-up, before any checkpoint is read.
 
-DEVICE = re.compile(r"cpu|cuda(:[0-9]+)?")
+DEVICE = re.compile(r"cpu|cuda(:[0-9]+)?|auto")
 MAX_WINDOW = 512  # pixels; explain also checks the window against the model's input size
 
 
@@ -233,7 +233,8 @@ def _at_least(key: str, value: int, low: int, why: str = "") -> None:
 
 def _check_device(device: str) -> None:
     if not DEVICE.fullmatch(device):
-        raise ValueError(f"device={device!r} is not one of: cpu, cuda, cuda:N (N a GPU index)")
+        raise ValueError(f"device={device!r} is not one of: cpu, cuda, cuda:N (N a GPU index), "
+                         "auto (the first GPU if there is one, else cpu)")
 
 
 @dataclass
@@ -263,7 +264,7 @@ class EvaluateConfig:
     bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
     batch_size: int = 32
     num_workers: int = 2
-    device: str = "cpu"
+    device: str = "auto"
     overwrite: bool = False
     log_to_mlflow: bool = True
     experiment_name: str = "evaluation"
@@ -302,7 +303,7 @@ class ExplainConfig:
     precision: str = "32"
     accept_any_modality: bool = False
     limit: Optional[int] = None
-    device: str = "cpu"
+    device: str = "auto"
     overwrite: bool = False
     log_to_mlflow: bool = True
     experiment_name: str = "explain"
@@ -318,7 +319,7 @@ class ExplainConfig:
             raise ValueError(f"baseline={self.baseline} must be in [0, 1] (0 = black, 1 = white)")
         _at_least("perturbations_per_eval", self.perturbations_per_eval, 1)
         _at_least("batch_images", self.batch_images, 1)
-        _choice("precision", self.precision, ("32", "bf16"))
+        _choice("precision", self.precision, ("32", "bf16", "auto"))
         if self.limit is not None:
             _at_least("limit", self.limit, 1, " (or null: every file)")
         _check_device(self.device)

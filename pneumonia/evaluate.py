@@ -9,11 +9,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from pneumonia.checkpoints import local_references
 from pneumonia.config import check_values
 from pneumonia.data.kermany import DataError, Record
+from pneumonia.hardware import resolve_device
 from pneumonia.io import ImageReadError, read_grayscale
 from pneumonia.outputs import check_overlap, claim_output
 from pneumonia.pipeline import Prediction, TwoStagePipeline
@@ -76,6 +77,8 @@ def unscored(records: list[Record], pred: Prediction) -> list[dict[str, str]]:
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Calibrate on validation, then report stage 1, stage 2 and the pipeline on `cfg.report_split`."""
     check_values(cfg)  # a wrong value stops here, before any checkpoint or image is read
+    with open_dict(cfg):
+        cfg.device = resolve_device(cfg.device)  # auto: the first GPU if there is one, else cpu
     refs = references(cfg)
     inputs = [cfg.data.root, cfg.sweep, *(p for r in refs.values() for p in local_references(r))]
     output_dir = claim_output(cfg.paths.output_dir, inputs, REPORT_FILES, cfg.overwrite, config=cfg)

@@ -14,13 +14,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 from tqdm import tqdm
 
 from pneumonia.attribution import attribution_map
 from pneumonia.checkpoints import local_references
 from pneumonia.config import check_values
 from pneumonia.data.transforms import normalize
+from pneumonia.hardware import inference_precision, resolve_device
 from pneumonia.io import (
     ImageReadError,
     NotChestRadiograph,
@@ -166,6 +167,9 @@ def explain_files(explainer: Explainer, input_dir: Path, files: list[Path]) -> l
 def explain(cfg: DictConfig) -> dict[str, Any]:
     """Explain every image of cfg.input. Returns the summary rows and the number of failures."""
     check_values(cfg)  # a wrong value stops here, before any checkpoint or image is read
+    with open_dict(cfg):  # auto: the first GPU if there is one; bf16 where it is native
+        cfg.device = resolve_device(cfg.device)
+        cfg.precision = inference_precision(cfg.device, cfg.precision)
     input_dir = Path(cfg.input).expanduser()
     files, problems = scan_inputs(input_dir)
     inputs = [input_dir, cfg.pipeline, *local_references(cfg.binary), *local_references(cfg.subtype)]

@@ -8,12 +8,14 @@ from typing import Any
 
 import hydra
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from pneumonia import hardware
 from pneumonia.checkpoints import AtomicCheckpointIO, read_checkpoint, resolve
 from pneumonia.config import validate
 from pneumonia.data import KermanyDataModule
@@ -149,16 +151,31 @@ def _run_tags(cfg: DictConfig) -> dict[str, str]:
     return tags
 
 
-def _trainer_overrides(cfg: DictConfig) -> dict[str, Any]:
-    # Plain DDP re-launches the script, which inside a Hydra sweep re-runs the whole sweep in
-    # every child rank; spawned workers do not. Under SLURM (submitit_slurm with
-    # tasks_per_node = devices) every rank already is its own process and plain DDP is right.
-    if in_multirun() and cfg.trainer.get("strategy") == "ddp":
+def _choose_hardware(cfg: DictConfig) -> hardware.Choice:
+    """The accelerator, devices, strategy and precision of the run (`auto` decided by the
+    machine), said once at start-up."""
+    given = OmegaConf.to_container(cfg.trainer, resolve=True)
+    choice = hardware.choose(given["accelerator"], given["devices"], given["precision"],
+                             given["strategy"])
+    if rank_zero_only.rank == 0:
+        log.info("Hardware: %s", hardware.describe(choice))
+    return choice
+
+
+def _trainer_overrides(choice: hardware.Choice) -> dict[str, Any]:
+    """The Trainer arguments of the chosen hardware.
+
+    Plain DDP re-launches the script, which inside a Hydra sweep re-runs the whole sweep in
+    every child rank; spawned workers do not. Under SLURM (submitit_slurm with
+    tasks_per_node = devices) every rank already is its own process and plain DDP is right.
+    """
+    overrides = choice._asdict()
+    if in_multirun() and choice.strategy == "ddp":
         launcher = str(HydraConfig.get().launcher.get("_target_", ""))
         if "SlurmLauncher" not in launcher:
             log.warning("trainer.strategy=ddp inside a local multirun: using ddp_spawn instead")
-            return {"strategy": "ddp_spawn"}
-    return {}
+            overrides["strategy"] = "ddp_spawn"
+    return overrides
 
 
 def _claim_run_folder(cfg: DictConfig) -> tuple[Path | None, str | None]:
@@ -182,7 +199,8 @@ def _claim_run_folder(cfg: DictConfig) -> tuple[Path | None, str | None]:
     return checkpoint, run_id
 
 
-def _record_inputs(cfg: DictConfig, logger, datamodule: KermanyDataModule, output_dir: Path) -> None:
+def _record_inputs(cfg: DictConfig, logger, datamodule: KermanyDataModule, output_dir: Path,
+                   hardware_tags: dict[str, str]) -> None:
     """The split, config and environment files of a new run, and its MLflow params and tags."""
     files = [datamodule.write_manifest(output_dir / "split_manifest.csv"), output_dir / "config.yaml"]
     OmegaConf.save(cfg, files[1], resolve=True)
@@ -195,7 +213,7 @@ def _record_inputs(cfg: DictConfig, logger, datamodule: KermanyDataModule, outpu
     if isinstance(logger, MLFlowLogger):
         resolved = OmegaConf.to_container(cfg, resolve=True)
         log_run_inputs(logger, {**resolved, **skipped}, datamodule.preprocessing.to_dict(), files,
-                       {**_run_tags(cfg), **env_tags, "output_dir": str(output_dir)})
+                       {**_run_tags(cfg), **env_tags, **hardware_tags, "output_dir": str(output_dir)})
 
 
 def _fit(trainer: L.Trainer, module, datamodule, resume_from: Path | None, output_dir: Path) -> None:
@@ -211,24 +229,34 @@ def _fit(trainer: L.Trainer, module, datamodule, resume_from: Path | None, outpu
         raise SystemExit(143 if sigterm else 130) from stop
 
 
+def _leave_process_group() -> None:
+    """End a DDP process group once training is over: rank 0 then scores on one device, and a
+    metric synced over a group whose other ranks have exited would wait for them forever."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train one stage. Returns the MLflow run id, the best checkpoint and its validation metrics."""
     validate(cfg)
+    choice = _choose_hardware(cfg)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg)  # a bad data folder fails here, before any file is written
     module = build_module(cfg, datamodule)
     resume_from, run_id = _claim_run_folder(cfg)
     output_dir = Path(cfg.paths.output_dir).resolve()
     logger, tracking_uri = build_logger(cfg, run_id)
-    if resume_from is None:  # a resumed run keeps the files (and MLflow params) it has
-        _record_inputs(cfg, logger, datamodule, output_dir)
+    # a resumed run keeps the files (and MLflow params) it has; other DDP ranks write none
+    if resume_from is None and rank_zero_only.rank == 0:
+        _record_inputs(cfg, logger, datamodule, output_dir, hardware.tags(choice))
     callbacks = [hydra.utils.instantiate(c) for c in cfg.callbacks.values() if c]
     callbacks.append(EpochSeed(cfg.seed))
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=logger, callbacks=callbacks,
-                                                 plugins=[AtomicCheckpointIO()], **_trainer_overrides(cfg))
+                                                 plugins=[AtomicCheckpointIO()], **_trainer_overrides(choice))
     log.info("Training %s/%s on %s: %s", cfg.stage.name, cfg.model.name, datamodule.root,
              {s: datamodule.class_counts(s) for s in ("train", "val", "test")})
     _fit(trainer, module, datamodule, resume_from, output_dir)
+    _leave_process_group()
     result: dict[str, Any] = {
         "run_id": logger.run_id if isinstance(logger, MLFlowLogger) else None,
         "tracking_uri": tracking_uri, "output_dir": str(output_dir), "best_checkpoint": None,
@@ -238,7 +266,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if not best or not trainer.is_global_zero:
         return result
     # Score the best checkpoint once, on one device (DDP samplers would pad the val set).
-    scorer = L.Trainer(accelerator=cfg.trainer.accelerator, devices=1, logger=False, enable_checkpointing=False,
+    scorer = L.Trainer(accelerator=choice.accelerator, devices=1, logger=False, enable_checkpointing=False,
                        enable_progress_bar=False, enable_model_summary=False,
                        plugins=[AtomicCheckpointIO()])
     metrics = scorer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
