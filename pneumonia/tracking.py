@@ -170,11 +170,8 @@ def experiment_id(client: MlflowClient, name: str, artifact_dir: str) -> str:
         return client.get_experiment_by_name(name).experiment_id
 
 
-def log_evaluation(tracking_uri: str, artifact_dir: str, experiment: str, metrics: dict,
-                   files: list[Path], pipeline) -> str:
-    """One MLflow run for an evaluation, tagged with the training runs it evaluates."""
-    ensure_tracking_store(tracking_uri)
-    client = MlflowClient(tracking_uri)
+def _evaluation_tags(metrics: dict, pipeline) -> dict[str, str]:
+    """An evaluation run's name, split, and the checkpoints and training runs it evaluates."""
     models = {k: m.hparams.model.get("name", m.hparams.model["backbone"]) for k, m in pipeline.stages.items()}
     tags = {"mlflow.runName": f"evaluate/{models['binary']}+{models['subtype']}/{metrics['split']}",
             "split": metrics["split"]}
@@ -183,16 +180,34 @@ def log_evaluation(tracking_uri: str, artifact_dir: str, experiment: str, metric
         tags[f"{stage}_checkpoint"] = ",".join(checkpoint) if isinstance(checkpoint, list) else checkpoint
         if module.mlflow_run_id:
             tags[f"{stage}_run_id"] = module.mlflow_run_id
-    run = client.create_run(experiment_id(client, experiment, artifact_dir), tags=tags)
+    return tags
+
+
+def log_evaluation(tracking_uri: str, artifact_dir: str, experiment: str, metrics: dict,
+                   files: list[Path], pipeline, register: str | None = None,
+                   alias: str | None = None) -> dict[str, str | None]:
+    """One MLflow run for an evaluation, tagged with the training runs it evaluates, holding the
+    pipeline as a logged model (`pneumonia.serving`) that the metrics are linked to; with
+    `register`, a new version of that registered model (with `alias`). Returns the run id, the
+    model's URI and the registered version."""
+    from pneumonia.serving import log_pipeline_model, register_model
+
+    ensure_tracking_store(tracking_uri)
+    client = MlflowClient(tracking_uri)
+    run = client.create_run(experiment_id(client, experiment, artifact_dir),
+                            tags=_evaluation_tags(metrics, pipeline))
+    run_id = run.info.run_id
+    model = log_pipeline_model(pipeline, run_id, tracking_uri)
     values = {f"{section}/{k}": float(v) for section in ("binary", "subtype", "pipeline")
               for k, v in metrics[section]["metrics"].items()}
     values.update({f"calibration/ece_{k}": v for k, v in metrics["calibration"]["ece"].items()})
     for key, value in values.items():
-        client.log_metric(run.info.run_id, key, value)
+        client.log_metric(run_id, key, value, model_id=model.model_id)
     for path in files:
-        client.log_artifact(run.info.run_id, str(path))
-    client.set_terminated(run.info.run_id)
-    return run.info.run_id
+        client.log_artifact(run_id, str(path))
+    client.set_terminated(run_id)
+    version = register_model(model.model_uri, register, alias, tracking_uri) if register else None
+    return {"run_id": run_id, "model_uri": model.model_uri, "model_version": version}
 
 
 def log_folder_run(tracking_uri: str, artifact_dir: str, experiment: str, folder: Path,
