@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import base64
+import json
+import os
 import shutil
+import signal
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -12,7 +18,9 @@ import pandas as pd
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
 
+from pneumonia.explain import load_pipeline
 from pneumonia.io import read_grayscale
 from pneumonia.pipeline import Calibration, TwoStagePipeline
 from pneumonia.serving import (
@@ -24,6 +32,8 @@ from pneumonia.serving import (
 )
 from pneumonia.stages import CLASSES
 from pneumonia.tracking import experiment_id
+from tests import servers
+from tests.test_dicom import PATIENT_ID, PATIENT_NAME, _dataset, _save, _xray
 
 
 def _pipeline(runs: dict) -> TwoStagePipeline:
@@ -101,6 +111,9 @@ def test_registered_model_loads_by_alias(logged, synthetic_root, tmp_path):
     mv = MlflowClient(uri).get_model_version_by_alias("pneumonia-test", "champion")
     assert str(mv.version) == version and mv.source == info.model_uri
     loaded = load_pipeline_model("models:/pneumonia-test@champion", uri, tmp_path / "dl")
+    cfg = OmegaConf.create({"model": "models:/pneumonia-test@champion", "pipeline": None,
+                            "paths": {"tracking_uri": uri}})
+    assert load_pipeline(cfg, tmp_path / "explain").calibration == pipeline.calibration
     paths = _images(synthetic_root, 2)
     np.testing.assert_allclose(_expected(loaded, paths), _expected(pipeline, paths), atol=1e-6)
 
@@ -143,4 +156,79 @@ def test_evaluation_logs_registers_and_reevaluates_the_model(trained, tmp_path):
                                    log_to_mlflow=False))
     assert again["metrics"]["pipeline"]["metrics"] == result["metrics"]["pipeline"]["metrics"]
     assert again["metrics"]["calibration"] == result["metrics"]["calibration"]
+
+
+def _post(url: str, body: bytes) -> tuple[int, dict]:
+    request = urllib.request.Request(url, body, {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"{}")
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_per_image_and_survives_a_bad_request(logged, synthetic_root,
+                                                                        tmp_path):
+    _, uri, pipeline, info = logged
+    register_model(info.model_uri, "pneumonia-serve", "champion", uri)
+    good = _images(synthetic_root, 2)
+    text = tmp_path / "notes.jpeg"
+    text.write_text("this is a text file, not an X-ray")
+    dicom = _save(_dataset(_xray(), BodyPartExamined="CHEST"), tmp_path / "chest.dcm")
+    port, log = servers.free_port(), tmp_path / "serve.log"
+    process = servers.start([servers.MLFLOW, "models", "serve", "-m", "models:/pneumonia-serve@champion",
+                             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
+                            log, {"MLFLOW_TRACKING_URI": uri})
+    try:
+        servers.wait_ready(process, f"http://127.0.0.1:{port}/ping", log)
+        url = f"http://127.0.0.1:{port}/invocations"
+        body = json.dumps({"dataframe_records": [{"image": _b64(p)} for p in (good[0], text, dicom)]})
+        status, answer = _post(url, body.encode())
+        assert status == 200, answer
+        rows = answer["predictions"]
+        assert [r["error"] for r in rows][::2] == ["", ""]
+        assert "not a JPEG, PNG or DICOM" in rows[1]["error"] and rows[1]["decision"] == ""
+        assert rows[0]["decision"] in CLASSES and rows[2]["decision"] in CLASSES
+        np.testing.assert_allclose([rows[0][c] for c in ("p_normal", "p_bacterial", "p_viral")],
+                                   _expected(pipeline, good[:1])[0], atol=1e-6)
+        assert rows[0]["threshold_binary"] == 0.42 and rows[0]["threshold_subtype"] == 0.55
+        for malformed in (b"{not json", json.dumps({"dataframe_records": [{"picture": "x"}]}).encode()):
+            status, answer = _post(url, malformed)
+            assert 400 <= status < 500 and answer.get("message"), (status, answer)
+        status, again = _post(url, json.dumps({"dataframe_records": [{"image": _b64(good[1])}]}).encode())
+        assert status == 200 and again["predictions"][0]["error"] == ""
+    finally:
+        assert servers.stop(process) == []
+    served = json.dumps(answer) + json.dumps(rows) + log.read_text(errors="replace")
+    assert PATIENT_NAME not in served and PATIENT_ID not in served and "Doe" not in served
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_own_group_script_stops_the_servers_whole_group(tmp_path, sig):
+    """What `make mlflow-ui`, `make mlflow-server` and `make serve` run under: stopping the
+    script stops every process of the server's group, helpers included."""
+    wrapper = servers.start([str(servers.REPO / "scripts" / "own-group.sh"), "sh", "-c",
+                             "sleep 300 & sleep 300 & wait"], tmp_path / "log")
+    deadline = time.monotonic() + 10
+    while not _children(wrapper.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    (group,) = _children(wrapper.pid)
+    while len(servers.group_members(group)) < 3 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(servers.group_members(group)) == 3  # the shell and its two helpers
+    os.kill(wrapper.pid, sig)
+    wrapper.wait(timeout=30)
+    assert servers.group_members(group) == []
 
