@@ -31,7 +31,7 @@ from pneumonia.serving import (
     tracking,
 )
 from pneumonia.stages import CLASSES
-from pneumonia.tracking import experiment_id
+from pneumonia.tracking import EXPERIMENT_KIND, experiment_id
 from tests import servers
 from tests.test_dicom import PATIENT_ID, PATIENT_NAME, _dataset, _save, _xray
 
@@ -232,3 +232,15 @@ def test_own_group_script_stops_the_servers_whole_group(tmp_path, sig):
     wrapper.wait(timeout=30)
     assert servers.group_members(group) == []
 
+
+@pytest.mark.slow
+def test_experiments_open_on_their_runs(trained, tmp_path):
+    """Training's experiments (made by Lightning's logger) and those evaluation and explanation
+    make are tagged as model development, so MLflow 3's UI opens them on their runs."""
+    work, _ = trained
+    client = MlflowClient(f"sqlite:///{work}/mlflow.db")
+    for name in ("binary", "subtype"):
+        assert client.get_experiment_by_name(name).tags[EXPERIMENT_KIND[0]] == EXPERIMENT_KIND[1]
+    fresh = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    made = fresh.get_experiment(experiment_id(fresh, "explain", str(tmp_path / "artifacts")))
+    assert made.tags[EXPERIMENT_KIND[0]] == "custom_model_development"
