@@ -126,8 +126,9 @@ class PipelineModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         self.pipeline = pipeline_from_artifacts(context.artifacts)
 
-    def predict(self, context, model_input, params=None):
-        """Rows of OUTPUTS for the `image` column of `model_input` (a DataFrame)."""
+    def predict(self, context: mlflow.pyfunc.PythonModelContext, model_input: pd.DataFrame,
+                params: dict[str, Any] | None = None) -> pd.DataFrame:
+        """Rows of OUTPUTS for the `image` column of `model_input`."""
         return predict_images(self.pipeline, list(model_input["image"]))
 
 
