@@ -8,8 +8,13 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 MLFLOW_PORT ?= 5000
 MLFLOW_BACKEND ?= sqlite:///$(CURDIR)/mlflow-server.db
 MLFLOW_ARTIFACTS ?= $(CURDIR)/mlflow-server-artifacts
+# The model `make serve` serves (docs/deploy.md) and its port.
+MODEL ?= models:/pneumonia@champion
+SERVE_PORT ?= 5001
+# Servers run in their own process group; stopping them (Ctrl-C) stops the whole group.
+IN_OWN_GROUP := $(CURDIR)/scripts/own-group.sh
 
-.PHONY: venv demo test scratch-cpu mlflow-ui mlflow-server
+.PHONY: venv demo test scratch-cpu mlflow-ui mlflow-server serve
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,14 +27,18 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 
 # Trains both stages on the built-in synthetic data set (CPU, a few minutes), evaluates the
-# two-stage pipeline on the synthetic test split and explains a few test images.
+# two-stage pipeline on the synthetic test split (registering it as models:/pneumonia@champion)
+# and explains a few test images.
 demo: venv
 	$(PY) train.py -m experiment=demo stage=binary,subtype
-	$(PY) evaluate.py binary=latest subtype=latest
-	$(PY) explain.py binary=latest subtype=latest limit=6 input=$(CACHE)/synthetic-seed0/test/PNEUMONIA
+	$(PY) evaluate.py binary=latest subtype=latest register=pneumonia register_alias=champion
+	$(PY) explain.py model=models:/pneumonia@champion limit=6 \
+		input=$(CACHE)/synthetic-seed0/test/PNEUMONIA
 	@echo
 	@echo "MLflow runs: sqlite database $(CURDIR)/mlflow.db, artifacts in $(CURDIR)/mlartifacts"
 	@echo "Browse them:  make mlflow-ui   (then open http://127.0.0.1:5000)"
+	@echo "Serve the registered pipeline:  make serve   (models:/pneumonia@champion, port $(SERVE_PORT))"
+	@echo 'Query it:  printf "{\"dataframe_records\": [{\"image\": \"%s\"}]}" "$$(base64 -w0 "$$(ls $(CACHE)/synthetic-seed0/test/PNEUMONIA/* | head -1)")" | curl -s -H "Content-Type: application/json" --data @- http://127.0.0.1:$(SERVE_PORT)/invocations'
 
 test: venv
 	$(PY) -m pytest
@@ -43,12 +52,19 @@ scratch-cpu: venv
 	$(PY) evaluate.py sweep=$$(ls -td multirun/scratch_cpu/*/ | head -1) tta=true
 
 mlflow-ui: venv
-	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db \
+	$(IN_OWN_GROUP) $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db \
 		--default-artifact-root $(CURDIR)/mlartifacts --host 127.0.0.1 --port 5000
 
 # A real tracking server for a team: runs log with logger.tracking_uri=http://127.0.0.1:5000.
 # MLFLOW_BACKEND may be a PostgreSQL URI (postgresql://user:password@host/db).
 mlflow-server: venv
-	$(VENV)/bin/mlflow server --backend-store-uri $(MLFLOW_BACKEND) \
+	$(IN_OWN_GROUP) $(VENV)/bin/mlflow server --backend-store-uri $(MLFLOW_BACKEND) \
 		--artifacts-destination $(MLFLOW_ARTIFACTS) --serve-artifacts \
 		--host 127.0.0.1 --port $(MLFLOW_PORT)
+
+# The registered pipeline behind MLflow's scoring server: POST /invocations (docs/deploy.md).
+# make serve MODEL=models:/<name>@<alias> (or runs:/<run id>/pipeline, or a model folder)
+serve: venv
+	MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db} \
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(IN_OWN_GROUP) $(VENV)/bin/mlflow models serve \
+		-m "$(MODEL)" --env-manager local -h 127.0.0.1 -p $(SERVE_PORT)

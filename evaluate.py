@@ -27,7 +27,11 @@ def main(cfg: DictConfig) -> None:
     m = result["metrics"]
     print(f"\nReport: {output_dir / 'report.md'}")
     if result["run_id"]:
-        print(f"MLflow evaluation run: {result['run_id']}")
+        print(f"MLflow evaluation run: {result['run_id']}; pipeline model: {result['model_uri']}")
+    if result.get("model_version"):
+        print(f"Registered: models:/{cfg.register}@{cfg.register_alias} "
+              f"(version {result['model_version']})" if cfg.register_alias
+              else f"Registered: models:/{cfg.register}/{result['model_version']}")
     for section in STAGE_TITLES:
         values = m[section]["metrics"]
         ci = m[section]["ci"]["accuracy"]

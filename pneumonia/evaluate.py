@@ -34,7 +34,13 @@ REPORT_FILES = ("metrics.json", "predictions.csv", "report.md")
 
 
 def references(cfg: DictConfig) -> dict[str, Any]:
-    """Each stage's checkpoint reference(s): binary=/subtype=, or every job of a sweep."""
+    """Each stage's checkpoint reference(s): binary=/subtype=, or every job of a sweep; none
+    with model= (a logged pipeline model)."""
+    if cfg.model:
+        if cfg.binary or cfg.subtype or cfg.sweep:
+            raise ValueError("give model=<models:/, runs:/ or a model folder> or checkpoints "
+                             "(binary=/subtype=, sweep=), not both")
+        return {}
     if not cfg.sweep:
         refs = {"binary": cfg.binary, "subtype": cfg.subtype}
     elif cfg.binary or cfg.subtype:
@@ -43,7 +49,8 @@ def references(cfg: DictConfig) -> dict[str, Any]:
         refs = sweep_checkpoints(Path(cfg.sweep))
     if not refs.get("binary") or not refs.get("subtype"):
         raise ValueError("evaluate needs binary=<checkpoint or run id> and subtype=<checkpoint or "
-                         "run id>, or sweep=<a multirun folder that trained both stages>")
+                         "run id>, sweep=<a multirun folder that trained both stages> or "
+                         "model=<a logged pipeline model>")
     return refs
 
 
@@ -74,21 +81,40 @@ def unscored(records: list[Record], pred: Prediction) -> list[dict[str, str]]:
     return failed
 
 
+def _load(cfg: DictConfig, refs: dict[str, Any], output_dir: Path) -> TwoStagePipeline:
+    """The pipeline to evaluate: a logged model (calibrated already) or the stages' checkpoints."""
+    if cfg.model:
+        from pneumonia.serving import load_pipeline_model
+
+        return load_pipeline_model(cfg.model, cfg.paths.tracking_uri, output_dir / "model")
+    return TwoStagePipeline.from_references(refs, cfg.paths.tracking_uri,
+                                            output_dir / "checkpoints", tta=cfg.tta)
+
+
+def _calibrate(pipeline: TwoStagePipeline, cfg: DictConfig, val: list[Record], loader: dict):
+    """Fits the calibration on validation images; a logged model keeps its own."""
+    if cfg.model:
+        log.info("Evaluating model %s with its own calibration: %s", cfg.model, pipeline.calibration)
+        return pipeline.calibration
+    calibration = pipeline.calibrate(val, cfg.target_sensitivity, cfg.operating_point, **loader)
+    log.info("Calibrated on %s validation images: %s", calibration.validation_images, calibration)
+    return calibration
+
+
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Calibrate on validation, then report stage 1, stage 2 and the pipeline on `cfg.report_split`."""
     check_values(cfg)  # a wrong value stops here, before any checkpoint or image is read
     with open_dict(cfg):
         cfg.device = resolve_device(cfg.device)  # auto: the first GPU if there is one, else cpu
     refs = references(cfg)
-    inputs = [cfg.data.root, cfg.sweep, *(p for r in refs.values() for p in local_references(r))]
+    inputs = [cfg.data.root, cfg.sweep, *local_references(cfg.model),
+              *(p for r in refs.values() for p in local_references(r))]
     output_dir = claim_output(cfg.paths.output_dir, inputs, REPORT_FILES, cfg.overwrite, config=cfg)
-    pipeline = TwoStagePipeline.from_references(refs, cfg.paths.tracking_uri,
-                                                output_dir / "checkpoints", tta=cfg.tta)
+    pipeline = _load(cfg, refs, output_dir)
     check_overlap(output_dir, [pipeline.data_settings()["root"]])
     val, held_out = _splits(pipeline, cfg)
     loader = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=cfg.device)
-    calibration = pipeline.calibrate(val, cfg.target_sensitivity, cfg.operating_point, **loader)
-    log.info("Calibrated on %s validation images: %s", calibration.validation_images, calibration)
+    calibration = _calibrate(pipeline, cfg, val, loader)
     pred = pipeline.predict(held_out, **loader)
     failed = unscored(held_out, pred)  # reported, and left out of the figures
     if failed:
@@ -97,7 +123,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         pred = pred.subset(pred.decision >= 0)
 
     labels, thresholds = [r.label for r in held_out], pipeline.stage_thresholds()
-    metrics = {"split": cfg.report_split, "tta": cfg.tta, "n_images": len(held_out),
+    metrics = {"split": cfg.report_split, "tta": pipeline.tta, "n_images": len(held_out),
                "unscored_images": failed,
                "checkpoints": pipeline.checkpoints,
                "training_runs": {k: m.mlflow_run_id for k, m in pipeline.stages.items()},
@@ -109,8 +135,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                                pred.probabilities, [CLASSES[d] for d in pred.decision], CLASSES),
              write_markdown(output_dir / "report.md", metrics, figures),
              pipeline.save(output_dir / "pipeline.json"), *figures]
-    run_id = None
+    logged = {"run_id": None}
     if cfg.log_to_mlflow:
-        run_id = log_evaluation(cfg.paths.tracking_uri, cfg.paths.artifact_dir, cfg.experiment_name,
-                                metrics, files, pipeline)
-    return {"output_dir": str(output_dir), "run_id": run_id, "metrics": metrics}
+        logged = log_evaluation(cfg.paths.tracking_uri, cfg.paths.artifact_dir, cfg.experiment_name,
+                                metrics, files, pipeline, cfg.register, cfg.register_alias)
+    elif cfg.register:
+        raise ValueError("register= needs log_to_mlflow=true: the registry holds logged models")
+    return {"output_dir": str(output_dir), **logged, "metrics": metrics}

@@ -41,11 +41,17 @@ RESULTS = ("summary.csv", "index.html", "reports")
 
 
 def load_pipeline(cfg: DictConfig, downloads: Path) -> TwoStagePipeline:
-    """From an evaluation's pipeline.json, or two checkpoints calibrated on their validation split."""
+    """From a logged pipeline model, an evaluation's pipeline.json, or two checkpoints calibrated
+    on their validation split."""
+    if cfg.model:
+        from pneumonia.serving import load_pipeline_model
+
+        return load_pipeline_model(cfg.model, cfg.paths.tracking_uri, downloads)
     if cfg.pipeline:
         return TwoStagePipeline.load(Path(cfg.pipeline))
     if not cfg.binary or not cfg.subtype:
-        raise ValueError("explain needs pipeline=<pipeline.json> or binary=... and subtype=...")
+        raise ValueError("explain needs model=<logged model>, pipeline=<pipeline.json> or "
+                         "binary=... and subtype=...")
     pipeline = TwoStagePipeline.from_references({s: cfg[s] for s in STAGE_CLASSES}, cfg.paths.tracking_uri,
                                                 downloads)
     root = Path(pipeline.data_settings().get("root") or "")
@@ -172,7 +178,8 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
         cfg.precision = inference_precision(cfg.device, cfg.precision)
     input_dir = Path(cfg.input).expanduser()
     files, problems = scan_inputs(input_dir)
-    inputs = [input_dir, cfg.pipeline, *local_references(cfg.binary), *local_references(cfg.subtype)]
+    inputs = [input_dir, cfg.pipeline, *local_references(cfg.model), *local_references(cfg.binary),
+              *local_references(cfg.subtype)]
     output_dir = claim_output(cfg.paths.output_dir, inputs, RESULTS, cfg.overwrite, config=cfg)
     explainer = Explainer(cfg, load_pipeline(cfg, output_dir / "checkpoints"), output_dir)
     rows = [_failed(display_name(err.path.relative_to(input_dir)), err.reason) for err in problems]

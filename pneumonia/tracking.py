@@ -24,6 +24,9 @@ _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 PACKAGES = ("torch", "torchvision", "lightning", "timm", "numpy", "mlflow", "albumentations")
 PROJECT = Path(__file__).resolve().parents[1]  # the repository root in a source checkout
 _READY: set[str] = set()  # tracking URIs this process has created or checked
+# MLflow 3's UI opens an experiment on its GenAI overview unless this tag says it holds model
+# training runs; with it, the experiment opens on its runs.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
 def git_state(repo: Path = PROJECT) -> tuple[str, str]:
@@ -139,6 +142,7 @@ def log_run_inputs(logger: MLFlowLogger, config: dict, preprocessing: dict, file
                    tags: dict[str, str]) -> None:
     """Parameters (the resolved config and the measured preprocessing), tags, input artifacts."""
     logger.log_hyperparams({**flatten(config), **flatten(preprocessing, "preprocessing/")})
+    tag_experiment_kind(logger.experiment, logger.experiment_id)  # MLFlowLogger created it
     for key, value in tags.items():
         logger.experiment.set_tag(logger.run_id, key, value)
     for path in files:
@@ -155,26 +159,32 @@ def log_results(logger: MLFlowLogger, metrics: dict[str, float], checkpoint: Pat
             logger.experiment.log_artifact(logger.run_id, str(checkpoint), "checkpoints")
 
 
+def tag_experiment_kind(client: MlflowClient, experiment: str) -> None:
+    """Tags the experiment (by id) as model development unless it is tagged already."""
+    if client.get_experiment(experiment).tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
+        client.set_experiment_tag(experiment, *EXPERIMENT_KIND)
+
+
 def experiment_id(client: MlflowClient, name: str, artifact_dir: str) -> str:
     """The id of the experiment `name`, created if missing (by this process or, at the same
-    moment, by another one)."""
+    moment, by another one), tagged as model development (EXPERIMENT_KIND)."""
     ensure_tracking_store(client.tracking_uri)
+    remote = client.tracking_uri.startswith(("http://", "https://"))
+    location = None if remote else str(Path(artifact_dir) / name)  # a server decides its own
     found = client.get_experiment_by_name(name)
-    if found is not None:
-        return found.experiment_id
-    try:
-        return client.create_experiment(name, artifact_location=str(Path(artifact_dir) / name))
-    except MlflowException as err:
-        if err.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
-            raise
-        return client.get_experiment_by_name(name).experiment_id
+    if found is None:
+        try:
+            found = client.get_experiment(client.create_experiment(name, artifact_location=location))
+        except MlflowException as err:
+            if err.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+                raise
+            found = client.get_experiment_by_name(name)
+    tag_experiment_kind(client, found.experiment_id)
+    return found.experiment_id
 
 
-def log_evaluation(tracking_uri: str, artifact_dir: str, experiment: str, metrics: dict,
-                   files: list[Path], pipeline) -> str:
-    """One MLflow run for an evaluation, tagged with the training runs it evaluates."""
-    ensure_tracking_store(tracking_uri)
-    client = MlflowClient(tracking_uri)
+def _evaluation_tags(metrics: dict, pipeline) -> dict[str, str]:
+    """An evaluation run's name, split, and the checkpoints and training runs it evaluates."""
     models = {k: m.hparams.model.get("name", m.hparams.model["backbone"]) for k, m in pipeline.stages.items()}
     tags = {"mlflow.runName": f"evaluate/{models['binary']}+{models['subtype']}/{metrics['split']}",
             "split": metrics["split"]}
@@ -183,16 +193,34 @@ def log_evaluation(tracking_uri: str, artifact_dir: str, experiment: str, metric
         tags[f"{stage}_checkpoint"] = ",".join(checkpoint) if isinstance(checkpoint, list) else checkpoint
         if module.mlflow_run_id:
             tags[f"{stage}_run_id"] = module.mlflow_run_id
-    run = client.create_run(experiment_id(client, experiment, artifact_dir), tags=tags)
+    return tags
+
+
+def log_evaluation(tracking_uri: str, artifact_dir: str, experiment: str, metrics: dict,
+                   files: list[Path], pipeline, register: str | None = None,
+                   alias: str | None = None) -> dict[str, str | None]:
+    """One MLflow run for an evaluation, tagged with the training runs it evaluates, holding the
+    pipeline as a logged model (`pneumonia.serving`) that the metrics are linked to; with
+    `register`, a new version of that registered model (with `alias`). Returns the run id, the
+    model's URI and the registered version."""
+    from pneumonia.serving import log_pipeline_model, register_model
+
+    ensure_tracking_store(tracking_uri)
+    client = MlflowClient(tracking_uri)
+    run = client.create_run(experiment_id(client, experiment, artifact_dir),
+                            tags=_evaluation_tags(metrics, pipeline))
+    run_id = run.info.run_id
+    model = log_pipeline_model(pipeline, run_id, tracking_uri)
     values = {f"{section}/{k}": float(v) for section in ("binary", "subtype", "pipeline")
               for k, v in metrics[section]["metrics"].items()}
     values.update({f"calibration/ece_{k}": v for k, v in metrics["calibration"]["ece"].items()})
     for key, value in values.items():
-        client.log_metric(run.info.run_id, key, value)
+        client.log_metric(run_id, key, value, model_id=model.model_id)
     for path in files:
-        client.log_artifact(run.info.run_id, str(path))
-    client.set_terminated(run.info.run_id)
-    return run.info.run_id
+        client.log_artifact(run_id, str(path))
+    client.set_terminated(run_id)
+    version = register_model(model.model_uri, register, alias, tracking_uri) if register else None
+    return {"run_id": run_id, "model_uri": model.model_uri, "model_version": version}
 
 
 def log_folder_run(tracking_uri: str, artifact_dir: str, experiment: str, folder: Path,

@@ -1,0 +1,212 @@
+"""The calibrated two-stage pipeline as one deployable MLflow pyfunc model.
+
+The model folder holds every checkpoint (both stages, each ensemble member) as an artifact and
+`pipeline.json` (calibration temperatures and thresholds, operating point, TTA, class order);
+preprocessing travels inside the checkpoints. No absolute path is stored: a copy of the folder
+moved anywhere loads and predicts the same. Input: a column `image` of base64 JPEG, PNG or
+DICOM bytes; output per image: class probabilities, decision, the two thresholds and `error`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.models import ModelSignature
+from mlflow.models.model import ModelInfo
+from mlflow.tracking import MlflowClient
+from mlflow.types import ColSpec, Schema
+from PIL import Image
+
+from pneumonia.io import ImageReadError, read_grayscale
+from pneumonia.pipeline import Calibration, TwoStagePipeline
+from pneumonia.stages import CLASSES, STAGE_CLASSES
+from pneumonia.tracking import environment
+
+MODEL_NAME = "pipeline"  # the logged model's name inside an evaluation run
+PROBABILITIES = tuple(f"p_{c}" for c in CLASSES)
+OUTPUTS = (*PROBABILITIES, "decision", "threshold_binary", "threshold_subtype", "error")
+SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec("string", "image")]),
+    outputs=Schema([*(ColSpec("double", c) for c in PROBABILITIES), ColSpec("string", "decision"),
+                    ColSpec("double", "threshold_binary"), ColSpec("double", "threshold_subtype"),
+                    ColSpec("string", "error")]))
+# Leading bytes of each accepted format and the suffix read_grayscale expects for it.
+_MAGIC = ((b"\x89PNG\r\n\x1a\n", 0, ".png"), (b"\xff\xd8", 0, ".jpeg"), (b"DICM", 128, ".dcm"))
+_CHUNK = 16  # images preprocessed and predicted together
+
+
+def sniff_suffix(data: bytes) -> str | None:
+    """The file suffix the bytes' signature names (.png, .jpeg, .dcm), or None."""
+    for magic, offset, suffix in _MAGIC:
+        if data[offset:offset + len(magic)] == magic:
+            return suffix
+    return None
+
+
+def decode_image(value: Any) -> np.ndarray:
+    """An (H, W) uint8 image from base64 text of JPEG, PNG or DICOM bytes.
+
+    Raises ImageReadError whose reason names no file path and carries no DICOM identifier."""
+    if not isinstance(value, str):
+        raise ImageReadError("image", "expected base64 text of a JPEG, PNG or DICOM file")
+    try:
+        data = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise ImageReadError("image", "not valid base64 text") from None
+    suffix = sniff_suffix(data)
+    if suffix is None:
+        raise ImageReadError("image", "not a JPEG, PNG or DICOM file (unrecognised content)")
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / f"image{suffix}"
+        path.write_bytes(data)
+        try:
+            return read_grayscale(path)
+        except ImageReadError as err:
+            raise ImageReadError("image", err.reason.replace(str(path), "image")) from None
+
+
+def _rows(pipeline: TwoStagePipeline, images: list[np.ndarray]) -> list[dict[str, Any]]:
+    """Output rows of decoded images, `_CHUNK` at a time."""
+    thresholds = pipeline.stage_thresholds()
+    rows = []
+    for start in range(0, len(images), _CHUNK):
+        pred = pipeline.predict_batches(pipeline.stage_batches(images[start:start + _CHUNK]))
+        for probabilities, decision in zip(pred.probabilities, pred.decision):
+            ok = decision >= 0
+            rows.append({**dict(zip(PROBABILITIES, map(float, probabilities))),
+                         "decision": CLASSES[decision] if ok else "",
+                         "error": "" if ok else "the model gave a non-finite output: no diagnosis"})
+    return [{**row, "threshold_binary": thresholds["binary"],
+             "threshold_subtype": thresholds["subtype"]} for row in rows]
+
+
+def predict_images(pipeline: TwoStagePipeline, values: list[Any]) -> pd.DataFrame:
+    """One output row per input value; an unreadable one gets NaN, no decision and its error."""
+    decoded, failed = {}, {}
+    for i, value in enumerate(values):
+        try:
+            decoded[i] = decode_image(value)
+        except ImageReadError as err:
+            failed[i] = err.reason
+    rows = dict(zip(decoded, _rows(pipeline, list(decoded.values()))))
+    thresholds = pipeline.stage_thresholds()
+    for i, reason in failed.items():
+        rows[i] = {**{c: float("nan") for c in PROBABILITIES}, "decision": "", "error": reason,
+                   "threshold_binary": thresholds["binary"], "threshold_subtype": thresholds["subtype"]}
+    return pd.DataFrame([rows[i] for i in range(len(values))], columns=list(OUTPUTS))
+
+
+def pipeline_from_artifacts(artifacts: dict[str, str]) -> TwoStagePipeline:
+    """The pipeline a model folder's artifacts describe (paths as MLflow resolved them)."""
+    spec = json.loads(Path(artifacts["pipeline"]).read_text())
+    if tuple(spec["classes"]) != CLASSES:
+        raise ValueError(f"the model's classes {spec['classes']} are not {CLASSES}")
+    paths = {stage: [artifacts[key] for key in keys] for stage, keys in spec["checkpoints"].items()}
+    pipeline = TwoStagePipeline.from_checkpoints(paths["binary"], paths["subtype"], tta=spec["tta"])
+    pipeline.calibration = Calibration(**spec["calibration"])
+    return pipeline
+
+
+class PipelineModel(mlflow.pyfunc.PythonModel):
+    """MLflow's view of the pipeline: a DataFrame with `image` in, one row per image out."""
+
+    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        self.pipeline = pipeline_from_artifacts(context.artifacts)
+
+    def predict(self, context: mlflow.pyfunc.PythonModelContext, model_input: pd.DataFrame,
+                params: dict[str, Any] | None = None) -> pd.DataFrame:
+        """Rows of OUTPUTS for the `image` column of `model_input`."""
+        return predict_images(self.pipeline, list(model_input["image"]))
+
+
+def model_artifacts(pipeline: TwoStagePipeline, folder: Path) -> dict[str, str]:
+    """Copies each checkpoint under a unique name and writes pipeline.json into `folder`;
+    returns them as pyfunc artifacts (key -> file)."""
+    spec = {"classes": list(CLASSES), "tta": pipeline.tta, "checkpoints": {},
+            "calibration": asdict(pipeline.calibration)}
+    artifacts = {}
+    for stage in STAGE_CLASSES:
+        paths = pipeline.checkpoints[stage]
+        paths = paths if isinstance(paths, (list, tuple)) else [paths]
+        spec["checkpoints"][stage] = [f"{stage}_{i}" for i in range(len(paths))]
+        for key, path in zip(spec["checkpoints"][stage], paths):
+            artifacts[key] = str(shutil.copyfile(path, folder / f"{key}.ckpt"))
+    (folder / "pipeline.json").write_text(json.dumps(spec, indent=2))
+    artifacts["pipeline"] = str(folder / "pipeline.json")
+    return artifacts
+
+
+def input_example() -> pd.DataFrame:
+    """One small synthetic PNG as base64 text: the request shape the model accepts."""
+    ramp = np.add.outer(np.arange(96), np.arange(96)).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(ramp).save(buffer, format="PNG")
+    return pd.DataFrame({"image": [base64.b64encode(buffer.getvalue()).decode("ascii")]})
+
+
+def requirements() -> list[str]:
+    """Pinned versions of the packages the model imports, as installed here."""
+    env = environment()
+    return [f"{name}=={env[name]}" for name in ("mlflow", "torch", "torchvision", "lightning",
+                                                 "timm", "numpy", "albumentations")
+            if env[name] != "not installed"]
+
+
+@contextmanager
+def tracking(uri: str | None) -> Iterator[None]:
+    """MLflow's fluent API pointed at `uri` (tracking and registry) for the block."""
+    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    if uri:
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous[0])
+        mlflow.set_registry_uri(previous[1])
+
+
+def log_pipeline_model(pipeline: TwoStagePipeline, run_id: str, tracking_uri: str) -> ModelInfo:
+    """Logs the pipeline as an MLflow 3 logged model of run `run_id`."""
+    with (tracking(tracking_uri), tempfile.TemporaryDirectory() as folder,
+          mlflow.start_run(run_id=run_id)):
+        return mlflow.pyfunc.log_model(
+            name=MODEL_NAME, python_model=PipelineModel(),
+            artifacts=model_artifacts(pipeline, Path(folder)), signature=SIGNATURE,
+            input_example=input_example(), pip_requirements=requirements())
+
+
+def register_model(model_uri: str, name: str, alias: str | None, tracking_uri: str) -> str:
+    """Registers a logged model as a new version of `name` (with `alias`); returns the version."""
+    with tracking(tracking_uri):
+        version = mlflow.register_model(model_uri, name).version
+    if alias:
+        MlflowClient(tracking_uri, registry_uri=tracking_uri).set_registered_model_alias(
+            name, alias, version)
+    return str(version)
+
+
+def load_pipeline_model(uri: str, tracking_uri: str | None, downloads: Path) -> TwoStagePipeline:
+    """The pipeline of a model: `models:/<name>@<alias>`, `runs:/<id>/pipeline`, `models:/<id>`
+    or a local model folder."""
+    local = Path(uri).expanduser()
+    if local.is_dir():
+        uri = str(local.resolve())
+    else:
+        downloads.mkdir(parents=True, exist_ok=True)
+    with tracking(tracking_uri):
+        model = mlflow.pyfunc.load_model(uri, dst_path=None if local.is_dir() else str(downloads))
+    return model.unwrap_python_model().pipeline

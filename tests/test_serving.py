@@ -1,0 +1,246 @@
+"""The pipeline as an MLflow pyfunc model: logged, moved, registered, served."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import signal
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
+
+from pneumonia.explain import load_pipeline
+from pneumonia.io import read_grayscale
+from pneumonia.pipeline import Calibration, TwoStagePipeline
+from pneumonia.serving import (
+    OUTPUTS,
+    load_pipeline_model,
+    log_pipeline_model,
+    register_model,
+    tracking,
+)
+from pneumonia.stages import CLASSES
+from pneumonia.tracking import EXPERIMENT_KIND, experiment_id
+from tests import servers
+from tests.test_dicom import PATIENT_ID, PATIENT_NAME, _dataset, _save, _xray
+
+
+def _pipeline(runs: dict) -> TwoStagePipeline:
+    """The trained stages (stage 2 as a two-member ensemble) with a calibration that is not
+    the identity, so that a model that dropped it would answer differently."""
+    binary = runs["binary"]["best_checkpoint"]
+    subtype = runs["subtype"]["best_checkpoint"]
+    pipeline = TwoStagePipeline.from_checkpoints(binary, [subtype, subtype], tta=True)
+    pipeline.calibration = Calibration({"binary": 1.7, "subtype": 0.6},
+                                       {"binary": {"youden": 0.42, "default": 0.5},
+                                        "subtype": {"youden": 0.55, "default": 0.5}},
+                                       target_sensitivity=0.99, operating_point="youden")
+    return pipeline
+
+
+def _images(root: Path, n: int = 4) -> list[Path]:
+    return sorted(root.rglob("*.jpeg"))[:n]
+
+
+def _b64(path: Path) -> str:
+    return base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+@pytest.fixture(scope="module")
+def logged(trained, tmp_path_factory):
+    """The pipeline logged as a model of an evaluation-like run: (work, runs, pipeline, info)."""
+    work, runs = trained
+    uri = f"sqlite:///{work}/mlflow.db"
+    client = MlflowClient(uri)
+    run = client.create_run(experiment_id(client, "serving-test", str(work / "mlartifacts")))
+    pipeline = _pipeline(runs)
+    info = log_pipeline_model(pipeline, run.info.run_id, uri)
+    return work, uri, pipeline, info
+
+
+def _expected(pipeline: TwoStagePipeline, paths: list[Path]) -> np.ndarray:
+    images = [read_grayscale(p) for p in paths]
+    return pipeline.predict_batches(pipeline.stage_batches(images)).probabilities
+
+
+@pytest.mark.slow
+def test_logged_model_predicts_as_the_pipeline_and_survives_a_move(logged, synthetic_root, tmp_path):
+    work, uri, pipeline, info = logged
+    paths = _images(synthetic_root)
+    request = pd.DataFrame({"image": [_b64(p) for p in paths]})
+    assert info.model_id and info.model_uri == f"models:/{info.model_id}"
+    (tmp_path / "download").mkdir()
+    with tracking(uri):
+        folder = Path(mlflow.artifacts.download_artifacts(info.model_uri,
+                                                          dst_path=str(tmp_path / "download")))
+    out = mlflow.pyfunc.load_model(str(folder)).predict(request)
+    assert list(out.columns) == list(OUTPUTS)
+    expected = _expected(pipeline, paths)
+    np.testing.assert_allclose(out[["p_normal", "p_bacterial", "p_viral"]].to_numpy(), expected,
+                               atol=1e-6)
+    assert set(out["decision"]) <= set(CLASSES) and (out["error"] == "").all()
+    assert (out["threshold_binary"] == 0.42).all() and (out["threshold_subtype"] == 0.55).all()
+    # no absolute path inside the model's own files: a moved copy loads and answers the same
+    flavor = yaml.safe_load((folder / "MLmodel").read_text())["flavors"]["python_function"]
+    assert all(not Path(a["path"]).is_absolute() for a in flavor["artifacts"].values())
+    assert str(work) not in (folder / "artifacts" / "pipeline.json").read_text()
+    moved = shutil.move(str(folder), str(tmp_path / "elsewhere"))
+    assert not folder.exists()
+    again = mlflow.pyfunc.load_model(moved).predict(request)
+    pd.testing.assert_frame_equal(again, out)
+    loaded = load_pipeline_model(moved, None, tmp_path / "unused")
+    assert loaded.calibration == pipeline.calibration and loaded.tta
+    assert len(loaded.checkpoints["subtype"]) == 2
+
+
+@pytest.mark.slow
+def test_registered_model_loads_by_alias(logged, synthetic_root, tmp_path):
+    _, uri, pipeline, info = logged
+    version = register_model(info.model_uri, "pneumonia-test", "champion", uri)
+    mv = MlflowClient(uri).get_model_version_by_alias("pneumonia-test", "champion")
+    assert str(mv.version) == version and mv.source == info.model_uri
+    loaded = load_pipeline_model("models:/pneumonia-test@champion", uri, tmp_path / "dl")
+    cfg = OmegaConf.create({"model": "models:/pneumonia-test@champion", "pipeline": None,
+                            "paths": {"tracking_uri": uri}})
+    assert load_pipeline(cfg, tmp_path / "explain").calibration == pipeline.calibration
+    paths = _images(synthetic_root, 2)
+    np.testing.assert_allclose(_expected(loaded, paths), _expected(pipeline, paths), atol=1e-6)
+
+
+def test_unreadable_image_answers_for_itself(logged, synthetic_root, tmp_path):
+    _, _, pipeline, _ = logged
+    from pneumonia.serving import predict_images
+
+    good = _images(synthetic_root, 2)
+    values = [_b64(good[0]), base64.b64encode(b"hello, not an image").decode(), "%%%", 7,
+              _b64(good[1])]
+    out = predict_images(pipeline, values)
+    assert list(out["error"][[0, 4]]) == ["", ""]
+    assert "not a JPEG, PNG or DICOM" in out["error"][1]
+    assert "base64" in out["error"][2] and "base64" in out["error"][3]
+    assert out.loc[1:3, "p_normal"].isna().all() and (out.loc[1:3, "decision"] == "").all()
+    np.testing.assert_allclose(out.loc[[0, 4], ["p_normal", "p_bacterial", "p_viral"]].to_numpy(),
+                               _expected(pipeline, good), atol=1e-6)
+
+
+@pytest.mark.slow
+def test_evaluation_logs_registers_and_reevaluates_the_model(trained, tmp_path):
+    from pneumonia.evaluate import evaluate
+    from tests.test_evaluate import _evaluate_cfg
+
+    work, runs = trained
+    cfg = _evaluate_cfg(work, tmp_path / "report", binary=runs["binary"]["best_checkpoint"],
+                        subtype=runs["subtype"]["best_checkpoint"], register="pneumonia-eval")
+    result = evaluate(cfg)
+    client = MlflowClient(cfg.paths.tracking_uri)
+    model_id = result["model_uri"].removeprefix("models:/")
+    model = client.get_logged_model(model_id)
+    assert model.source_run_id == result["run_id"]
+    linked = {m.key: m.value for m in model.metrics}
+    assert linked["pipeline/accuracy"] == pytest.approx(result["metrics"]["pipeline"]["metrics"]["accuracy"])
+    version = client.get_model_version_by_alias("pneumonia-eval", "champion")
+    assert version.source == result["model_uri"] and str(version.version) == result["model_version"]
+    # the registered model evaluates to the same figures, with its own calibration
+    again = evaluate(_evaluate_cfg(work, tmp_path / "again", model="models:/pneumonia-eval@champion",
+                                   log_to_mlflow=False))
+    assert again["metrics"]["pipeline"]["metrics"] == result["metrics"]["pipeline"]["metrics"]
+    assert again["metrics"]["calibration"] == result["metrics"]["calibration"]
+
+
+def _post(url: str, body: bytes) -> tuple[int, dict]:
+    request = urllib.request.Request(url, body, {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"{}")
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_per_image_and_survives_a_bad_request(logged, synthetic_root,
+                                                                        tmp_path):
+    _, uri, pipeline, info = logged
+    register_model(info.model_uri, "pneumonia-serve", "champion", uri)
+    good = _images(synthetic_root, 2)
+    text = tmp_path / "notes.jpeg"
+    text.write_text("this is a text file, not an X-ray")
+    dicom = _save(_dataset(_xray(), BodyPartExamined="CHEST"), tmp_path / "chest.dcm")
+    port, log = servers.free_port(), tmp_path / "serve.log"
+    process = servers.start([servers.MLFLOW, "models", "serve", "-m", "models:/pneumonia-serve@champion",
+                             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
+                            log, {"MLFLOW_TRACKING_URI": uri})
+    try:
+        servers.wait_ready(process, f"http://127.0.0.1:{port}/ping", log)
+        url = f"http://127.0.0.1:{port}/invocations"
+        body = json.dumps({"dataframe_records": [{"image": _b64(p)} for p in (good[0], text, dicom)]})
+        status, answer = _post(url, body.encode())
+        assert status == 200, answer
+        rows = answer["predictions"]
+        assert [r["error"] for r in rows][::2] == ["", ""]
+        assert "not a JPEG, PNG or DICOM" in rows[1]["error"] and rows[1]["decision"] == ""
+        assert rows[0]["decision"] in CLASSES and rows[2]["decision"] in CLASSES
+        np.testing.assert_allclose([rows[0][c] for c in ("p_normal", "p_bacterial", "p_viral")],
+                                   _expected(pipeline, good[:1])[0], atol=1e-6)
+        assert rows[0]["threshold_binary"] == 0.42 and rows[0]["threshold_subtype"] == 0.55
+        for malformed in (b"{not json", json.dumps({"dataframe_records": [{"picture": "x"}]}).encode()):
+            status, answer = _post(url, malformed)
+            assert 400 <= status < 500 and answer.get("message"), (status, answer)
+        status, again = _post(url, json.dumps({"dataframe_records": [{"image": _b64(good[1])}]}).encode())
+        assert status == 200 and again["predictions"][0]["error"] == ""
+    finally:
+        assert servers.stop(process) == []
+    served = json.dumps(answer) + json.dumps(rows) + log.read_text(errors="replace")
+    assert PATIENT_NAME not in served and PATIENT_ID not in served and "Doe" not in served
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_own_group_script_stops_the_servers_whole_group(tmp_path, sig):
+    """What `make mlflow-ui`, `make mlflow-server` and `make serve` run under: stopping the
+    script stops every process of the server's group, helpers included."""
+    wrapper = servers.start([str(servers.REPO / "scripts" / "own-group.sh"), "sh", "-c",
+                             "sleep 300 & sleep 300 & wait"], tmp_path / "log")
+    deadline = time.monotonic() + 10
+    while not _children(wrapper.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    (group,) = _children(wrapper.pid)
+    while len(servers.group_members(group)) < 3 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(servers.group_members(group)) == 3  # the shell and its two helpers
+    os.kill(wrapper.pid, sig)
+    wrapper.wait(timeout=30)
+    assert servers.group_members(group) == []
+
+
+@pytest.mark.slow
+def test_experiments_open_on_their_runs(trained, tmp_path):
+    """Training's experiments (made by Lightning's logger) and those evaluation and explanation
+    make are tagged as model development, so MLflow 3's UI opens them on their runs."""
+    work, _ = trained
+    client = MlflowClient(f"sqlite:///{work}/mlflow.db")
+    for name in ("binary", "subtype"):
+        assert client.get_experiment_by_name(name).tags[EXPERIMENT_KIND[0]] == EXPERIMENT_KIND[1]
+    fresh = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    made = fresh.get_experiment(experiment_id(fresh, "explain", str(tmp_path / "artifacts")))
+    assert made.tags[EXPERIMENT_KIND[0]] == "custom_model_development"
