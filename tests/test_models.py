@@ -10,7 +10,6 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
-from pneumonia.config import validate
 from pneumonia.models import StageClassifier, build_network
 from pneumonia.models.network import PretrainedWeightsError
 from tests.conftest import MODELS, REPO, compose_train

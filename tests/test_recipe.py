@@ -18,6 +18,7 @@ from pneumonia.pipeline import (
 )
 from tests.conftest import compose_train
 
+
 def test_tta_averages_the_image_and_its_mirror():
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten(), torch.nn.LazyLinear(2))

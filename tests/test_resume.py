@@ -69,9 +69,8 @@ def test_killed_run_resumes_to_the_same_result(synthetic_root, tmp_path):
 
 
 def test_resume_without_a_checkpoint_is_named(tmp_path):
-    from pneumonia.train import resolve_resume
-
     from pneumonia.checkpoints import CheckpointError
+    from pneumonia.train import resolve_resume
 
     with pytest.raises(CheckpointError, match="resume=.*no last.ckpt in .*checkpoints"):
         resolve_resume(str(tmp_path), None)
