@@ -63,7 +63,7 @@ class Box:
 
 @dataclass
 class Full:
-    """A node's whole output for the batch of copies (batch on dim 0, or a value derived from it)."""
+    """A node's whole output for the batch of copies (batch on dim 0, or a value from it)."""
 
     value: Any
 
@@ -319,7 +319,8 @@ class Engine:
             spans.append(reached_span(first, state.value.shape[2 + axis], geometry[axis], size,
                                       self._cap(size)))
         (top, height), (left, width) = spans
-        window = [(n - 1) * s + d * (k - 1) + 1 for n, (k, s, _, d) in zip((height, width), geometry)]
+        window = [(n - 1) * s + d * (k - 1) + 1
+                  for n, (k, s, _, d) in zip((height, width), geometry)]
         pad_value = float("-inf") if isinstance(m, nn.MaxPool2d) else 0.0
         x = gather(state, base_in, top * geometry[0][1] - geometry[0][2],
                    left * geometry[1][1] - geometry[1][2], tuple(window), pad_value)
@@ -333,9 +334,9 @@ class Engine:
         if node.op == "call_module":
             known = is_pointwise_module(self._module(node))
         elif node.op == "call_function":
-            known = node.target in POINTWISE_FUNCTIONS and (
-                node.target is not torch.cat or node.kwargs.get("dim", node.args[1:2] or [0]) in
-                (1, [1], -3, [-3]))
+            dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+            known = node.target in POINTWISE_FUNCTIONS and (node.target is not torch.cat
+                                                            or dim in (1, -3))
         else:
             known = node.op == "call_method" and node.target in POINTWISE_METHODS
         out = base[node]
