@@ -10,6 +10,8 @@ import torch
 from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, Occlusion
 from torch import nn
 
+from pneumonia.occlusion import incremental_occlusion_map
+
 METHODS = ("occlusion", "gradcam", "integrated_gradients")
 
 
@@ -25,13 +27,23 @@ class Probabilities(nn.Module):
 
 
 def occlusion_map(model: nn.Module, images: torch.Tensor, target: torch.Tensor, window: int = 15,
-                  stride: int = 10, baseline: float = 0.0, perturbations_per_eval: int = 16) -> torch.Tensor:
+                  stride: int = 10, baseline: float = 0.0, perturbations_per_eval: int = 16,
+                  mode: str = "exact", incremental: bool = True,
+                  fraction: float = 0.5) -> torch.Tensor:
     """Drop in the target probability when a window x window patch is set to `baseline`.
 
     images: (N, 1, H, W) in the model's normalised space; baseline in that space too.
-    Captum evaluates `perturbations_per_eval` occluded copies of every image per forward pass.
+    `perturbations_per_eval` occluded copies of an image go through the network per pass.
     Positive values: the patch supported the target class.
+    incremental: recompute each layer only where the patch changes it (pneumonia.occlusion),
+    exact unless mode="approximate" (changed regions capped at `fraction` of each map's side);
+    networks that torch.fx cannot trace, and incremental=False, run every copy through Captum.
     """
+    if incremental:
+        maps = incremental_occlusion_map(model, images, target, window, stride, baseline,
+                                         perturbations_per_eval, mode, fraction)
+        if maps is not None:
+            return maps
     with torch.inference_mode(False), torch.no_grad():
         attributions = Occlusion(Probabilities(model)).attribute(
             images,

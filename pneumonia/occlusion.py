@@ -1,0 +1,466 @@
+"""Incremental occlusion (Krypton, Nakandala et al., SIGMOD 2019): the same map as Captum's
+`Occlusion`, computed by recomputing each layer only where the occluding patches change it.
+
+The network is traced once with torch.fx (timm's leaf modules stay whole). The unoccluded image
+runs once and every node's output is kept. For a batch of occluded copies, each node's output is
+then a `Box`: per copy, the rectangle of the output map that differs from the unoccluded output,
+all copies sharing one rectangle size so they run as one batch. A convolution or pooling layer
+recomputes only the output rectangle its changed input reaches (from kernel, stride, padding and
+dilation), reading the rest of its input window from the stored activations. Pointwise layers,
+residual additions and concatenations work on the union of their inputs' rectangles. Anything
+else (global pooling, squeeze-and-excitation, flatten, the classifier, unknown ops) runs on full
+maps from there on: still exact, no longer incremental.
+
+mode="approximate" caps every rectangle at `fraction` of its map's side (Krypton's projective
+field thresholding): outputs outside the capped rectangle keep their unoccluded values.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import weakref
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from timm.layers import _fx as timm_fx
+from timm.layers import BatchNormAct2d
+from timm.layers.norm_act import FrozenBatchNormAct2d
+from torch import nn
+from torchvision.ops import FrozenBatchNorm2d
+
+MODES = ("exact", "approximate")
+
+POINTWISE_MODULES = (
+    nn.BatchNorm2d, BatchNormAct2d, FrozenBatchNorm2d, FrozenBatchNormAct2d, nn.Identity,
+    nn.Dropout, nn.Dropout2d, nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid,
+    nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.Mish, nn.PReLU,
+)
+POINTWISE_FUNCTIONS = {
+    F.relu, torch.relu, F.relu6, F.silu, F.gelu, F.hardswish, F.hardsigmoid, torch.sigmoid,
+    torch.tanh, F.leaky_relu, F.elu, F.mish, operator.add, operator.mul, operator.sub,
+    operator.truediv, torch.add, torch.mul, torch.sub, torch.cat,
+}
+POINTWISE_METHODS = {"relu", "sigmoid", "tanh", "add", "mul", "sub", "div", "contiguous", "clone"}
+
+
+@dataclass
+class Box:
+    """The changed part of one node's (B, C, H, W) output for a batch of B occluded copies.
+
+    `value` (B, C, h, w) is copy b's output on rows top[b]:top[b]+h, columns left[b]:left[b]+w;
+    everywhere else the copy's output equals the unoccluded one.
+    """
+
+    value: torch.Tensor
+    top: torch.Tensor  # (B,) int64, on the CPU
+    left: torch.Tensor
+
+
+@dataclass
+class Full:
+    """A node's whole output for the batch of copies (batch on dim 0, or a value from it)."""
+
+    value: Any
+
+
+@dataclass
+class Counter:
+    """Multiply-accumulates of convolutions and linear layers: the engine's cost model."""
+
+    full_pass: int = 0  # one unoccluded image through the whole network
+    copies: int = 0  # the occluded copies computed so far
+    incremental: int = 0  # what computing those copies cost
+
+    def per_copy(self) -> float:
+        return self.incremental / max(self.copies, 1)
+
+
+def window_starts(size: int, window: int, stride: int) -> list[int]:
+    """Captum's window positions along one axis: ceil((size - window) / stride) + 1 windows at
+    multiples of `stride`; the last one may cross the border and is clipped there."""
+    if not 0 < window <= size:
+        raise ValueError(f"window={window} must be between 1 and the input size {size}")
+    return [i * stride for i in range(math.ceil((size - window) / stride) + 1)]
+
+
+class _Tracer(fx.Tracer):
+    """fx tracer that keeps timm's no-trace modules (attention, BatchNormAct, ConvMlp...) whole."""
+
+    def __init__(self) -> None:
+        functions = tuple(f for f in timm_fx.get_notrace_functions() if callable(f))
+        super().__init__(autowrap_functions=functions)
+        self.leaves = tuple(timm_fx.get_notrace_modules())
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, self.leaves) or super().is_leaf_module(m, qualname)
+
+
+_TRACED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def trace(model: nn.Module) -> fx.GraphModule | None:
+    """The model as an fx graph sharing its modules, or None when it cannot be traced."""
+    if model not in _TRACED:
+        try:
+            tracer = _Tracer()
+            _TRACED[model] = fx.GraphModule(model, tracer.trace(model))
+        except Exception:  # fx raises many kinds on data-dependent control flow
+            _TRACED[model] = None
+    return _TRACED[model]
+
+
+@contextmanager
+def out_of_place(model: nn.Module) -> Iterator[None]:
+    """Turns off modules' `inplace` flags for the duration, so stored activations stay intact."""
+    flagged = [m for m in model.modules() if getattr(m, "inplace", False) is True]
+    for m in flagged:
+        m.inplace = False
+    try:
+        yield
+    finally:
+        for m in flagged:
+            m.inplace = True
+
+
+def place(first: torch.Tensor, last: torch.Tensor, size: int, cap: int) -> tuple[torch.Tensor, int]:
+    """One span length for the batch and each copy's start, covering every copy's [first, last]
+    inside [0, size); a span longer than `cap` is cut to `cap` around its centre (approximate)."""
+    length = min(int((last - first + 1).max().clamp(min=1)), size, cap)
+    centred = torch.div(first + last, 2, rounding_mode="floor") - length // 2
+    start = torch.where(last - first + 1 > length, centred, first)
+    return start.clamp(0, size - length), length
+
+
+def reached_span(first: torch.Tensor, length: int, geometry: tuple[int, int, int, int],
+                 size: int, cap: int) -> tuple[torch.Tensor, int]:
+    """The output span of a sliding-window layer that input rows first:first+length reach.
+
+    geometry: (kernel, stride, padding, dilation) along this axis; size: the output's length.
+    """
+    kernel, stride, padding, dilation = geometry
+    low = first + padding - dilation * (kernel - 1)
+    lo = torch.div(low + stride - 1, stride, rounding_mode="floor").clamp(min=0)
+    hi = torch.div(first + length - 1 + padding, stride, rounding_mode="floor").clamp(max=size - 1)
+    return place(lo, torch.maximum(hi, lo), size, cap)
+
+
+def gather(state: Box | None, base: torch.Tensor, top: torch.Tensor, left: torch.Tensor,
+           shape: tuple[int, int], pad_value: float = 0.0) -> torch.Tensor:
+    """Each copy's values on rows top:top+h, columns left:left+w, as (B, C, h, w).
+
+    The window may reach past the map's border, where it reads `pad_value`. It reads the box's
+    values where the box has them and the unoccluded output `base` (1, C, H, W) elsewhere.
+    """
+    height, width = shape
+    if state is not None and tuple(state.value.shape[-2:]) == shape \
+            and torch.equal(state.top, top) and torch.equal(state.left, left):
+        return state.value
+    rows = top[:, None] + torch.arange(height)
+    cols = left[:, None] + torch.arange(width)
+    size_h, size_w = base.shape[-2:]
+    pad = max(0, -int(rows.min()), -int(cols.min()), int(rows.max()) + 1 - size_h,
+              int(cols.max()) + 1 - size_w)
+    padded = F.pad(base, (pad,) * 4, value=pad_value) if pad else base
+    device = base.device
+    out = padded[0].permute(1, 2, 0)[(rows + pad).to(device)[:, :, None],
+                                     (cols + pad).to(device)[:, None, :]]
+    if state is not None:
+        out = torch.where(*_box_values(state, rows, cols, device), out)
+    return out.permute(0, 3, 1, 2)
+
+
+def _box_values(state: Box, rows: torch.Tensor, cols: torch.Tensor,
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where rows x cols fall inside each copy's box (B, h, w, 1), and the box's values there."""
+    box_h, box_w = state.value.shape[-2:]
+    r = rows - state.top[:, None]
+    c = cols - state.left[:, None]
+    inside = ((r >= 0) & (r < box_h))[:, :, None] & ((c >= 0) & (c < box_w))[:, None, :]
+    copies = torch.arange(len(rows))[:, None, None]
+    r, c = r.clamp(0, box_h - 1)[:, :, None], c.clamp(0, box_w - 1)[:, None, :]
+    values = state.value.permute(0, 2, 3, 1)[copies.to(device), r.to(device), c.to(device)]
+    return inside.to(device)[..., None], values
+
+
+def full_value(state: Any, base: Any, copies: int) -> Any:
+    """A node's whole output for every copy: boxes pasted into the stored map, unchanged
+    activations repeated over the batch."""
+    if isinstance(state, Full):
+        return state.value
+    if isinstance(state, Box):
+        zeros = torch.zeros(copies, dtype=torch.long)
+        return gather(state, base, zeros, zeros, tuple(base.shape[-2:]))
+    return base.expand(copies, *base.shape[1:])
+
+
+def sliding_geometry(m: nn.Module) -> tuple[tuple[int, int, int, int], ...] | None:
+    """(kernel, stride, padding, dilation) per spatial axis of a layer the engine recomputes
+    on windows, or None for any other layer (or an unsupported setting of one)."""
+    pair = nn.modules.utils._pair
+    if type(m) is nn.Conv2d and m.padding_mode == "zeros" and not isinstance(m.padding, str):
+        dims = (m.kernel_size, m.stride, m.padding, m.dilation)
+    elif type(m) is nn.MaxPool2d and not m.ceil_mode and not m.return_indices:
+        dims = (pair(m.kernel_size), pair(m.stride or m.kernel_size), pair(m.padding),
+                pair(m.dilation))
+    elif type(m) is nn.AvgPool2d and not m.ceil_mode and m.divisor_override is None and (
+            m.count_include_pad or pair(m.padding) == (0, 0)):
+        dims = (pair(m.kernel_size), pair(m.stride or m.kernel_size), pair(m.padding), (1, 1))
+    else:
+        return None
+    return tuple(zip(*dims))
+
+
+def unpadded(m: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The layer `m` without its padding (the engine pads its windows itself)."""
+    if isinstance(m, nn.Conv2d):
+        return lambda x: F.conv2d(x, m.weight, m.bias, m.stride, 0, m.dilation, m.groups)
+    if isinstance(m, nn.MaxPool2d):
+        return lambda x: F.max_pool2d(x, m.kernel_size, m.stride, 0, m.dilation)
+    return lambda x: F.avg_pool2d(x, m.kernel_size, m.stride, 0)
+
+
+def is_pointwise_module(m: nn.Module) -> bool:
+    """Whether `m` (in eval mode) acts on each position of its input map by itself."""
+    if type(m) not in POINTWISE_MODULES or m.training:
+        return False
+    if isinstance(m, nn.BatchNorm2d) and m.running_mean is None:
+        return False  # normalises with the batch's own statistics
+    return all(is_pointwise_module(child) for child in m.children())
+
+
+def module_macs(m: nn.Module, out: Any) -> int:
+    """Multiply-accumulates of a convolution or linear layer that produced `out`."""
+    if isinstance(m, nn.Conv2d) and isinstance(out, torch.Tensor):
+        return out.numel() * m.in_channels // m.groups * math.prod(m.kernel_size)
+    if isinstance(m, nn.Linear) and isinstance(out, torch.Tensor):
+        return out.numel() * m.in_features
+    return 0
+
+
+@dataclass
+class Engine:
+    """Runs occluded copies of one image through a traced network incrementally."""
+
+    graph: fx.GraphModule
+    fraction: float = 1.0  # largest box side as a fraction of its map's side (1: exact)
+    counter: Counter = field(default_factory=Counter)
+    copies: int = 0  # occluded copies in the batch being computed
+    activations: set = field(default_factory=set)  # nodes whose output depends on the image
+
+    def run_base(self, image: torch.Tensor) -> dict[fx.Node, Any]:
+        """Every node's output for the unoccluded image (1, C, H, W)."""
+        values: dict[fx.Node, Any] = {}
+        for node in self.graph.graph.nodes:
+            if node.op == "placeholder":
+                values[node] = image
+                self.activations.add(node)
+                continue
+            if any(n in self.activations for n in node.all_input_nodes):
+                self.activations.add(node)
+            if node.op == "output":
+                break
+            args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: values[n])
+            values[node] = self._call(node, args, kwargs)
+            if node.op == "call_module":
+                self.counter.full_pass += module_macs(self._module(node), values[node])
+        return values
+
+    def run_copies(self, base: dict[fx.Node, Any], starts: list[tuple[int, int]], window: int,
+                   baseline: float) -> torch.Tensor:
+        """The network's output for the copies occluded at `starts` (row, column) of the input."""
+        states: dict[fx.Node, Any] = {}
+        self.copies = len(starts)
+        self.counter.copies += len(starts)
+        for node in self.graph.graph.nodes:
+            if node.op == "placeholder":
+                states[node] = self._occluded_input(base[node], starts, window, baseline)
+            elif node.op == "output":
+                return fx.node.map_arg(node.args[0], lambda n: self._full(n, states, base))
+            elif any(n in states for n in node.all_input_nodes):
+                states[node] = self._propagate(node, states, base)
+        raise ValueError("the traced graph has no output node")
+
+    def _occluded_input(self, image: torch.Tensor, starts: list[tuple[int, int]], window: int,
+                        baseline: float) -> Box:
+        """Boxes of side `window` holding each copy's input around its (border-clipped) patch."""
+        size_h, size_w = image.shape[-2:]
+        first = torch.tensor(starts, dtype=torch.long)
+        top, left = first[:, 0].clamp(max=size_h - window), first[:, 1].clamp(max=size_w - window)
+        value = gather(None, image, top, left, (window, window)).clone()
+        rows = (top[:, None] + torch.arange(window)) >= first[:, :1]
+        cols = (left[:, None] + torch.arange(window)) >= first[:, 1:]
+        patch = (rows[:, :, None] & cols[:, None, :]).to(value.device)[:, None]
+        return Box(value.masked_fill(patch, baseline), top, left)
+
+    def _propagate(self, node: fx.Node, states: dict[fx.Node, Any],
+                   base: dict[fx.Node, Any]) -> Any:
+        """The changed part of `node`'s output, by the cheapest exact rule that applies."""
+        if node.op == "call_module":
+            m = self._module(node)
+            geometry = sliding_geometry(m)
+            arg = states.get(node.args[0]) if node.args else None
+            if geometry is not None and isinstance(arg, Box) and len(node.all_input_nodes) == 1:
+                return self._sliding(m, geometry, arg, base[node.args[0]], base[node])
+        if self._pointwise(node, states, base):
+            return self._pointwise_box(node, states, base)
+        return self._full_node(node, states, base)
+
+    def _sliding(self, m: nn.Module, geometry: tuple, state: Box, base_in: torch.Tensor,
+                 base_out: torch.Tensor) -> Box:
+        """A convolution or pooling layer recomputed on the output rectangle its box reaches."""
+        spans = []
+        for axis, first in enumerate((state.top, state.left)):
+            size = base_out.shape[2 + axis]
+            spans.append(reached_span(first, state.value.shape[2 + axis], geometry[axis], size,
+                                      self._cap(size)))
+        (top, height), (left, width) = spans
+        window = [(n - 1) * s + d * (k - 1) + 1
+                  for n, (k, s, _, d) in zip((height, width), geometry)]
+        pad_value = float("-inf") if isinstance(m, nn.MaxPool2d) else 0.0
+        x = gather(state, base_in, top * geometry[0][1] - geometry[0][2],
+                   left * geometry[1][1] - geometry[1][2], tuple(window), pad_value)
+        out = unpadded(m)(x)
+        self.counter.incremental += module_macs(m, out)
+        return Box(out, top, left)
+
+    def _pointwise(self, node: fx.Node, states: dict[fx.Node, Any],
+                   base: dict[fx.Node, Any]) -> bool:
+        """Whether `node` maps each position of same-size input maps to that position alone."""
+        if node.op == "call_module":
+            known = is_pointwise_module(self._module(node))
+        elif node.op == "call_function":
+            dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+            known = node.target in POINTWISE_FUNCTIONS and (node.target is not torch.cat
+                                                            or dim in (1, -3))
+        else:
+            known = node.op == "call_method" and node.target in POINTWISE_METHODS
+        out = base[node]
+        if not known or not isinstance(out, torch.Tensor) or out.dim() != 4:
+            return False
+        for n in node.all_input_nodes:
+            value = base[n]
+            if n in states and not isinstance(states[n], Box):
+                return False
+            if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[-2:] != (1, 1) \
+                    and (value.dim() != 4 or value.shape[-2:] != out.shape[-2:]):
+                return False
+        return True
+
+    def _pointwise_box(self, node: fx.Node, states: dict[fx.Node, Any],
+                       base: dict[fx.Node, Any]) -> Box:
+        """A pointwise node computed on the union of its inputs' boxes."""
+        boxes = [states[n] for n in node.all_input_nodes if n in states]
+        size_h, size_w = base[node].shape[-2:]
+        spans = []
+        for axis, size in enumerate((size_h, size_w)):
+            firsts = torch.stack([b.top if axis == 0 else b.left for b in boxes])
+            lasts = torch.stack([(b.top if axis == 0 else b.left) + b.value.shape[2 + axis] - 1
+                                 for b in boxes])
+            spans.append(place(firsts.min(0).values, lasts.max(0).values, size, self._cap(size)))
+        (top, height), (left, width) = spans
+
+        def local(n: fx.Node) -> Any:
+            value = base[n]
+            if isinstance(value, torch.Tensor) and value.dim() == 4 and value.shape[-2:] != (1, 1):
+                return gather(states.get(n), value, top, left, (height, width))
+            return value
+
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), local)
+        return Box(self._call(node, args, kwargs), top, left)
+
+    def _full_node(self, node: fx.Node, states: dict[fx.Node, Any],
+                   base: dict[fx.Node, Any]) -> Full:
+        """A node computed on whole maps for every copy."""
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs),
+                                       lambda n: self._full(n, states, base))
+        out = self._call(node, args, kwargs)
+        if node.op == "call_module":
+            self.counter.incremental += module_macs(self._module(node), out)
+        return Full(out)
+
+    def _full(self, node: fx.Node, states: dict[fx.Node, Any], base: dict[fx.Node, Any]) -> Any:
+        """`node`'s whole output for every copy; values that do not depend on the image (weights,
+        constants) stay as they are."""
+        if node in states:
+            return full_value(states[node], base[node], self.copies)
+        if node in self.activations and isinstance(base[node], torch.Tensor):
+            return base[node].expand(self.copies, *base[node].shape[1:])
+        return base[node]
+
+    def _cap(self, size: int) -> int:
+        return max(1, math.ceil(self.fraction * size)) if self.fraction < 1 else size
+
+    def _module(self, node: fx.Node) -> nn.Module:
+        return self.graph.get_submodule(node.target)
+
+    def _call(self, node: fx.Node, args: tuple, kwargs: dict) -> Any:
+        """Runs one node's operation, never in place (stored activations must stay intact)."""
+        if kwargs.get("inplace"):
+            kwargs = {**kwargs, "inplace": False}
+        if node.op == "call_module":
+            return self._module(node)(*args, **kwargs)
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        if node.op == "call_method":
+            name = node.target
+            if name.endswith("_") and not name.endswith("__"):
+                name = name[:-1]
+            return getattr(args[0], name)(*args[1:], **kwargs)
+        if node.op == "get_attr":
+            return _get_attr(self.graph, node.target)
+        raise ValueError(f"unexpected fx node kind {node.op}")
+
+
+def _get_attr(root: nn.Module, target: str) -> Any:
+    value: Any = root
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def incremental_occlusion_map(model: nn.Module, images: torch.Tensor, target: torch.Tensor,
+                              window: int, stride: int, baseline: float, copies_per_pass: int = 64,
+                              mode: str = "exact", fraction: float = 0.5,
+                              counter: Counter | None = None) -> torch.Tensor | None:
+    """Captum's occlusion map of the target probability, (N, H, W), computed incrementally;
+    None when the model cannot be traced (the caller then runs Captum).
+
+    images: (N, C, H, W); each window covers all channels. mode="approximate" caps the changed
+    region of every layer at `fraction` of its map's side.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r} is not one of: {', '.join(MODES)}")
+    graph = trace(model)
+    if graph is None:
+        return None
+    engine = Engine(graph, fraction if mode == "approximate" else 1.0, counter or Counter())
+    with torch.inference_mode(False), torch.no_grad(), out_of_place(model):
+        maps = [_one_map(engine, image[None], int(t), window, stride, baseline, copies_per_pass)
+                for image, t in zip(images, target)]
+    return torch.stack(maps)
+
+
+def _one_map(engine: Engine, image: torch.Tensor, target: int, window: int, stride: int,
+             baseline: float, copies_per_pass: int) -> torch.Tensor:
+    """One image's map: the mean probability drop over the windows covering each pixel."""
+    base = engine.run_base(image)
+    output = next(n for n in engine.graph.graph.nodes if n.op == "output")
+    reference = fx.node.map_arg(output.args[0], lambda n: base[n])
+    p_reference = reference.softmax(1)[0, target]
+    size_h, size_w = image.shape[-2:]
+    starts = [(r, c) for r in window_starts(size_h, window, stride)
+              for c in window_starts(size_w, window, stride)]
+    total = torch.zeros(size_h, size_w, dtype=p_reference.dtype, device=image.device)
+    count = torch.zeros_like(total)
+    for i in range(0, len(starts), copies_per_pass):
+        batch = starts[i:i + copies_per_pass]
+        drops = p_reference - engine.run_copies(base, batch, window, baseline).softmax(1)[:, target]
+        for (r, c), drop in zip(batch, drops):
+            total[r:r + window, c:c + window] += drop
+            count[r:r + window, c:c + window] += 1
+    return total / count

@@ -1,0 +1,230 @@
+"""Incremental occlusion: the same maps as Captum's Occlusion, at a fraction of the compute."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from captum.attr import Occlusion
+from torch import nn
+
+from pneumonia.attribution import Probabilities, occlusion_map
+from pneumonia.models import build_network
+from pneumonia.occlusion import Counter, incremental_occlusion_map, trace, window_starts
+
+
+def captum_map(net: nn.Module, images: torch.Tensor, target: torch.Tensor, window: int,
+               stride: int, baseline: float) -> torch.Tensor:
+    with torch.no_grad():
+        return Occlusion(Probabilities(net)).attribute(
+            images, sliding_window_shapes=(1, window, window), strides=(1, stride, stride),
+            baselines=baseline, target=target, perturbations_per_eval=32)[:, 0]
+
+
+def assert_matches_captum(net: nn.Module, size: int, window: int, stride: int, images: int = 1,
+                          dtype: torch.dtype = torch.float32, sharpness: float = 1.0) -> Counter:
+    """The incremental map equals Captum's to 1e-5 and is not trivially small; returns its cost."""
+    torch.manual_seed(1)
+    net = net.eval().to(dtype)
+    x, target = torch.randn(images, 1, size, size, dtype=dtype), torch.arange(images) % 2
+    aim_classifier(net, x, 0.3, sharpness)
+    counter = Counter()
+    got = incremental_occlusion_map(net, x, target, window, stride, 0.3, 16, counter=counter)
+    want = captum_map(net, x, target, window, stride, 0.3)
+    assert got is not None, "the network should trace"
+    assert want.abs().max() > 50 * 1e-5, "a map this flat proves little"
+    torch.testing.assert_close(got.to(want.dtype), want, atol=1e-5, rtol=0)  # Captum: fp32 out
+    return counter
+
+
+def aim_classifier(net: nn.Module, x: torch.Tensor, baseline: float, sharpness: float) -> None:
+    """Points the last linear layer at what occluding the image's top-left quarter changes in
+    its input features (the logit moves by `sharpness`) and sets its bias so that image sits at
+    p = 0.5: random weights give maps too flat or too saturated to tell exact from nearly exact.
+    Sharper classifiers amplify rounding too: Captum's fp32 maps of a VGG16 aimed with
+    sharpness 4 differ from themselves by 2e-4 between 32 and 1 copies per pass."""
+    last = [m for m in net.modules() if isinstance(m, nn.Linear)][-1]
+    features = []
+    hook = last.register_forward_hook(lambda m, args, out: features.append(args[0][0]))
+    occluded = x[:1].clone()
+    occluded[..., : x.shape[-2] // 2, : x.shape[-1] // 2] = baseline
+    with torch.no_grad():
+        net(torch.cat([x[:1], occluded]))
+        hook.remove()
+        change = features[0][0] - features[0][1]
+        last.weight.zero_()
+        last.weight[1] = sharpness * change / change.square().sum()
+        last.bias.zero_()
+        logits = net(x[:1])[0]
+        last.bias -= logits - logits.mean()
+
+
+def conv_bn(c_in: int, c_out: int, **kw) -> list[nn.Module]:
+    return [nn.Conv2d(c_in, c_out, 3, bias=False, **kw), nn.BatchNorm2d(c_out)]
+
+
+def randomise_bn(net: nn.Module) -> nn.Module:
+    """Non-trivial running statistics, so eval-mode BatchNorm really transforms."""
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    return net
+
+
+def head(channels: int) -> list[nn.Module]:
+    return [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, 2)]
+
+
+def sequential_net() -> nn.Module:
+    """Every sliding-window layer kind and setting: padding, stride, dilation, groups."""
+    return randomise_bn(nn.Sequential(
+        *conv_bn(1, 8, padding=1), nn.ReLU(inplace=True),
+        nn.MaxPool2d(3, stride=2, padding=1),
+        *conv_bn(8, 8, padding=2, dilation=2, groups=4), nn.SiLU(),
+        *conv_bn(8, 8, padding=1, stride=2, groups=8), nn.Hardswish(),  # depthwise, strided
+        nn.AvgPool2d(2), nn.Conv2d(8, 12, 1), nn.GELU(),
+        nn.AvgPool2d(3, stride=1, padding=1), nn.Conv2d(12, 12, 5, padding=1), nn.ReLU6(),
+        *head(12),
+    ))
+
+
+class Residual(nn.Module):
+    """ResNet-like: a strided branch added to a 1x1 strided shortcut, then an identity block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(*conv_bn(1, 8, padding=1), nn.ReLU())
+        self.branch = nn.Sequential(*conv_bn(8, 16, stride=2, padding=1), nn.ReLU(),
+                                    *conv_bn(16, 16, padding=1))
+        self.shortcut = nn.Conv2d(8, 16, 1, stride=2)
+        self.block = nn.Sequential(*conv_bn(16, 16, padding=1), nn.ReLU())
+        self.head = nn.Sequential(*head(16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = torch.relu(self.branch(x) + self.shortcut(x))
+        return self.head(x + self.block(x))
+
+
+class Dense(nn.Module):
+    """DenseNet-like: features concatenated along channels, then a transition."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 6, 3, padding=1)
+        self.layer1 = nn.Sequential(nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 4, 3, padding=1))
+        self.layer2 = nn.Sequential(nn.BatchNorm2d(10), nn.ReLU(), nn.Conv2d(10, 4, 3, padding=1))
+        self.transition = nn.Sequential(nn.Conv2d(14, 8, 1), nn.AvgPool2d(2, 2))
+        self.head = nn.Sequential(*head(8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = torch.cat([x, self.layer1(x)], 1)
+        x = torch.cat([x, self.layer2(x)], dim=1)
+        return self.head(self.transition(x))
+
+
+class SqueezeExcite(nn.Module):
+    """A block whose gate depends on the whole map: everything after it changes everywhere."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU())
+        self.reduce, self.expand = nn.Conv2d(8, 4, 1), nn.Conv2d(4, 8, 1)
+        self.tail = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), *head(8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        gate = self.expand(self.reduce(x.mean((2, 3), keepdim=True)).relu()).sigmoid()
+        return self.tail(x * gate)
+
+
+class DataDependent(nn.Module):
+    """Control flow on values: torch.fx cannot trace it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        if x.mean() > 0:
+            x = x.relu()
+        return self.fc(x.mean((2, 3))) * 5
+
+
+def test_window_positions_are_captums_with_the_last_one_crossing_the_border():
+    assert window_starts(37, 8, 5) == [0, 5, 10, 15, 20, 25, 30]  # 30..37 is clipped to 30..36
+    assert window_starts(32, 8, 8) == [0, 8, 16, 24]
+    assert window_starts(9, 9, 4) == [0]
+    with pytest.raises(ValueError):
+        window_starts(8, 9, 1)
+
+
+@pytest.mark.parametrize("size,window,stride", [(37, 8, 5), (32, 7, 3), (41, 9, 9), (29, 6, 2)])
+def test_sequential_conv_pool_network_matches_captum(size, window, stride):
+    counter = assert_matches_captum(sequential_net(), size, window, stride, images=2)
+    assert counter.per_copy() < counter.full_pass  # it did recompute only part of the network
+
+
+@pytest.mark.parametrize("net", [Residual, Dense], ids=["residual_add", "concat"])
+@pytest.mark.parametrize("size,window,stride", [(37, 8, 5), (48, 11, 7)])
+def test_residual_and_concatenating_networks_match_captum(net, size, window, stride):
+    counter = assert_matches_captum(randomise_bn(net()), size, window, stride)
+    assert counter.per_copy() < 0.8 * counter.full_pass
+
+
+def test_squeeze_excitation_computes_full_maps_after_the_gate_and_stays_exact():
+    counter = assert_matches_captum(SqueezeExcite(), 35, 9, 6)
+    tail = 8 * 8 * 9 * 35 * 35 + 16  # the 3x3 conv after the gate, plus the linear layer
+    assert counter.per_copy() >= tail
+
+
+def test_untraceable_network_falls_back_to_captum():
+    torch.manual_seed(0)
+    net = DataDependent().eval()
+    x, target = torch.randn(2, 1, 24, 24), torch.tensor([1, 0])
+    assert trace(net) is None
+    assert incremental_occlusion_map(net, x, target, 7, 4, 0.0) is None
+    torch.testing.assert_close(occlusion_map(net, x, target, 7, 4, 0.0),
+                               captum_map(net, x, target, 7, 4, 0.0), atol=1e-6, rtol=0)
+
+
+def test_approximate_mode_costs_less_and_stays_close_to_exact():
+    torch.manual_seed(0)
+    net = randomise_bn(sequential_net()).eval()
+    x, target = torch.randn(1, 1, 64, 64), torch.tensor([1])
+    aim_classifier(net, x, 0.0, 1.0)
+    exact, approx = Counter(), Counter()
+    want = incremental_occlusion_map(net, x, target, 9, 4, 0.0, counter=exact)
+    got = incremental_occlusion_map(net, x, target, 9, 4, 0.0, mode="approximate",
+                                    fraction=0.75, counter=approx)
+    assert approx.per_copy() < 0.8 * exact.per_copy()
+    assert not torch.allclose(got, want, atol=1e-5)  # it really approximates
+    # a weak bound: this net's last maps are 6 x 6, so capping cuts most of the receptive field
+    assert torch.corrcoef(torch.stack([got.flatten(), want.flatten()]))[0, 1] > 0.85
+    with pytest.raises(ValueError, match="mode"):
+        incremental_occlusion_map(net, x, target, 9, 4, 0.0, mode="fast")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backbone", ["vgg16", "resnet18", "densenet121", "mobilenetv3_large_100",
+                                      "efficientnet_b0"])
+def test_configured_timm_backbones_match_captum(backbone):
+    """In float64, so that a sharp classifier tests the engine and not fp32 rounding."""
+    net = build_network(backbone, pretrained=False, input_size=64)
+    # 4 x 4 windows of 20 px, the last ones clipped at the border
+    assert_matches_captum(net, 64, 20, 20, dtype=torch.float64, sharpness=4.0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_residual_network_on_the_gpu_matches_captum():
+    net = randomise_bn(Residual()).eval().cuda()
+    torch.manual_seed(1)
+    x, target = torch.randn(1, 1, 37, 37, device="cuda"), torch.tensor([1], device="cuda")
+    aim_classifier(net, x, 0.3, 1.0)
+    got = incremental_occlusion_map(net, x, target, 8, 5, 0.3)
+    torch.testing.assert_close(got, captum_map(net, x, target, 8, 5, 0.3), atol=1e-5, rtol=0)
