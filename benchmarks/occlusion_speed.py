@@ -31,9 +31,8 @@ import argparse
 import copy
 import time
 
-import torch
-
 import numpy as np
+import torch
 from PIL import Image
 
 from benchmarks.common import SHARED_DATA, header, print_rows

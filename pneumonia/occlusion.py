@@ -27,8 +27,8 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from timm.layers import _fx as timm_fx
 from timm.layers import BatchNormAct2d
+from timm.layers import _fx as timm_fx
 from timm.layers.norm_act import FrozenBatchNormAct2d
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
