@@ -13,6 +13,7 @@ import base64
 import binascii
 import io
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -167,16 +168,28 @@ def requirements() -> list[str]:
 
 @contextmanager
 def tracking(uri: str | None) -> Iterator[None]:
-    """MLflow's fluent API pointed at `uri` (tracking and registry) for the block."""
-    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    """MLflow's fluent API pointed at `uri` (tracking and registry) for the block; afterwards the
+    process is as it was. MLflow's setters also export MLFLOW_TRACKING_URI and
+    MLFLOW_REGISTRY_URI, which later clients and every subprocess would inherit, so those are
+    restored too, and URIs that were unset are unset again (MLflow keeps them in its modules)."""
+    from mlflow.tracking._model_registry import utils as registry
+    from mlflow.tracking._tracking_service import utils as service
+
+    saved_env = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    saved_tracking, saved_registry = service._tracking_uri, registry._registry_uri
     if uri:
         mlflow.set_tracking_uri(uri)
         mlflow.set_registry_uri(uri)
     try:
         yield
     finally:
-        mlflow.set_tracking_uri(previous[0])
-        mlflow.set_registry_uri(previous[1])
+        mlflow.set_tracking_uri(saved_tracking)  # None unsets it
+        registry._registry_uri = saved_registry
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def log_pipeline_model(pipeline: TwoStagePipeline, run_id: str, tracking_uri: str) -> ModelInfo:

@@ -244,3 +244,20 @@ def test_experiments_open_on_their_runs(trained, tmp_path):
     fresh = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     made = fresh.get_experiment(experiment_id(fresh, "explain", str(tmp_path / "artifacts")))
     assert made.tags[EXPERIMENT_KIND[0]] == "custom_model_development"
+
+
+def test_pointing_mlflow_at_a_store_leaves_the_process_as_it_was(tmp_path, monkeypatch):
+    """MLflow's setters export MLFLOW_TRACKING_URI/MLFLOW_REGISTRY_URI; left behind, every later
+    client and subprocess (a training run, a server test) would log or register there."""
+    import mlflow
+
+    from pneumonia.serving import tracking
+
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/outer.db")
+    with tracking(f"sqlite:///{tmp_path}/inner.db"):
+        assert mlflow.get_registry_uri() == f"sqlite:///{tmp_path}/inner.db"
+    assert "MLFLOW_REGISTRY_URI" not in os.environ
+    assert os.environ["MLFLOW_TRACKING_URI"] == f"sqlite:///{tmp_path}/outer.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/later.db")
+    assert mlflow.get_tracking_uri() == mlflow.get_registry_uri() == f"sqlite:///{tmp_path}/later.db"
