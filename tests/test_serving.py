@@ -250,14 +250,16 @@ def test_pointing_mlflow_at_a_store_leaves_the_process_as_it_was(tmp_path, monke
     """MLflow's setters export MLFLOW_TRACKING_URI/MLFLOW_REGISTRY_URI; left behind, every later
     client and subprocess (a training run, a server test) would log or register there."""
     import mlflow
+    from mlflow.tracking._model_registry import utils as registry
+    from mlflow.tracking._tracking_service import utils as service
 
     from pneumonia.serving import tracking
 
     monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/outer.db")
+    before = service._tracking_uri, registry._registry_uri
     with tracking(f"sqlite:///{tmp_path}/inner.db"):
         assert mlflow.get_registry_uri() == f"sqlite:///{tmp_path}/inner.db"
+    assert (service._tracking_uri, registry._registry_uri) == before
     assert "MLFLOW_REGISTRY_URI" not in os.environ
     assert os.environ["MLFLOW_TRACKING_URI"] == f"sqlite:///{tmp_path}/outer.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/later.db")
-    assert mlflow.get_tracking_uri() == mlflow.get_registry_uri() == f"sqlite:///{tmp_path}/later.db"
