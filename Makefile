@@ -32,7 +32,7 @@ venv: $(VENV)/.installed
 demo: venv
 	$(PY) train.py -m experiment=demo stage=binary,subtype
 	$(PY) evaluate.py binary=latest subtype=latest register=pneumonia register_alias=champion
-	$(PY) explain.py model=models:/pneumonia@champion limit=6 \
+	$(PY) explain.py model_uri=models:/pneumonia@champion limit=6 \
 		input=$(CACHE)/synthetic-seed0/test/PNEUMONIA
 	@echo
 	@echo "MLflow runs: sqlite database $(CURDIR)/mlflow.db, artifacts in $(CURDIR)/mlartifacts"

@@ -255,7 +255,7 @@ class EvaluateConfig:
     binary: Any = None   # a checkpoint, run id or latest; or a list of them (an ensemble)
     subtype: Any = None
     sweep: Optional[str] = None
-    model: Optional[str] = None  # a logged pipeline model: models:/, runs:/ or a model folder
+    model_uri: Optional[str] = None  # a logged pipeline model: models:/, runs:/ or a model folder
     register: Optional[str] = None  # register the evaluated model under this name
     register_alias: Optional[str] = "champion"
     # a plain dict, so that callers may assign data={"root": ...}; its keys are checked below
@@ -292,7 +292,7 @@ class ExplainConfig:
     paths: dict[str, Any] = field(default_factory=dict)
     input: str = MISSING
     pipeline: Optional[str] = None
-    model: Optional[str] = None  # a logged pipeline model: models:/, runs:/ or a model folder
+    model_uri: Optional[str] = None  # a logged pipeline model: models:/, runs:/ or a model folder
     binary: Any = None
     subtype: Any = None
     operating_point: str = "youden"

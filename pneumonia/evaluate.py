@@ -35,8 +35,8 @@ REPORT_FILES = ("metrics.json", "predictions.csv", "report.md")
 
 def references(cfg: DictConfig) -> dict[str, Any]:
     """Each stage's checkpoint reference(s): binary=/subtype=, or every job of a sweep; none
-    with model= (a logged pipeline model)."""
-    if cfg.model:
+    with model_uri= (a logged pipeline model)."""
+    if cfg.model_uri:
         if cfg.binary or cfg.subtype or cfg.sweep:
             raise ValueError("give model=<models:/, runs:/ or a model folder> or checkpoints "
                              "(binary=/subtype=, sweep=), not both")
@@ -83,18 +83,18 @@ def unscored(records: list[Record], pred: Prediction) -> list[dict[str, str]]:
 
 def _load(cfg: DictConfig, refs: dict[str, Any], output_dir: Path) -> TwoStagePipeline:
     """The pipeline to evaluate: a logged model (calibrated already) or the stages' checkpoints."""
-    if cfg.model:
+    if cfg.model_uri:
         from pneumonia.serving import load_pipeline_model
 
-        return load_pipeline_model(cfg.model, cfg.paths.tracking_uri, output_dir / "model")
+        return load_pipeline_model(cfg.model_uri, cfg.paths.tracking_uri, output_dir / "model")
     return TwoStagePipeline.from_references(refs, cfg.paths.tracking_uri,
                                             output_dir / "checkpoints", tta=cfg.tta)
 
 
 def _calibrate(pipeline: TwoStagePipeline, cfg: DictConfig, val: list[Record], loader: dict):
     """Fits the calibration on validation images; a logged model keeps its own."""
-    if cfg.model:
-        log.info("Evaluating model %s with its own calibration: %s", cfg.model, pipeline.calibration)
+    if cfg.model_uri:
+        log.info("Evaluating model %s with its own calibration: %s", cfg.model_uri, pipeline.calibration)
         return pipeline.calibration
     calibration = pipeline.calibrate(val, cfg.target_sensitivity, cfg.operating_point, **loader)
     log.info("Calibrated on %s validation images: %s", calibration.validation_images, calibration)
@@ -107,7 +107,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     with open_dict(cfg):
         cfg.device = resolve_device(cfg.device)  # auto: the first GPU if there is one, else cpu
     refs = references(cfg)
-    inputs = [cfg.data.root, cfg.sweep, *local_references(cfg.model),
+    inputs = [cfg.data.root, cfg.sweep, *local_references(cfg.model_uri),
               *(p for r in refs.values() for p in local_references(r))]
     output_dir = claim_output(cfg.paths.output_dir, inputs, REPORT_FILES, cfg.overwrite, config=cfg)
     pipeline = _load(cfg, refs, output_dir)

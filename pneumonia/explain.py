@@ -43,10 +43,10 @@ RESULTS = ("summary.csv", "index.html", "reports")
 def load_pipeline(cfg: DictConfig, downloads: Path) -> TwoStagePipeline:
     """From a logged pipeline model, an evaluation's pipeline.json, or two checkpoints calibrated
     on their validation split."""
-    if cfg.model:
+    if cfg.model_uri:
         from pneumonia.serving import load_pipeline_model
 
-        return load_pipeline_model(cfg.model, cfg.paths.tracking_uri, downloads)
+        return load_pipeline_model(cfg.model_uri, cfg.paths.tracking_uri, downloads)
     if cfg.pipeline:
         return TwoStagePipeline.load(Path(cfg.pipeline))
     if not cfg.binary or not cfg.subtype:
@@ -178,7 +178,7 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
         cfg.precision = inference_precision(cfg.device, cfg.precision)
     input_dir = Path(cfg.input).expanduser()
     files, problems = scan_inputs(input_dir)
-    inputs = [input_dir, cfg.pipeline, *local_references(cfg.model), *local_references(cfg.binary),
+    inputs = [input_dir, cfg.pipeline, *local_references(cfg.model_uri), *local_references(cfg.binary),
               *local_references(cfg.subtype)]
     output_dir = claim_output(cfg.paths.output_dir, inputs, RESULTS, cfg.overwrite, config=cfg)
     explainer = Explainer(cfg, load_pipeline(cfg, output_dir / "checkpoints"), output_dir)

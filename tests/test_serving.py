@@ -111,7 +111,7 @@ def test_registered_model_loads_by_alias(logged, synthetic_root, tmp_path):
     mv = MlflowClient(uri).get_model_version_by_alias("pneumonia-test", "champion")
     assert str(mv.version) == version and mv.source == info.model_uri
     loaded = load_pipeline_model("models:/pneumonia-test@champion", uri, tmp_path / "dl")
-    cfg = OmegaConf.create({"model": "models:/pneumonia-test@champion", "pipeline": None,
+    cfg = OmegaConf.create({"model_uri": "models:/pneumonia-test@champion", "pipeline": None,
                             "paths": {"tracking_uri": uri}})
     assert load_pipeline(cfg, tmp_path / "explain").calibration == pipeline.calibration
     paths = _images(synthetic_root, 2)
@@ -152,7 +152,7 @@ def test_evaluation_logs_registers_and_reevaluates_the_model(trained, tmp_path):
     version = client.get_model_version_by_alias("pneumonia-eval", "champion")
     assert version.source == result["model_uri"] and str(version.version) == result["model_version"]
     # the registered model evaluates to the same figures, with its own calibration
-    again = evaluate(_evaluate_cfg(work, tmp_path / "again", model="models:/pneumonia-eval@champion",
+    again = evaluate(_evaluate_cfg(work, tmp_path / "again", model_uri="models:/pneumonia-eval@champion",
                                    log_to_mlflow=False))
     assert again["metrics"]["pipeline"]["metrics"] == result["metrics"]["pipeline"]["metrics"]
     assert again["metrics"]["calibration"] == result["metrics"]["calibration"]

@@ -142,3 +142,11 @@ def test_a_cache_larger_than_the_free_disk_is_refused_before_any_write(
     assert not cache.exists()  # nothing written, not even the folder
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 * free, 9 * free, free + 1))
     assert build_cache(records, Preprocessing(64, 0.5, 0.25), cache).shape == (10, 64, 64)
+
+
+@pytest.mark.parametrize("script", ["evaluate", "explain"])
+def test_a_logged_model_is_given_on_the_command_line(script):
+    """`model=` would name the training config group (conf/model) and fail to compose."""
+    cfg = _compose(script, ["input=/some/folder", "model_uri=models:/pneumonia@champion"]
+                   if script == "explain" else ["model_uri=models:/pneumonia@champion"])
+    assert cfg.model_uri == "models:/pneumonia@champion"
