@@ -19,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-_held: dict[Path, int] = {}  # folder -> open lock file descriptor, held for the process's life
+_held: dict[Path, int] = {}  # folder -> its open, flocked descriptor, held for the process's life
 _created_by_hydra: list[Path] = []  # the first missing ancestor of the run folder, before Hydra
 
 
