@@ -176,9 +176,9 @@ def load_stage(path: Path | str, stage: str):
         module = StageClassifier(**{**hparams, "pretrained": False})
         module.load_state_dict(checkpoint["state_dict"])
         Preprocessing(**module.hparams.preprocessing)
+        module.on_load_checkpoint(checkpoint)
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"{path}: does not build a stage module ({err})") from err
-    module.on_load_checkpoint(checkpoint)
     broken = [name for name, value in module.state_dict().items()
               if value.is_floating_point() and not torch.isfinite(value).all()]
     if broken:

@@ -210,6 +210,9 @@ def validate(cfg: DictConfig) -> None:
     for group in ("model", "data", "stage", "trainer"):
         OmegaConf.to_object(cfg[group])  # runs each schema's __post_init__
     check_feature_cache(cfg)
+    if not 0 < cfg.ood_fraction < 0.5:
+        raise ValueError(f"ood_fraction={cfg.ood_fraction} must lie in (0, 0.5): the fraction of "
+                         "validation images the out-of-distribution gate flags")
     lr = cfg.optimizer.get("lr")
     if not isinstance(lr, (int, float)) or lr <= 0:
         raise ValueError(f"optimizer.lr={lr} must be a positive number")
@@ -306,6 +309,7 @@ class ExplainConfig:
     channels_last: bool = True
     precision: str = "32"
     accept_any_modality: bool = False
+    accept_ood: bool = False
     limit: Optional[int] = None
     device: str = "auto"
     overwrite: bool = False

@@ -21,6 +21,7 @@ from pneumonia.pipeline import Prediction, TwoStagePipeline
 from pneumonia.report import (
     evaluation_figures,
     evaluation_metrics,
+    ood_metrics,
     write_json,
     write_markdown,
     write_predictions,
@@ -123,15 +124,17 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         pred = pred.subset(pred.decision >= 0)
 
     labels, thresholds = [r.label for r in held_out], pipeline.stage_thresholds()
+    paths, bootstrap = [str(r.path) for r in held_out], (cfg.bootstrap.samples, cfg.bootstrap.seed)
     metrics = {"split": cfg.report_split, "tta": pipeline.tta, "n_images": len(held_out),
                "unscored_images": failed,
                "checkpoints": pipeline.checkpoints,
                "training_runs": {k: m.mlflow_run_id for k, m in pipeline.stages.items()},
-               **evaluation_metrics(labels, pred, calibration, thresholds, cfg.bootstrap.samples,
-                                    cfg.bootstrap.seed)}
+               **evaluation_metrics(labels, pred, calibration, thresholds, *bootstrap),
+               "ood": ood_metrics(labels, paths, pred, pipeline.ood_gate, calibration, thresholds,
+                                  *bootstrap)}
     figures = evaluation_figures(output_dir, labels, pred, metrics, thresholds)
     files = [write_json(output_dir / "metrics.json", metrics),
-             write_predictions(output_dir / "predictions.csv", [str(r.path) for r in held_out], labels,
+             write_predictions(output_dir / "predictions.csv", paths, labels,
                                pred.probabilities, [CLASSES[d] for d in pred.decision], CLASSES),
              write_markdown(output_dir / "report.md", metrics, figures),
              pipeline.save(output_dir / "pipeline.json"), *figures]

@@ -35,8 +35,8 @@ from pneumonia.report import index_html, plot_explanation, report_names, write_c
 from pneumonia.stages import CLASSES, STAGE_CLASSES
 
 log = logging.getLogger(__name__)
-SUMMARY_FIELDS = ("file", "status", "reason", "p_normal", "p_bacterial", "p_viral", "decision",
-                  "explained_class", "attribution_seconds", "report")
+SUMMARY_FIELDS = ("file", "status", "reason", "ood_score", "p_normal", "p_bacterial", "p_viral",
+                  "decision", "explained_class", "attribution_seconds", "report")
 RESULTS = ("summary.csv", "index.html", "reports")
 
 
@@ -102,25 +102,37 @@ class Explainer:
         return maps.float().cpu().numpy(), (time.perf_counter() - started) / len(batch)
 
     def explain(self, names: list[str], images: list[np.ndarray], reports: list[Path]) -> list[dict]:
-        """One summary row per image: predicted, explained and drawn, or failed with its reason."""
+        """One summary row per image: predicted, explained and drawn; withheld by the
+        out-of-distribution gate (unless accept_ood); or failed with its reason."""
         cfg = self.cfg
         batches = self.pipeline.stage_batches(images)  # preprocess each image once per stage
         pred = self.pipeline.predict_batches(batches, cfg.device)
+        withheld = pred.out_of_distribution & (not cfg.accept_ood)
+        diagnosed = np.flatnonzero(~withheld)
         seen, batch = batches[cfg.explain_stage]
         positive = pred.p_pneumonia if cfg.explain_stage == "binary" else pred.p_viral_given_pneumonia
         target = torch.as_tensor((np.nan_to_num(positive) >= self.thresholds[cfg.explain_stage]).astype(np.int64))
-        maps, seconds = self.maps(batch, target)
+        maps, seconds = {}, 0.0
+        if len(diagnosed):
+            computed, seconds = self.maps(batch[diagnosed], target[diagnosed])
+            maps = dict(zip(diagnosed, computed))
         rows = []
         for i, name in enumerate(names):
-            if pred.decision[i] < 0 or not np.isfinite(maps[i]).all():
+            score = {"ood_score": f"{pred.ood_score[i]:.3f}" if np.isfinite(pred.ood_score[i]) else ""}
+            if withheld[i]:
+                rows.append({"file": name, "status": "out of distribution", **score, "reason":
+                             "unlike the training X-rays (score above 1): no diagnosis; "
+                             "accept_ood=true diagnoses it"})
+            elif pred.decision[i] < 0 or not np.isfinite(maps[i]).all():
                 rows.append(_failed(name, "the model gave a non-finite output (NaN or inf): no diagnosis"))
-                continue
-            try:
-                rows.append(self._report(name, seen[i], maps[i], pred.probabilities[i],
-                                         CLASSES[pred.decision[i]],
-                                         STAGE_CLASSES[cfg.explain_stage][int(target[i])], seconds, reports[i]))
-            except (OSError, ValueError, RuntimeError) as err:
-                rows.append(_failed(name, f"could not draw the report ({err.__class__.__name__}: {err})"))
+            else:
+                try:
+                    rows.append({**self._report(name, seen[i], maps[i], pred.probabilities[i],
+                                                CLASSES[pred.decision[i]],
+                                                STAGE_CLASSES[cfg.explain_stage][int(target[i])],
+                                                seconds, reports[i]), **score})
+                except (OSError, ValueError, RuntimeError) as err:
+                    rows.append(_failed(name, f"could not draw the report ({err.__class__.__name__}: {err})"))
         return rows
 
     def _report(self, name: str, seen: np.ndarray, heatmap: np.ndarray, probabilities: np.ndarray,
@@ -190,6 +202,11 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
     title = f"Explanations: {display_name(Path(input_dir.name))}"
     if cfg.accept_any_modality:
         title += " (accept_any_modality=true: DICOM of any modality and body part were diagnosed)"
+    if cfg.accept_ood:
+        title += " (accept_ood=true: images unlike the training X-rays were diagnosed)"
+    elif explainer.pipeline.ood_gate is None:
+        log.warning("The binary checkpoint has no out-of-distribution gate (trained before it "
+                    "existed): every image is diagnosed, whatever it shows")
     (output_dir / "index.html").write_text(index_html(rows, title, CLASSES))
     failed = sum(r["status"] != "ok" for r in rows)
     run_id = None
@@ -199,5 +216,6 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
         run_id = log_folder_run(cfg.paths.tracking_uri, cfg.paths.artifact_dir, cfg.experiment_name,
                                 output_dir, {"method": cfg.method, "stage": cfg.explain_stage,
                                              "accept_any_modality": str(cfg.accept_any_modality),
+                                             "accept_ood": str(cfg.accept_ood),
                                              "images": str(len(rows)), "failed": str(failed)})
     return {"output_dir": str(output_dir), "rows": rows, "failed": failed, "run_id": run_id}

@@ -29,10 +29,15 @@ from pneumonia.stages import stage_targets
 OPERATING_POINTS = ("youden", "sensitivity", "default")
 
 
-def forward_logits(module: StageClassifier, images: torch.Tensor, tta: bool = False) -> torch.Tensor:
-    """Logits of normalised images; with `tta` the mean with those of the mirrored images."""
-    logits = module(images).float()
-    return (logits + module(images.flip(-1)).float()) / 2 if tta else logits
+def forward_outputs(module: StageClassifier, images: torch.Tensor,
+                    tta: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of normalised images (with `tta` the mean with those of the mirrored images) and
+    the stage's out-of-distribution scores of the images as given (NaN without a gate)."""
+    logits, ood = module.outputs(images)
+    logits = logits.float()
+    if tta:
+        logits = (logits + module(images.flip(-1)).float()) / 2
+    return logits, ood.float()
 
 
 class MeanLogits(nn.Module):
@@ -74,6 +79,11 @@ class StageEnsemble(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
+    def outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mean of the members' logits and of their OOD scores (NaN unless all have a gate)."""
+        logits, ood = zip(*(member.outputs(x) for member in self.members))
+        return torch.stack([z.float() for z in logits]).mean(0), torch.stack(ood).mean(0)
+
 
 def load_stages(paths: Path | list[Path], stage: str) -> StageClassifier | StageEnsemble:
     """One checkpoint, or a list of them averaged as a `StageEnsemble`."""
@@ -107,14 +117,18 @@ class ScoredImages(XrayDataset):
 
 
 @torch.inference_mode()
-def stage_logits(module: StageClassifier, records: list[Record], batch_size: int = 32,
-                 num_workers: int = 0, device: str = "cpu", tta: bool = False) -> np.ndarray:
-    """(N, 2) logits of one stage for these images, preprocessed as that stage was trained."""
+def stage_outputs(module: StageClassifier, records: list[Record], batch_size: int = 32,
+                  num_workers: int = 0, device: str = "cpu",
+                  tta: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 2) logits and (N,) OOD scores of one stage for these images, preprocessed as that
+    stage was trained (`forward_outputs`)."""
     data = ScoredImages(records, module.hparams.stage, Preprocessing(**module.hparams.preprocessing))
     loader = DataLoader(data, batch_size=batch_size, num_workers=num_workers)
     module = module.to(device)
-    out = [forward_logits(module, images.to(device), tta).cpu() for images, _ in loader]
-    return torch.cat(out).numpy() if out else np.zeros((0, 2), np.float32)
+    out = [forward_outputs(module, images.to(device), tta) for images, _ in loader]
+    if not out:
+        return np.zeros((0, 2), np.float32), np.zeros(0, np.float32)
+    return tuple(torch.cat([o[i].cpu() for o in out]).numpy() for i in (0, 1))
 
 
 def stage_inputs(module: StageClassifier, images: list[np.ndarray]) -> tuple[list[np.ndarray], torch.Tensor]:
@@ -169,10 +183,16 @@ class Prediction:
     p_viral_given_pneumonia: np.ndarray
     probabilities: np.ndarray  # (N, 3): normal, bacterial, viral
     decision: np.ndarray  # class index into CLASSES; -1 where an output is not finite
+    ood_score: np.ndarray  # stage 1's out-of-distribution score (pneumonia.ood); NaN: no gate
+
+    @property
+    def out_of_distribution(self) -> np.ndarray:
+        """Where the gate flags the image (score above 1): no diagnosis unless accepted."""
+        return np.nan_to_num(self.ood_score, nan=0.0) > 1
 
     def subset(self, keep: np.ndarray) -> Prediction:
         return Prediction(self.p_pneumonia[keep], self.p_viral_given_pneumonia[keep],
-                          self.probabilities[keep], self.decision[keep])
+                          self.probabilities[keep], self.decision[keep], self.ood_score[keep])
 
 
 class TwoStagePipeline:
@@ -221,8 +241,19 @@ class TwoStagePipeline:
         """Every image with its split, rebuilt from the recorded settings (root may be moved)."""
         return recorded_split(self.data_settings(), root)
 
-    def logits(self, records: list[Record], **loader) -> dict[str, np.ndarray]:
-        return {name: stage_logits(m, records, tta=self.tta, **loader) for name, m in self.stages.items()}
+    def outputs(self, records: list[Record], **loader) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Each stage's logits and stage 1's OOD scores (`stage_outputs`)."""
+        out = {name: stage_outputs(m, records, tta=self.tta, **loader) for name, m in self.stages.items()}
+        return {name: logits for name, (logits, _) in out.items()}, out["binary"][1]
+
+    @property
+    def ood_gate(self) -> dict | None:
+        """Stage 1's out-of-distribution gate as the report states it, or None without one."""
+        binary = self.stages["binary"]
+        gates = [m.ood for m in getattr(binary, "members", [binary])]
+        if any(g is None for g in gates):
+            return None
+        return {"fraction": gates[0].fraction, "members": len(gates), "images": gates[0].images}
 
     def calibrate(self, val: list[Record], target_sensitivity: float = 0.99,
                   operating_point: str = "youden", **loader) -> Calibration:
@@ -231,7 +262,7 @@ class TwoStagePipeline:
             raise ValueError(f"operating_point={operating_point!r} is not one of {OPERATING_POINTS}")
         if any(r.split == "test" for r in val):
             raise DataError("calibration was given test images; it must only see validation data")
-        logits = self.logits(val, **loader)
+        logits, _ = self.outputs(val, **loader)
         temperature, thresholds, counts = {}, {}, {}
         for name, z in logits.items():
             y = np.array(stage_targets(name, (r.label for r in val)))
@@ -249,8 +280,9 @@ class TwoStagePipeline:
                                        counts)
         return self.calibration
 
-    def predict_logits(self, logits: dict[str, np.ndarray]) -> Prediction:
-        """Calibrated probabilities and decisions from both stages' logits."""
+    def predict_logits(self, logits: dict[str, np.ndarray], ood: np.ndarray | None = None) -> Prediction:
+        """Calibrated probabilities and decisions from both stages' logits (and stage 1's OOD
+        scores, NaN if not given)."""
         if self.calibration is None:
             raise RuntimeError("calibrate the pipeline on validation data first")
         cal = self.calibration
@@ -261,10 +293,11 @@ class TwoStagePipeline:
         # A NaN compares False and would read as "normal": a non-finite output gets no decision.
         finite = np.isfinite(logits["binary"]).all(axis=1) & np.isfinite(logits["subtype"]).all(axis=1)
         decision[~finite] = -1
-        return Prediction(p, r, combine(p, r), decision)
+        ood = np.full(len(p), np.nan, np.float32) if ood is None else ood
+        return Prediction(p, r, combine(p, r), decision, ood)
 
     def predict(self, records: list[Record], **loader) -> Prediction:
-        return self.predict_logits(self.logits(records, **loader))
+        return self.predict_logits(*self.outputs(records, **loader))
 
     def stage_batches(self, images: list[np.ndarray]) -> dict[str, tuple[list[np.ndarray], torch.Tensor]]:
         """Each stage's view of decoded (H, W) uint8 images (see `stage_inputs`)."""
@@ -274,9 +307,10 @@ class TwoStagePipeline:
     def predict_batches(self, batches: dict[str, tuple[list[np.ndarray], torch.Tensor]],
                         device: str = "cpu") -> Prediction:
         """Predictions from `stage_batches` output."""
-        logits = {name: forward_logits(module.to(device), batches[name][1].to(device), self.tta).cpu().numpy()
-                  for name, module in self.stages.items()}
-        return self.predict_logits(logits)
+        out = {name: forward_outputs(module.to(device), batches[name][1].to(device), self.tta)
+               for name, module in self.stages.items()}
+        return self.predict_logits({name: z.cpu().numpy() for name, (z, _) in out.items()},
+                                   out["binary"][1].cpu().numpy())
 
     def stage_thresholds(self) -> dict[str, float]:
         """The decision threshold of each stage at the chosen operating point."""

@@ -177,11 +177,27 @@ def write_markdown(path: Path, metrics: dict, figures: list[Path]) -> Path:
                          f"{point['specificity']:.3f}, {point['false_positives']} false positives, "
                          f"{point['false_negatives']} false negatives")
         lines.append("")
+    lines += _ood_lines(metrics["ood"])
     lines += ["## Calibration", "", "Expected calibration error (10 bins): " + ", ".join(
         f"{k} {v:.3f}" for k, v in metrics["calibration"]["ece"].items()), ""]
     lines += [f"![{f.stem}]({f.name})" for f in figures]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _ood_lines(ood: dict) -> list[str]:
+    lines = ["## Out-of-distribution gate", ""]
+    if ood["gate"] is None:
+        return lines + ["The binary checkpoint has no gate (trained before it existed).", ""]
+    lines.append(f"The gate (fitted to flag {100 * ood['gate']['fraction']:.1f} % of validation "
+                 f"images) would withhold **{ood['flagged']} of these images** "
+                 f"({100 * ood['flagged_fraction']:.1f} %); the figures above include them.")
+    without = ood.get("without_flagged")
+    if without:
+        b, m = without["binary"]["metrics"], without["pipeline"]["metrics"]
+        lines.append(f"Without them: stage 1 accuracy {b['accuracy']:.3f}, AUROC {b['auroc']:.3f}; "
+                     f"three-class accuracy {m['accuracy']:.3f} (metrics.json: ood.without_flagged).")
+    return lines + [""]
 
 
 def _stage_block(y: np.ndarray, p: np.ndarray, threshold: float, points: dict[str, float],
@@ -229,6 +245,23 @@ def evaluation_metrics(labels: list[str], pred, calibration, thresholds: dict[st
         "validation_images": calibration.validation_images,
         "ece": {name: expected_calibration_error(y, p) for name, (y, p) in stages.items()}}
     return metrics
+
+
+def ood_metrics(labels: list[str], paths: list[str], pred, gate: dict | None, calibration,
+                thresholds: dict[str, float], samples: int, seed: int) -> dict:
+    """What stage 1's out-of-distribution gate would withhold from these images, and each
+    stage's and the pipeline's figures without those images."""
+    if gate is None:
+        return {"gate": None}
+    flagged = pred.out_of_distribution
+    out = {"gate": gate, "flagged": int(flagged.sum()), "flagged_fraction": float(flagged.mean()),
+           "flagged_images": [{"path": p, "score": float(s)}
+                              for p, s, f in zip(paths, pred.ood_score, flagged) if f]}
+    kept = [label for label, f in zip(labels, flagged) if not f]
+    if flagged.any() and len(set(kept)) > 1:
+        figures = evaluation_metrics(kept, pred.subset(~flagged), calibration, thresholds, samples, seed)
+        out["without_flagged"] = {k: figures[k] for k in STAGE_TITLES}
+    return out
 
 
 def evaluation_figures(output_dir: Path, labels: list[str], pred, metrics: dict,
@@ -310,7 +343,8 @@ def index_html(rows: list[dict], title: str, classes: tuple[str, ...]) -> str:
     for row in rows:
         name = html.escape(row["file"])
         if row["status"] != "ok":
-            failed.append(f"<li><code>{name}</code>: {html.escape(row['reason'])}</li>")
+            failed.append(f"<li><code>{name}</code> ({html.escape(row['status'])}): "
+                          f"{html.escape(row['reason'])}</li>")
             continue
         link = html.escape(urllib.parse.quote(row["report"], errors="replace"))
         probs = ", ".join(f"{c} {float(row['p_' + c]):.2f}" for c in classes)

@@ -2,9 +2,10 @@
 
 The model folder holds every checkpoint (both stages, each ensemble member) as an artifact and
 `pipeline.json` (calibration temperatures and thresholds, operating point, TTA, class order);
-preprocessing travels inside the checkpoints. No absolute path is stored: a copy of the folder
-moved anywhere loads and predicts the same. Input: a column `image` of base64 JPEG, PNG or
-DICOM bytes; output per image: class probabilities, decision, the two thresholds and `error`.
+preprocessing and stage 1's out-of-distribution gate travel inside the checkpoints. No absolute
+path is stored: a copy of the folder moved anywhere loads and predicts the same. Input: a column
+`image` of base64 JPEG, PNG or DICOM bytes; output per image: class probabilities, the OOD
+score, decision, the two thresholds and `error` (an image the gate flags gets no diagnosis).
 """
 
 from __future__ import annotations
@@ -38,10 +39,11 @@ from pneumonia.tracking import environment
 
 MODEL_NAME = "pipeline"  # the logged model's name inside an evaluation run
 PROBABILITIES = tuple(f"p_{c}" for c in CLASSES)
-OUTPUTS = (*PROBABILITIES, "decision", "threshold_binary", "threshold_subtype", "error")
+OUTPUTS = (*PROBABILITIES, "ood_score", "decision", "threshold_binary", "threshold_subtype", "error")
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("string", "image")]),
-    outputs=Schema([*(ColSpec("double", c) for c in PROBABILITIES), ColSpec("string", "decision"),
+    outputs=Schema([*(ColSpec("double", c) for c in PROBABILITIES), ColSpec("double", "ood_score"),
+                    ColSpec("string", "decision"),
                     ColSpec("double", "threshold_binary"), ColSpec("double", "threshold_subtype"),
                     ColSpec("string", "error")]))
 # Leading bytes of each accepted format and the suffix read_grayscale expects for it.
@@ -85,11 +87,14 @@ def _rows(pipeline: TwoStagePipeline, images: list[np.ndarray]) -> list[dict[str
     rows = []
     for start in range(0, len(images), _CHUNK):
         pred = pipeline.predict_batches(pipeline.stage_batches(images[start:start + _CHUNK]))
-        for probabilities, decision in zip(pred.probabilities, pred.decision):
-            ok = decision >= 0
-            rows.append({**dict(zip(PROBABILITIES, map(float, probabilities))),
-                         "decision": CLASSES[decision] if ok else "",
-                         "error": "" if ok else "the model gave a non-finite output: no diagnosis"})
+        for probabilities, decision, ood, score in zip(pred.probabilities, pred.decision,
+                                                       pred.out_of_distribution, pred.ood_score):
+            error = ("out of distribution: unlike the training X-rays (score above 1), no diagnosis"
+                     if ood else "" if decision >= 0 else
+                     "the model gave a non-finite output: no diagnosis")
+            values = probabilities if not error else np.full(len(PROBABILITIES), np.nan)
+            rows.append({**dict(zip(PROBABILITIES, map(float, values))), "ood_score": float(score),
+                         "decision": "" if error else CLASSES[decision], "error": error})
     return [{**row, "threshold_binary": thresholds["binary"],
              "threshold_subtype": thresholds["subtype"]} for row in rows]
 
@@ -105,7 +110,8 @@ def predict_images(pipeline: TwoStagePipeline, values: list[Any]) -> pd.DataFram
     rows = dict(zip(decoded, _rows(pipeline, list(decoded.values()))))
     thresholds = pipeline.stage_thresholds()
     for i, reason in failed.items():
-        rows[i] = {**{c: float("nan") for c in PROBABILITIES}, "decision": "", "error": reason,
+        rows[i] = {**{c: float("nan") for c in PROBABILITIES}, "ood_score": float("nan"),
+                   "decision": "", "error": reason,
                    "threshold_binary": thresholds["binary"], "threshold_subtype": thresholds["subtype"]}
     return pd.DataFrame([rows[i] for i in range(len(values))], columns=list(OUTPUTS))
 

@@ -214,6 +214,8 @@ def log_evaluation(tracking_uri: str, artifact_dir: str, experiment: str, metric
     values = {f"{section}/{k}": float(v) for section in ("binary", "subtype", "pipeline")
               for k, v in metrics[section]["metrics"].items()}
     values.update({f"calibration/ece_{k}": v for k, v in metrics["calibration"]["ece"].items()})
+    if metrics["ood"]["gate"] is not None:
+        values["ood/flagged_fraction"] = metrics["ood"]["flagged_fraction"]
     for key, value in values.items():
         client.log_metric(run_id, key, value, model_id=model.model_id)
     for path in files:

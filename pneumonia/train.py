@@ -19,9 +19,11 @@ from pneumonia import hardware
 from pneumonia.checkpoints import AtomicCheckpointIO, read_checkpoint, resolve
 from pneumonia.config import validate
 from pneumonia.data import KermanyDataModule
+from pneumonia.data.datamodule import XrayDataset
 from pneumonia.data.features import FrozenFeatures
 from pneumonia.data.synthetic import make_synthetic_dataset
 from pneumonia.models import StageClassifier, normalization_stats
+from pneumonia.ood import MAX_FIT_IMAGES, OODGate, pooled_features
 from pneumonia.outputs import claim_output
 from pneumonia.stages import STAGE_CLASSES, check_stage
 from pneumonia.sweep import in_multirun
@@ -236,6 +238,26 @@ def _leave_process_group() -> None:
         torch.distributed.destroy_process_group()
 
 
+def _add_ood_gate(module: StageClassifier, datamodule: KermanyDataModule, fraction: float,
+                  device: str, checkpoint: Path) -> None:
+    """Fit the out-of-distribution gate of the module's (best) weights on the training and
+    validation splits, decoded as inference decodes them, and store it in its checkpoint."""
+    module.to(device).eval()
+    fit = {split: pooled_features(module.net.features,
+                                  XrayDataset(datamodule.splits[split], module.hparams.stage,
+                                              datamodule.preprocessing),
+                                  device=device, num_workers=datamodule.num_workers,
+                                  limit=MAX_FIT_IMAGES if split == "train" else None)
+           for split in ("train", "val")}
+    module.ood = OODGate.fit(fit["train"], fit["val"], fraction)
+    saved = read_checkpoint(checkpoint)
+    saved["ood"] = module.ood.state()
+    AtomicCheckpointIO().save_checkpoint(saved, checkpoint)
+    log.info("Out-of-distribution gate: fitted on %d training images, flags %.1f %% of the %d "
+             "validation images; stored in %s", len(fit["train"]), 100 * fraction, len(fit["val"]),
+             checkpoint)
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train one stage. Returns the MLflow run id, the best checkpoint and its validation metrics."""
     validate(cfg)
@@ -271,6 +293,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                        plugins=[AtomicCheckpointIO()])
     metrics = scorer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
     metrics = {k: float(v) for k, v in sorted(metrics.items()) if not k.startswith("val/confusion")}
+    if cfg.stage.name == "binary":  # stage 1 guards the pipeline's input (pneumonia.ood)
+        _add_ood_gate(module, datamodule, cfg.ood_fraction, str(scorer.strategy.root_device), Path(best))
     if isinstance(logger, MLFlowLogger):
         log_results(logger, metrics, Path(best), cfg.log_best_checkpoint)
     result.update(best_checkpoint=best, metrics=metrics)

@@ -23,7 +23,7 @@ import numpy as np
 
 from pneumonia.data.kermany import Record
 from pneumonia.metrics import auroc, youden_threshold
-from pneumonia.pipeline import load_stages, recorded_split, softmax_positive, stage_logits
+from pneumonia.pipeline import load_stages, recorded_split, softmax_positive, stage_outputs
 from pneumonia.report import read_csv, write_csv
 from pneumonia.stages import stage_targets
 
@@ -80,7 +80,7 @@ def stage_splits(module, stage: str, splits=("val", "test")) -> dict[str, tuple[
 
 def probabilities(module, records: list[Record], tta: bool = False) -> np.ndarray:
     """P(positive class) of a loaded stage (one model or an ensemble) for these images."""
-    return softmax_positive(stage_logits(module, records, num_workers=2, tta=tta))
+    return softmax_positive(stage_outputs(module, records, num_workers=2, tta=tta)[0])
 
 
 def figures(yv: np.ndarray, pv: np.ndarray, yt: np.ndarray, pt: np.ndarray) -> dict[str, float]:

@@ -88,8 +88,8 @@ def test_evaluation_report_end_to_end(trained, tmp_path, read_only_data):
     cal = metrics["calibration"]
     y_val = np.array([r.label != "normal" for r in val], dtype=int)
     y_test = np.array([r.label != "normal" for r in test], dtype=int)
-    p_val = softmax_positive(pipeline.logits(val)["binary"], cal["temperature"]["binary"])
-    p_test = softmax_positive(pipeline.logits(test)["binary"], cal["temperature"]["binary"])
+    p_val = softmax_positive(pipeline.outputs(val)[0]["binary"], cal["temperature"]["binary"])
+    p_test = softmax_positive(pipeline.outputs(test)[0]["binary"], cal["temperature"]["binary"])
     assert cal["thresholds"]["binary"]["youden"] == pytest.approx(youden_threshold(y_val, p_val))
     assert cal["thresholds"]["binary"]["youden"] != pytest.approx(youden_threshold(y_test, p_test))
 

@@ -12,21 +12,38 @@ from pneumonia.pipeline import (
     CheckpointError,
     StageEnsemble,
     TwoStagePipeline,
-    forward_logits,
+    forward_outputs,
     load_stage,
     load_stages,
 )
 from tests.conftest import compose_train
 
 
+class _Stage(torch.nn.Module):
+    """A stage stand-in: logits from a small network, its OOD score the image's mean pixel."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten(), torch.nn.LazyLinear(2))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def outputs(self, x):
+        return self.net(x), x.mean((1, 2, 3))
+
+
 def test_tta_averages_the_image_and_its_mirror():
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten(), torch.nn.LazyLinear(2))
+    net = _Stage()
     images = torch.randn(3, 1, 8, 8)
+    images[..., :4] += 1.0  # the mirror image differs
     expected = (net(images) + net(images.flip(-1))) / 2
-    torch.testing.assert_close(forward_logits(net, images, tta=True), expected)
+    logits, ood = forward_outputs(net, images, tta=True)
+    torch.testing.assert_close(logits, expected)
+    torch.testing.assert_close(ood, images.mean((1, 2, 3)))  # scored on the image as given
     symmetric = images + images.flip(-1)
-    torch.testing.assert_close(forward_logits(net, symmetric, tta=True), net(symmetric))
+    torch.testing.assert_close(forward_outputs(net, symmetric, tta=True)[0], net(symmetric))
 
 
 def test_config_rejects_bad_recipe_values(tmp_path):

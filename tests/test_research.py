@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from pneumonia.pipeline import load_stage, recorded_split, stage_logits
+from pneumonia.pipeline import load_stage, recorded_split, stage_outputs
 from research.adapt_bn import adapt_batchnorm
 from research.sharpness import sharpness
 
@@ -21,7 +21,7 @@ def test_adapt_batchnorm_takes_the_statistics_of_the_given_images_and_changes_no
     bn = next(m for m in adapted.modules() if isinstance(m, nn.BatchNorm2d))
     inputs = []
     hook = bn.register_forward_hook(lambda _, args, __: inputs.append(args[0]))
-    stage_logits(adapted, images)
+    stage_outputs(adapted, images)
     hook.remove()
     x = torch.cat(inputs)
     torch.testing.assert_close(bn.running_mean, x.mean((0, 2, 3)), atol=1e-4, rtol=1e-4)

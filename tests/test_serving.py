@@ -27,6 +27,7 @@ from pneumonia.serving import (
     OUTPUTS,
     load_pipeline_model,
     log_pipeline_model,
+    predict_images,
     register_model,
     tracking,
 )
@@ -120,7 +121,6 @@ def test_registered_model_loads_by_alias(logged, synthetic_root, tmp_path):
 
 def test_unreadable_image_answers_for_itself(logged, synthetic_root, tmp_path):
     _, _, pipeline, _ = logged
-    from pneumonia.serving import predict_images
 
     good = _images(synthetic_root, 2)
     values = [_b64(good[0]), base64.b64encode(b"hello, not an image").decode(), "%%%", 7,
@@ -175,7 +175,10 @@ def test_mlflow_models_serve_answers_per_image_and_survives_a_bad_request(logged
     good = _images(synthetic_root, 2)
     text = tmp_path / "notes.jpeg"
     text.write_text("this is a text file, not an X-ray")
-    dicom = _save(_dataset(_xray(), BodyPartExamined="CHEST"), tmp_path / "chest.dcm")
+    dicom = _save(_dataset(read_grayscale(good[1]), BodyPartExamined="CHEST"), tmp_path / "chest.dcm")
+    # a chest DICOM by its tags whose pixels (a smooth gradient) are unlike the training X-rays
+    unlike = _save(_dataset(_xray(), BodyPartExamined="CHEST"), tmp_path / "gradient.dcm")
+    in_process = predict_images(pipeline, [_b64(dicom)]).iloc[0]
     port, log = servers.free_port(), tmp_path / "serve.log"
     process = servers.start([servers.MLFLOW, "models", "serve", "-m", "models:/pneumonia-serve@champion",
                              "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
@@ -183,13 +186,17 @@ def test_mlflow_models_serve_answers_per_image_and_survives_a_bad_request(logged
     try:
         servers.wait_ready(process, f"http://127.0.0.1:{port}/ping", log)
         url = f"http://127.0.0.1:{port}/invocations"
-        body = json.dumps({"dataframe_records": [{"image": _b64(p)} for p in (good[0], text, dicom)]})
+        body = json.dumps({"dataframe_records": [{"image": _b64(p)} for p in (good[0], text, dicom, unlike)]})
         status, answer = _post(url, body.encode())
         assert status == 200, answer
         rows = answer["predictions"]
-        assert [r["error"] for r in rows][::2] == ["", ""]
+        assert rows[0]["error"] == "" and rows[0]["decision"] in CLASSES and rows[0]["ood_score"] <= 1
         assert "not a JPEG, PNG or DICOM" in rows[1]["error"] and rows[1]["decision"] == ""
-        assert rows[0]["decision"] in CLASSES and rows[2]["decision"] in CLASSES
+        # the DICOM is answered as the pipeline answers it in process (diagnosed or withheld)
+        assert (rows[2]["error"], rows[2]["decision"]) == (in_process["error"], in_process["decision"])
+        assert rows[2]["ood_score"] == pytest.approx(in_process["ood_score"], rel=1e-5)
+        assert rows[3]["error"].startswith("out of distribution") and rows[3]["decision"] == ""
+        assert rows[3]["ood_score"] > 1
         np.testing.assert_allclose([rows[0][c] for c in ("p_normal", "p_bacterial", "p_viral")],
                                    _expected(pipeline, good[:1])[0], atol=1e-6)
         assert rows[0]["threshold_binary"] == 0.42 and rows[0]["threshold_subtype"] == 0.55

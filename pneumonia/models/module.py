@@ -20,6 +20,7 @@ from torchmetrics.classification import (
 )
 
 from pneumonia.models.network import build_network
+from pneumonia.ood import OODGate
 
 # Options of earlier versions that their checkpoints still carry, each with the value that meant
 # "off": such a checkpoint loads when the option was off and is refused when it was on, since
@@ -116,9 +117,18 @@ class StageClassifier(L.LightningModule):
 
     mlflow_run_id: str | None = None
     cached_features: bool = False
+    ood: OODGate | None = None  # fitted by train() at the end of a binary run (pneumonia.ood)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+    def outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and the OOD gate's scores (NaN without a gate) of one pass."""
+        features = self.net.features(x)
+        logits = self.net.classify(features)
+        if self.ood is None:
+            return logits, torch.full((len(x),), float("nan"), device=x.device)
+        return logits, self.ood.score(features)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         images, targets = batch
@@ -134,9 +144,12 @@ class StageClassifier(L.LightningModule):
         # Lets evaluation link its report to the training run that made the weights.
         run_id = getattr(self.logger, "run_id", None) if self._trainer is not None else None
         checkpoint["mlflow_run_id"] = run_id or self.mlflow_run_id
+        if self.ood is not None:
+            checkpoint["ood"] = self.ood.state()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.mlflow_run_id = checkpoint.get("mlflow_run_id")
+        self.ood = OODGate.from_state(checkpoint["ood"]) if "ood" in checkpoint else None
 
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> torch.Tensor:
         inputs, targets = batch
