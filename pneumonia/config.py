@@ -18,6 +18,7 @@ from pneumonia.attribution import METHODS
 from pneumonia.models.network import ADAPTERS, FREEZE, HEADS, check_backbone
 from pneumonia.models.network import check_choice as _choice
 from pneumonia.pipeline import OPERATING_POINTS
+from pneumonia.site import ADAPT_METHODS
 from pneumonia.stages import STAGE_CLASSES
 
 
@@ -267,6 +268,10 @@ class EvaluateConfig:
     target_sensitivity: float = 0.99
     operating_point: str = "youden"
     tta: bool = False
+    calibration: Optional[str] = None  # a site's labelled folder (NORMAL/, PNEUMONIA/)
+    adapt: Optional[str] = None  # a site's unlabelled folder
+    adapt_method: str = "both"
+    transductive: bool = False
     bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
     batch_size: int = 32
     num_workers: int = 2
@@ -284,6 +289,7 @@ class EvaluateConfig:
         if not 0 < self.target_sensitivity <= 1:
             raise ValueError(f"target_sensitivity={self.target_sensitivity} must be in (0, 1]")
         _choice("operating_point", self.operating_point, OPERATING_POINTS)
+        _choice("adapt_method", self.adapt_method, ADAPT_METHODS)
         _at_least("batch_size", self.batch_size, 1)
         _at_least("num_workers", self.num_workers, 0, " (0 loads images in the main process)")
         _check_device(self.device)

@@ -26,6 +26,7 @@ from pneumonia.report import (
     write_markdown,
     write_predictions,
 )
+from pneumonia.site import adapt_to_site, check_disjoint, labelled_images, unlabelled_images
 from pneumonia.stages import CLASSES
 from pneumonia.sweep import sweep_checkpoints
 from pneumonia.tracking import log_evaluation
@@ -92,14 +93,33 @@ def _load(cfg: DictConfig, refs: dict[str, Any], output_dir: Path) -> TwoStagePi
                                             output_dir / "checkpoints", tta=cfg.tta)
 
 
-def _calibrate(pipeline: TwoStagePipeline, cfg: DictConfig, val: list[Record], loader: dict):
-    """Fits the calibration on validation images; a logged model keeps its own."""
-    if cfg.model_uri:
-        log.info("Evaluating model %s with its own calibration: %s", cfg.model_uri, pipeline.calibration)
-        return pipeline.calibration
-    calibration = pipeline.calibrate(val, cfg.target_sensitivity, cfg.operating_point, **loader)
-    log.info("Calibrated on %s validation images: %s", calibration.validation_images, calibration)
-    return calibration
+def _fit(pipeline: TwoStagePipeline, cfg: DictConfig, val: list[Record], held_out: list[Record],
+         loader: dict, output_dir: Path) -> dict[str, Any]:
+    """Calibrate (on validation, or on the site's labelled folder; a logged model keeps its own
+    unless `calibration=` is given) and adapt to the site's unlabelled folder. The images that
+    fit must not be the scored ones unless transductive. Returns what the report says of it."""
+    if cfg.calibration:
+        images = labelled_images(Path(cfg.calibration))
+        if not cfg.transductive:
+            check_disjoint(images, held_out, "calibration=")
+        pipeline.calibrate(images, cfg.target_sensitivity, cfg.operating_point,
+                           source=f"site folder {cfg.calibration}", **loader)
+    elif cfg.model_uri:
+        log.info("Evaluating model %s with its own calibration", cfg.model_uri)
+    else:
+        pipeline.calibrate(val, cfg.target_sensitivity, cfg.operating_point, **loader)
+    log.info("Calibration (%s, %s images): %s", pipeline.calibration.source,
+             pipeline.calibration.validation_images, pipeline.calibration)
+    adaptation = None
+    if cfg.adapt:
+        images = unlabelled_images(Path(cfg.adapt))
+        if not cfg.transductive:
+            check_disjoint(images, held_out, "adapt=")
+        adaptation = {"folder": str(cfg.adapt), **adapt_to_site(pipeline, images, cfg.adapt_method,
+                                                               output_dir / "adapted", **loader)}
+        log.info("Adapted to %s: %s", cfg.adapt, adaptation)
+    return {"calibration": pipeline.calibration.source, "adaptation": adaptation,
+            "transductive": bool(cfg.transductive)}
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -108,14 +128,15 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     with open_dict(cfg):
         cfg.device = resolve_device(cfg.device)  # auto: the first GPU if there is one, else cpu
     refs = references(cfg)
-    inputs = [cfg.data.root, cfg.sweep, *local_references(cfg.model_uri),
+    inputs = [cfg.data.root, cfg.sweep, cfg.calibration, cfg.adapt, *local_references(cfg.model_uri),
               *(p for r in refs.values() for p in local_references(r))]
     output_dir = claim_output(cfg.paths.output_dir, inputs, REPORT_FILES, cfg.overwrite, config=cfg)
     pipeline = _load(cfg, refs, output_dir)
     check_overlap(output_dir, [pipeline.data_settings()["root"]])
     val, held_out = _splits(pipeline, cfg)
     loader = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=cfg.device)
-    calibration = _calibrate(pipeline, cfg, val, loader)
+    site = _fit(pipeline, cfg, val, held_out, loader, output_dir)
+    calibration = pipeline.calibration
     pred = pipeline.predict(held_out, **loader)
     failed = unscored(held_out, pred)  # reported, and left out of the figures
     if failed:
@@ -126,7 +147,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     labels, thresholds = [r.label for r in held_out], pipeline.stage_thresholds()
     paths, bootstrap = [str(r.path) for r in held_out], (cfg.bootstrap.samples, cfg.bootstrap.seed)
     metrics = {"split": cfg.report_split, "tta": pipeline.tta, "n_images": len(held_out),
-               "unscored_images": failed,
+               "unscored_images": failed, "site": site,
                "checkpoints": pipeline.checkpoints,
                "training_runs": {k: m.mlflow_run_id for k, m in pipeline.stages.items()},
                **evaluation_metrics(labels, pred, calibration, thresholds, *bootstrap),

@@ -154,10 +154,10 @@ def fit_temperature(logits: np.ndarray, targets: np.ndarray) -> float:
     return float(log_t.detach().exp().clamp(0.05, 20.0))
 
 
-def softmax_positive(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Probability of class 1 from (N, 2) logits."""
+def softmax_positive(logits: np.ndarray, temperature: float = 1.0, shift: float = 0.0) -> np.ndarray:
+    """Probability of class 1 from (N, 2) logits, at `temperature`, its logit moved by `shift`."""
     z = logits / temperature
-    return 1.0 / (1.0 + np.exp(z[:, 0] - z[:, 1]))
+    return 1.0 / (1.0 + np.exp(z[:, 0] - z[:, 1] - shift))
 
 
 def combine(p_pneumonia: np.ndarray, p_viral_given_pneumonia: np.ndarray) -> np.ndarray:
@@ -168,13 +168,18 @@ def combine(p_pneumonia: np.ndarray, p_viral_given_pneumonia: np.ndarray) -> np.
 
 @dataclass
 class Calibration:
-    """What the validation split decides: temperatures and thresholds of both stages."""
+    """What the calibration images (the validation split, or a site's labelled folder) decide:
+    temperatures and thresholds of both stages; and, after prior re-estimation on a site's
+    unlabelled images (pneumonia.site), each stage's logit shift."""
 
     temperature: dict[str, float]
     thresholds: dict[str, dict[str, float]]  # stage -> operating point -> threshold
     target_sensitivity: float
     operating_point: str = "youden"
-    validation_images: dict[str, int] = field(default_factory=dict)
+    validation_images: dict[str, int] = field(default_factory=dict)  # images fitted on, per stage
+    source: str = "validation split"  # which images those were
+    priors: dict[str, float] = field(default_factory=dict)  # their positive-class fraction, per stage
+    prior_shift: dict[str, float] = field(default_factory=lambda: {"binary": 0.0, "subtype": 0.0})
 
 
 @dataclass
@@ -256,28 +261,30 @@ class TwoStagePipeline:
         return {"fraction": gates[0].fraction, "members": len(gates), "images": gates[0].images}
 
     def calibrate(self, val: list[Record], target_sensitivity: float = 0.99,
-                  operating_point: str = "youden", **loader) -> Calibration:
-        """Fit temperatures and thresholds on validation images (never on test images)."""
+                  operating_point: str = "youden", source: str = "validation split",
+                  **loader) -> Calibration:
+        """Fit temperatures and thresholds on labelled images: the validation split, or a
+        site's own (`source` names them); never on the test split."""
         if operating_point not in OPERATING_POINTS:
             raise ValueError(f"operating_point={operating_point!r} is not one of {OPERATING_POINTS}")
         if any(r.split == "test" for r in val):
             raise DataError("calibration was given test images; it must only see validation data")
         logits, _ = self.outputs(val, **loader)
-        temperature, thresholds, counts = {}, {}, {}
+        temperature, thresholds, counts, priors = {}, {}, {}, {}
         for name, z in logits.items():
             y = np.array(stage_targets(name, (r.label for r in val)))
             keep = (y >= 0) & np.isfinite(z).all(axis=1)  # an unreadable image has no logits
             if len(np.unique(y[keep])) < 2:
-                raise DataError(f"the validation split has no images of one {name} class")
+                raise DataError(f"the {source} has no images of one {name} class")
             temperature[name] = fit_temperature(z[keep], y[keep])
             p = softmax_positive(z[keep], temperature[name])
             thresholds[name] = {"youden": youden_threshold(y[keep], p), "default": 0.5}
             if name == "binary":  # a sensitivity target is a screening question: stage 1 only
                 thresholds[name]["sensitivity"] = threshold_for_sensitivity(y[keep], p,
                                                                             target_sensitivity)
-            counts[name] = int(keep.sum())
+            counts[name], priors[name] = int(keep.sum()), float(y[keep].mean())
         self.calibration = Calibration(temperature, thresholds, target_sensitivity, operating_point,
-                                       counts)
+                                       counts, source, priors)
         return self.calibration
 
     def predict_logits(self, logits: dict[str, np.ndarray], ood: np.ndarray | None = None) -> Prediction:
@@ -286,8 +293,9 @@ class TwoStagePipeline:
         if self.calibration is None:
             raise RuntimeError("calibrate the pipeline on validation data first")
         cal = self.calibration
-        p = softmax_positive(logits["binary"], cal.temperature["binary"])
-        r = softmax_positive(logits["subtype"], cal.temperature["subtype"])  # P(viral | pneumonia)
+        p = softmax_positive(logits["binary"], cal.temperature["binary"], cal.prior_shift["binary"])
+        # P(viral | pneumonia)
+        r = softmax_positive(logits["subtype"], cal.temperature["subtype"], cal.prior_shift["subtype"])
         t = self.stage_thresholds()
         decision = np.where(p >= t["binary"], np.where(r >= t["subtype"], 2, 1), 0)
         # A NaN compares False and would read as "normal": a non-finite output gets no decision.

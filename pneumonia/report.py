@@ -156,9 +156,10 @@ def _row(name: str, value: float, interval: tuple[float, float] | None) -> str:
 def write_markdown(path: Path, metrics: dict, figures: list[Path]) -> Path:
     lines = ["# Evaluation report", "",
              f"Split: **{metrics['split']}** ({metrics['n_images']} images). Thresholds and "
-             "temperatures were fitted on the validation split "
+             f"temperatures were fitted on the {metrics['calibration']['source']} "
              f"({metrics['calibration']['validation_images']}); the decision uses the "
              f"**{metrics['calibration']['operating_point']}** operating point.", ""]
+    lines += _site_lines(metrics.get("site") or {})
     unscored = metrics.get("unscored_images") or []
     if unscored:
         lines += [f"**{len(unscored)} images got no decision** and are left out of every figure "
@@ -183,6 +184,24 @@ def write_markdown(path: Path, metrics: dict, figures: list[Path]) -> Path:
     lines += [f"![{f.stem}]({f.name})" for f in figures]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _site_lines(site: dict) -> list[str]:
+    lines = []
+    adaptation = site.get("adaptation")
+    if adaptation:
+        what = {"batchnorm": "BatchNorm statistics (AdaBN)", "prior": "class priors (EM)",
+                "both": "BatchNorm statistics (AdaBN) and class priors (EM)"}[adaptation["method"]]
+        lines.append(f"Adapted to the site: {what}, on the {adaptation['images']} unlabelled images "
+                     f"of `{adaptation['folder']}`.")
+        for stage, prior in (adaptation.get("priors") or {}).items():
+            lines.append(f"- {stage}: positive-class prior {prior['calibration']:.3f} in calibration, "
+                         f"{prior['site']:.3f} estimated at the site")
+    if site.get("transductive"):
+        lines.append("**Transductive**: the calibration or adaptation images may be the scored "
+                     "images themselves (transductive=true); the figures are not those of a model "
+                     "that meets each image fresh.")
+    return lines + [""] if lines else []
 
 
 def _ood_lines(ood: dict) -> list[str]:
@@ -242,7 +261,8 @@ def evaluation_metrics(labels: list[str], pred, calibration, thresholds: dict[st
     metrics["calibration"] = {
         "operating_point": calibration.operating_point, "temperature": calibration.temperature,
         "thresholds": calibration.thresholds, "target_sensitivity": calibration.target_sensitivity,
-        "validation_images": calibration.validation_images,
+        "validation_images": calibration.validation_images, "source": calibration.source,
+        "priors": calibration.priors, "prior_shift": calibration.prior_shift,
         "ece": {name: expected_calibration_error(y, p) for name, (y, p) in stages.items()}}
     return metrics
 

@@ -16,37 +16,11 @@ A diagnosis of the shift, not part of the recipe.
 from __future__ import annotations
 
 import argparse
-import copy
 from pathlib import Path
 
-import torch
-from torch import nn
-from torch.utils.data import DataLoader
-
-from pneumonia.data.datamodule import XrayDataset
-from pneumonia.data.transforms import Preprocessing
 from pneumonia.pipeline import load_stages
+from pneumonia.site import adapt_batchnorm
 from research.ablation import figures, probabilities, stage_splits
-
-
-@torch.no_grad()
-def adapt_batchnorm(module: nn.Module, records: list, batch_size: int = 64) -> nn.Module:
-    """A copy of `module` whose BatchNorm statistics are those of these images (one pass, the
-    mean of the per-batch statistics, as torch.optim.swa_utils.update_bn computes them, but
-    with only the BatchNorm layers in training mode); every weight is unchanged."""
-    adapted = copy.deepcopy(module).eval()
-    norms = [m for m in adapted.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not norms:
-        raise ValueError("the network has no BatchNorm layer to adapt")
-    for bn in norms:
-        bn.reset_running_stats()
-        bn.momentum = None
-        bn.train()
-    data = XrayDataset(records, module.hparams.stage, Preprocessing(**module.hparams.preprocessing))
-    for images, _ in DataLoader(data, batch_size=batch_size, shuffle=True,
-                                generator=torch.Generator().manual_seed(0), num_workers=2):
-        adapted(images)
-    return adapted.eval()
 
 
 def main() -> None:

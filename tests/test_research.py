@@ -1,38 +1,6 @@
 """The research scripts' own computations (docs/results.md quotes their figures)."""
 
-import torch
-from torch import nn
-
-from pneumonia.pipeline import load_stage, recorded_split, stage_outputs
-from research.adapt_bn import adapt_batchnorm
 from research.sharpness import sharpness
-
-
-def test_adapt_batchnorm_takes_the_statistics_of_the_given_images_and_changes_nothing_else(trained):
-    _, runs = trained
-    module = load_stage(runs["binary"]["best_checkpoint"], "binary")
-    before = {k: v.clone() for k, v in module.state_dict().items()}
-    images = [r for r in recorded_split(module.hparams.data) if r.split == "test"]
-    # one batch: the statistics are then exactly those of the images (with several batches they
-    # are the mean of the per-batch statistics, as torch.optim.swa_utils.update_bn computes them)
-    adapted = adapt_batchnorm(module, images, batch_size=len(images))
-
-    # the first BatchNorm now holds the mean and variance of its inputs over exactly these images
-    bn = next(m for m in adapted.modules() if isinstance(m, nn.BatchNorm2d))
-    inputs = []
-    hook = bn.register_forward_hook(lambda _, args, __: inputs.append(args[0]))
-    stage_outputs(adapted, images)
-    hook.remove()
-    x = torch.cat(inputs)
-    torch.testing.assert_close(bn.running_mean, x.mean((0, 2, 3)), atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(bn.running_var, x.var((0, 2, 3), unbiased=True), atol=1e-4, rtol=1e-3)
-    assert not adapted.training and not bn.training
-    # weights unchanged, and the original module untouched
-    for key, value in adapted.state_dict().items():
-        if "running_" not in key and "num_batches_tracked" not in key:
-            torch.testing.assert_close(value, before[key], msg=key)
-    for key, value in module.state_dict().items():
-        torch.testing.assert_close(value, before[key], msg=key)
 
 
 def test_every_ablation_variant_is_a_valid_training_config(tmp_path):

@@ -1,0 +1,189 @@
+"""Fitting the pipeline to a new site: labelled calibration and unlabelled adaptation.
+
+- Site calibration: the temperatures and thresholds of both stages fitted on the site's own
+  labelled X-rays (a folder with NORMAL/ and PNEUMONIA/, files named like Kermany's) instead of
+  the training split's validation images (`TwoStagePipeline.calibrate`).
+- AdaBN (Li et al. 2016): every BatchNorm layer's running statistics re-estimated on the site's
+  unlabelled X-rays; stage 1 on all of them, stage 2 on those stage 1 calls pneumonia. The
+  thresholds stay those fitted before, each domain normalised by its own statistics.
+- Prior re-estimation (Saerens, Latinne & Decaestecker 2002): the site's class prior of each
+  stage estimated by EM from the calibrated probabilities of its unlabelled X-rays, and each
+  probability moved to it (a shift of the stage's logit, `Calibration.prior_shift`).
+
+The images that calibrate or adapt and the images that are scored must differ (compared by
+content), unless the user asks for transductive adaptation; the report then says so.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from pneumonia.data.datamodule import XrayDataset
+from pneumonia.data.kermany import CLASS_FOLDERS, DataError, Record, parse_name
+from pneumonia.data.transforms import Preprocessing
+from pneumonia.io import display_name, scan_inputs
+
+ADAPT_METHODS = ("batchnorm", "prior", "both")
+
+
+def _records(files: list[Path], labels: list[tuple[str, str]]) -> list[Record]:
+    return [Record(path, label, patient, "site", 0, 0, split="site")
+            for path, (label, patient) in zip(files, labels)]
+
+
+def labelled_images(folder: Path) -> list[Record]:
+    """The site's labelled X-rays: <folder>/NORMAL/* and <folder>/PNEUMONIA/* (Kermany names)."""
+    folder = Path(folder).expanduser()
+    records = []
+    for name in CLASS_FOLDERS:
+        if not (folder / name).is_dir():
+            raise DataError(f"calibration={display_name(folder)} has no {name}/ folder; a labelled "
+                            "site folder holds NORMAL/ and PNEUMONIA/ (files named like Kermany's)")
+        files, problems = scan_inputs(folder / name)
+        if problems:
+            raise DataError(f"calibration={display_name(folder)}: {problems[0]}")
+        records += _records(files, [parse_name(name, f.name) for f in files])
+    return records
+
+
+def unlabelled_images(folder: Path) -> list[Record]:
+    """The site's unlabelled X-rays: every file under the folder, any layout."""
+    files, problems = scan_inputs(Path(folder).expanduser())
+    if problems:
+        raise DataError(f"adapt={display_name(Path(folder))}: {problems[0]}")
+    if not files:
+        raise DataError(f"adapt={display_name(Path(folder))} holds no files")
+    return _records(files, [("", "")] * len(files))
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def check_disjoint(fitted: list[Record], scored: list[Record], option: str) -> None:
+    """Refuse when an image that calibrates or adapts is also scored (same bytes, any path)."""
+    shared = {_digest(r.path) for r in fitted} & {_digest(r.path): r for r in scored}.keys()
+    if shared:
+        example = next(r.path for r in scored if _digest(r.path) in shared)
+        raise DataError(
+            f"{len(shared)} image(s) given by {option} are also scored (e.g. {example}): fitting "
+            "and scoring on the same images overstates every figure. Use images the report "
+            "does not score, or transductive=true to adapt on the scored images on purpose "
+            "(the report then says so).")
+
+
+@torch.no_grad()
+def adapt_batchnorm(module: nn.Module, records: list[Record], batch_size: int = 64,
+                    num_workers: int = 0, device: str = "cpu") -> nn.Module:
+    """A copy of a stage (or ensemble) whose BatchNorm running statistics are those of these
+    images (one pass; each layer the mean of its per-batch statistics); every weight unchanged."""
+    adapted = copy.deepcopy(module).to(device).eval()
+    norms = [m for m in adapted.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        raise ValueError("the network has no BatchNorm layer to adapt")
+    for bn in norms:
+        bn.reset_running_stats()
+        bn.momentum = None  # a cumulative average over the batches
+        bn.train()
+    data = XrayDataset(records, module.hparams.stage, Preprocessing(**module.hparams.preprocessing))
+    for images, _ in DataLoader(data, batch_size=batch_size, num_workers=num_workers):
+        adapted(images.to(device))
+    return adapted.eval()
+
+
+def estimate_prior(p: np.ndarray, prior: float, weights: np.ndarray | None = None,
+                   iterations: int = 1000, tolerance: float = 1e-8) -> float:
+    """EM estimate of the positive class's prior among images whose calibrated P(positive)
+    is `p` under the training prior `prior` (Saerens et al. 2002); `weights` count each image."""
+    w = np.ones_like(p) if weights is None else weights
+    p = np.clip(p, 1e-9, 1 - 1e-9)
+    estimate = prior
+    for _ in range(iterations):
+        ratio = estimate / prior, (1 - estimate) / (1 - prior)
+        adjusted = ratio[0] * p / (ratio[0] * p + ratio[1] * (1 - p))
+        new = float(np.sum(w * adjusted) / np.sum(w))
+        if abs(new - estimate) < tolerance:
+            return new
+        estimate = new
+    return estimate
+
+
+def _logit(q: float) -> float:
+    q = float(np.clip(q, 1e-6, 1 - 1e-6))
+    return float(np.log(q / (1 - q)))
+
+
+def logit_shift(prior: float, estimate: float) -> float:
+    """The shift of a calibrated logit that moves its probabilities from one prior to another."""
+    return _logit(estimate) - _logit(prior)
+
+
+def _save_adapted(module: nn.Module, sources: str | list[str], stage: str, folder: Path) -> list[str]:
+    """Checkpoints of an adapted stage (each ensemble member's), so the saved and logged pipeline
+    carries the adapted statistics: the original checkpoints with the new weights."""
+    from pneumonia.checkpoints import AtomicCheckpointIO, read_checkpoint
+
+    members = list(getattr(module, "members", [module]))
+    sources = sources if isinstance(sources, list) else [sources]
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for i, (member, source) in enumerate(zip(members, sources)):
+        saved = read_checkpoint(Path(source))
+        saved["state_dict"] = {k: v.cpu() for k, v in member.state_dict().items()}
+        path = folder / f"{stage}_{i}.ckpt"
+        AtomicCheckpointIO().save_checkpoint(saved, path)
+        written.append(str(path))
+    return written
+
+
+def adapt_to_site(pipeline, records: list[Record], method: str, folder: Path, **loader) -> dict:
+    """Adapt a calibrated pipeline to a site's unlabelled images (`ADAPT_METHODS`); AdaBN's
+    checkpoints are written to `folder`. Returns what the report says about it."""
+    if method not in ADAPT_METHODS:
+        raise ValueError(f"adapt_method={method!r} is not one of: {', '.join(ADAPT_METHODS)}")
+    done: dict = {"images": len(records), "method": method}
+    if method in ("batchnorm", "both"):
+        stages = pipeline.stages
+        stages["binary"] = adapt_batchnorm(stages["binary"], records, **loader)
+        pneumonic = [r for r, d in zip(records, pipeline.predict(records, **loader).decision) if d > 0]
+        if pneumonic:  # stage 2 was trained on pneumonia images: adapted on those stage 1 finds
+            stages["subtype"] = adapt_batchnorm(stages["subtype"], pneumonic, **loader)
+        done["batchnorm_images"] = {"binary": len(records), "subtype": len(pneumonic)}
+        for stage in ("binary", "subtype") if pneumonic else ("binary",):
+            pipeline.checkpoints[stage] = _save_adapted(stages[stage], pipeline.checkpoints[stage],
+                                                        stage, folder)
+    if method in ("prior", "both"):
+        done["priors"] = adapt_priors(pipeline, records, **loader)
+    return done
+
+
+def adapt_priors(pipeline, records: list[Record], **loader) -> dict[str, dict[str, float]]:
+    """Re-estimate each stage's class prior on the images (EM) and move the pipeline's
+    probabilities to it: P(pneumonia) over all images, P(viral | pneumonia) weighted by each
+    image's (re-estimated) P(pneumonia)."""
+    from pneumonia.pipeline import softmax_positive
+
+    cal = pipeline.calibration
+    if set(cal.priors) != {"binary", "subtype"}:
+        raise ValueError("this pipeline's calibration does not record its class priors (made "
+                         "before prior re-estimation existed); calibrate it again to adapt priors")
+    logits, _ = pipeline.outputs(records, **loader)
+    finite = {k: np.isfinite(z).all(axis=1) for k, z in logits.items()}
+    keep = finite["binary"] & finite["subtype"]
+    p = softmax_positive(logits["binary"][keep], cal.temperature["binary"])
+    estimates = {"binary": estimate_prior(p, cal.priors["binary"])}
+    shift = {"binary": logit_shift(cal.priors["binary"], estimates["binary"])}
+    weights = softmax_positive(logits["binary"][keep], cal.temperature["binary"], shift["binary"])
+    r = softmax_positive(logits["subtype"][keep], cal.temperature["subtype"])
+    estimates["subtype"] = estimate_prior(r, cal.priors["subtype"], weights)
+    shift["subtype"] = logit_shift(cal.priors["subtype"], estimates["subtype"])
+    cal.prior_shift = shift
+    return {stage: {"calibration": cal.priors[stage], "site": estimates[stage], "logit_shift": shift[stage]}
+            for stage in shift}

@@ -1,0 +1,139 @@
+"""Fitting the pipeline to a new site (pneumonia.site): labelled calibration, AdaBN, prior
+re-estimation, and the protocol that keeps fitting and scoring images apart."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pneumonia.data.kermany import DataError
+from pneumonia.evaluate import evaluate
+from pneumonia.metrics import youden_threshold
+from pneumonia.pipeline import (
+    TwoStagePipeline,
+    load_stage,
+    recorded_split,
+    softmax_positive,
+    stage_outputs,
+)
+from pneumonia.site import adapt_batchnorm, estimate_prior, labelled_images, logit_shift
+from tests.test_evaluate import _evaluate_cfg
+
+
+def test_adapt_batchnorm_takes_the_statistics_of_the_given_images_and_changes_nothing_else(trained):
+    _, runs = trained
+    module = load_stage(runs["binary"]["best_checkpoint"], "binary")
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    images = [r for r in recorded_split(module.hparams.data) if r.split == "test"]
+    # one batch: the statistics are then exactly those of the images (with several batches they
+    # are the mean of the per-batch statistics, as torch.optim.swa_utils.update_bn computes them)
+    adapted = adapt_batchnorm(module, images, batch_size=len(images))
+
+    # the first BatchNorm now holds the mean and variance of its inputs over exactly these images
+    bn = next(m for m in adapted.modules() if isinstance(m, nn.BatchNorm2d))
+    inputs = []
+    hook = bn.register_forward_hook(lambda _, args, __: inputs.append(args[0]))
+    stage_outputs(adapted, images)
+    hook.remove()
+    x = torch.cat(inputs)
+    torch.testing.assert_close(bn.running_mean, x.mean((0, 2, 3)), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(bn.running_var, x.var((0, 2, 3), unbiased=True), atol=1e-4, rtol=1e-3)
+    assert not adapted.training and not bn.training
+    # weights unchanged, and the original module untouched
+    for key, value in adapted.state_dict().items():
+        if "running_" not in key and "num_batches_tracked" not in key:
+            torch.testing.assert_close(value, before[key], msg=key)
+    for key, value in module.state_dict().items():
+        torch.testing.assert_close(value, before[key], msg=key)
+
+
+def test_prior_re_estimation_recovers_a_known_prior():
+    rng = np.random.default_rng(0)
+    for true_prior in (0.2, 0.5, 0.8):
+        y = rng.random(20_000) < true_prior
+        x = rng.normal(np.where(y, 1.0, -1.0), 1.0)
+        p = 1 / (1 + np.exp(-2 * x))  # the exact posterior where both classes are equally common
+        estimate = estimate_prior(p, prior=0.5)
+        assert estimate == pytest.approx(true_prior, abs=0.015)
+        # moved to the estimate, the probabilities are the posterior under the true prior
+        moved = 1 / (1 + np.exp(-(2 * x + logit_shift(0.5, estimate))))
+        exact = 1 / (1 + np.exp(-(2 * x + np.log(true_prior / (1 - true_prior)))))
+        assert np.abs(moved - exact).max() < 0.02
+    # weights count images: a weight of 0 leaves an image out
+    p = np.array([0.9, 0.9, 0.1, 0.1])
+    assert estimate_prior(p, 0.5, weights=np.array([1.0, 1.0, 0.0, 0.0])) > 0.99
+
+
+def _site_folder(records, dest: Path, flip: bool = False) -> Path:
+    """A labelled site folder (NORMAL/, PNEUMONIA/, Kermany names) holding copies of these
+    images; with `flip`, every normal image filed as pneumonia and every pneumonia as normal."""
+    for i, r in enumerate(records):
+        pneumonic = (r.label != "normal") != flip
+        kind = r.label if r.label != "normal" else ("bacterial", "viral")[i % 2]
+        name = (f"person{9000 + i}_{'virus' if kind == 'viral' else 'bacteria'}_1.jpeg" if pneumonic
+                else f"IM-{9000 + i}-0001.jpeg")
+        target = dest / ("PNEUMONIA" if pneumonic else "NORMAL") / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(r.path, target)
+    return dest
+
+
+@pytest.mark.slow
+def test_site_calibration_fits_the_thresholds_on_the_site_folder_only(trained, tmp_path):
+    work, runs = trained
+    refs = {s: runs[s]["best_checkpoint"] for s in ("binary", "subtype")}
+    site_images = [r for r in recorded_split(load_stage(refs["binary"], "binary").hparams.data)
+                   if r.split == "train"]
+    results = {}
+    for flip in (False, True):
+        folder = _site_folder(site_images, tmp_path / f"site-{flip}", flip)
+        results[flip] = evaluate(_evaluate_cfg(work, tmp_path / f"eval-{flip}", **refs,
+                                               calibration=str(folder), log_to_mlflow=False))
+        # the binary threshold is the site images' Youden threshold, recomputed here
+        pipeline = TwoStagePipeline.from_checkpoints(refs["binary"], refs["subtype"])
+        site = labelled_images(folder)
+        y = np.array([r.label != "normal" for r in site], dtype=int)
+        cal = results[flip]["metrics"]["calibration"]
+        p = softmax_positive(stage_outputs(pipeline.stages["binary"], site)[0], cal["temperature"]["binary"])
+        assert cal["thresholds"]["binary"]["youden"] == pytest.approx(youden_threshold(y, p))
+        assert cal["validation_images"]["binary"] == len(site) and cal["source"].startswith("site folder")
+        assert "site folder" in (tmp_path / f"eval-{flip}" / "report.md").read_text()
+    # flipped labels move the threshold, and the decisions with it
+    thresholds = [results[f]["metrics"]["calibration"]["thresholds"]["binary"]["youden"] for f in (False, True)]
+    assert thresholds[0] != pytest.approx(thresholds[1])
+    decisions = [np.array(results[f]["metrics"]["pipeline"]["confusion"]).sum(0) for f in (False, True)]
+    assert decisions[0].tolist() != decisions[1].tolist()
+
+
+@pytest.mark.slow
+def test_fitting_and_scoring_images_must_differ_unless_transductive(trained, tmp_path):
+    work, runs = trained
+    refs = {s: runs[s]["best_checkpoint"] for s in ("binary", "subtype")}
+    test = [r for r in recorded_split(load_stage(refs["binary"], "binary").hparams.data)
+            if r.split == "test"]
+    folder = _site_folder(test[:3] + test[-3:], tmp_path / "site")  # copies: other paths, same bytes
+    for option in ("calibration", "adapt"):
+        with pytest.raises(DataError, match="are also scored"):
+            evaluate(_evaluate_cfg(work, tmp_path / f"refused-{option}", **refs, **{option: str(folder)},
+                                   log_to_mlflow=False))
+    result = evaluate(_evaluate_cfg(work, tmp_path / "transductive", **refs, adapt=str(folder),
+                                    transductive=True, log_to_mlflow=False))
+    site = result["metrics"]["site"]
+    assert site["transductive"] and site["adaptation"]["images"] == 6
+    assert site["adaptation"]["batchnorm_images"]["binary"] == 6
+    assert set(site["adaptation"]["priors"]) == {"binary", "subtype"}
+    report = (tmp_path / "transductive" / "report.md").read_text()
+    assert "**Transductive**" in report and "AdaBN" in report
+    # the saved pipeline carries the adapted statistics: its binary checkpoint is the adapted one
+    saved = json.loads((tmp_path / "transductive" / "pipeline.json").read_text())
+    adapted = load_stage(saved["checkpoints"]["binary"][0], "binary")
+    original = load_stage(refs["binary"], "binary")
+    key = next(k for k in original.state_dict() if k.endswith("running_mean"))
+    assert not torch.equal(adapted.state_dict()[key], original.state_dict()[key])
+    assert saved["calibration"]["prior_shift"] == {k: v["logit_shift"] for k, v in site["adaptation"]["priors"].items()}
