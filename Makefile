@@ -14,7 +14,7 @@ SERVE_PORT ?= 5001
 # Servers run in their own process group; stopping them (Ctrl-C) stops the whole group.
 IN_OWN_GROUP := $(CURDIR)/scripts/own-group.sh
 
-.PHONY: venv demo test scratch-cpu mlflow-ui mlflow-server serve
+.PHONY: venv demo test scratch-cpu mlflow-ui mlflow-server serve screenshots
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,10 @@ scratch-cpu: venv
 mlflow-ui: venv
 	$(IN_OWN_GROUP) $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db \
 		--default-artifact-root $(CURDIR)/mlartifacts --host 127.0.0.1 --port 5000
+
+# The MLflow UI screenshots in docs/ (docs/deploy.md), after make demo; needs Debian's chromium.
+screenshots: venv
+	$(CURDIR)/scripts/mlflow-screenshots.sh docs
 
 # A real tracking server for a team: runs log with logger.tracking_uri=http://127.0.0.1:5000.
 # MLFLOW_BACKEND may be a PostgreSQL URI (postgresql://user:password@host/db).
