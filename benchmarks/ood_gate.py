@@ -12,8 +12,8 @@ with the gate stored in them (pneumonia.ood, fitted at the end of training on va
   shipped images  the photos and pictures matplotlib and pydicom ship (JPEG/PNG, >= 128 px)
   noise, blank    uniform and Gaussian noise, and black, gray and white images
 For comparison it also prints, per set, the fraction an energy score (-logsumexp of stage 1's
-logits, thresholded at the same fraction of validation images) would flag: the alternative the
-gate was measured against.
+logits, thresholded at the same fraction of validation images) would flag. research/ood_features.py
+compares the feature sets the gate could use.
 """
 
 from __future__ import annotations

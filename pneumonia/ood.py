@@ -1,74 +1,124 @@
 """The out-of-distribution gate: how unlike the training X-rays an image is, from stage 1's features.
 
-An image's score is the squared Mahalanobis distance of its globally pooled stage-1 features
-(`PneumoniaNet.features`, averaged over the map) to a Gaussian fitted on the training split's
-features (mean and a Ledoit-Wolf shrunk covariance), divided by the threshold: the validation
-split's (1 - fraction) quantile of that distance. A score above 1 is out of distribution, so a
-fraction `fraction` of validation images is flagged by construction. Fitted at the end of
-training on the training and validation splits only, and stored in the checkpoint.
+Each feature stage timm lists for the backbone (`feature_info`: from the first block's output to
+the last one's) describes an image by each channel's spatial mean and standard deviation (the
+mean only for stages wider than MAX_DIMS / 2 channels). Per stage, a Gaussian is fitted to the
+training split's descriptions (mean and Ledoit-Wolf shrunk covariance) and the squared
+Mahalanobis distance is divided by the validation images' (1 - fraction) quantile of it; an
+image's score is its largest stage score divided by the validation images' (1 - fraction)
+quantile of that largest score. A score above 1 is out of distribution, so a fraction
+`fraction` of validation images is flagged by construction. Early stages catch what differs in
+texture and intensity (noise, blank images, CT or MR slices, photos), the last ones what differs
+in content (research/ood_features.py measured the choice). Fitted at the end of training on the
+training and validation splits only, and stored in the checkpoint.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from sklearn.covariance import LedoitWolf
+from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-# Training images the Gaussian is fitted on, at most (evenly spaced through the split): enough
-# for the covariance of the widest backbone here (DenseNet-121, 1,024 features) with shrinkage.
+# Training images the Gaussians are fitted on, at most (evenly spaced through the split).
 MAX_FIT_IMAGES = 4096
+# Dimensions of one stage's description at most: a precision matrix of 2,048^2 floats is 16 MB.
+MAX_DIMS = 2048
+
+
+def describe(maps: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) feature maps -> (N, 2C) channel means and standard deviations over space
+    (the means only, (N, C), when 2C would exceed MAX_DIMS)."""
+    maps = maps.float()
+    mean = maps.mean((2, 3))
+    if 2 * maps.shape[1] > MAX_DIMS:
+        return mean
+    return torch.cat([mean, maps.flatten(2).std(2, correction=0)], 1)
+
+
+@contextmanager
+def watching(backbone: nn.Module, stages: list[str] | None = None) -> Iterator[dict[str, list]]:
+    """While inside, every forward pass of `backbone` appends each stage's description
+    (`describe`) to the yielded {stage: [batches]}; stages default to timm's feature_info."""
+    modules = dict(backbone.named_modules())
+    names = stages if stages is not None else [info["module"] for info in backbone.feature_info]
+    seen: dict[str, list] = {name: [] for name in names}
+
+    def hook(name):
+        def record(_module, _inputs, output):
+            if isinstance(output, torch.Tensor) and output.ndim == 4:
+                seen[name].append(describe(output))
+        return record
+
+    handles = [modules[name].register_forward_hook(hook(name)) for name in names]
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 @dataclass
 class OODGate:
-    mean: torch.Tensor  # (C,)
-    precision: torch.Tensor  # (C, C): inverse of the shrunk covariance
-    threshold: float  # squared distance flagged above (the validation quantile)
+    stages: list[str]  # backbone module names whose outputs are described
+    means: list[torch.Tensor]  # per stage (D,)
+    precisions: list[torch.Tensor]  # per stage (D, D): inverse of the shrunk covariance
+    scales: list[float]  # per stage: the validation quantile of the squared distance
+    threshold: float  # the validation quantile of the largest scaled stage distance
     fraction: float  # the fraction of validation images flagged
     images: dict[str, int]  # images the gate was fitted on, per split
 
-    def score(self, features: torch.Tensor) -> torch.Tensor:
-        """(N,) scores of (N, C, H, W) feature maps or (N, C) pooled features; > 1 is flagged."""
-        pooled = features.float().mean((2, 3)) if features.ndim == 4 else features.float()
-        centred = pooled - self.mean.to(pooled.device)
-        distance = ((centred @ self.precision.to(pooled.device)) * centred).sum(1)
-        return distance / self.threshold
+    def stage_scores(self, described: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(stages, N) squared distances, each divided by its stage's scale."""
+        out = []
+        for name, mean, precision, scale in zip(self.stages, self.means, self.precisions, self.scales):
+            centred = described[name] - mean.to(described[name].device)
+            out.append(((centred @ precision.to(centred.device)) * centred).sum(1) / scale)
+        return torch.stack(out)
+
+    def score(self, described: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(N,) scores of images from their stage descriptions; above 1 is flagged."""
+        return self.stage_scores(described).amax(0) / self.threshold
 
     def state(self) -> dict:
-        """Plain tensors and numbers, for a checkpoint loaded with weights_only=True."""
-        return {"mean": self.mean, "precision": self.precision, "threshold": self.threshold,
-                "fraction": self.fraction, "images": dict(self.images)}
+        """Plain tensors, lists and numbers, for a checkpoint loaded with weights_only=True."""
+        return {"stages": list(self.stages), "means": list(self.means), "precisions": list(self.precisions),
+                "scales": list(self.scales), "threshold": self.threshold, "fraction": self.fraction,
+                "images": dict(self.images)}
 
     @classmethod
     def from_state(cls, state: dict) -> OODGate:
         return cls(**state)
 
     @classmethod
-    def fit(cls, train: torch.Tensor, val: torch.Tensor, fraction: float) -> OODGate:
-        """From (N, C) pooled features of training images (the Gaussian) and validation images
-        (the threshold)."""
+    def fit(cls, train: dict[str, torch.Tensor], val: dict[str, torch.Tensor], fraction: float) -> OODGate:
+        """From the stage descriptions of training images (the Gaussians) and validation images
+        (the scales and the threshold)."""
         if not 0 < fraction < 0.5:
             raise ValueError(f"ood.fraction={fraction} must lie in (0, 0.5)")
-        estimate = LedoitWolf().fit(train.double().numpy())
-        gate = cls(torch.from_numpy(estimate.location_).float(),
-                   torch.from_numpy(estimate.precision_).float(), 1.0, fraction,
-                   {"train": len(train), "val": len(val)})
+        stages = list(train)
+        fits = [LedoitWolf().fit(train[name].double().numpy()) for name in stages]
+        gate = cls(stages, [torch.from_numpy(f.location_).float() for f in fits],
+                   [torch.from_numpy(f.precision_).float() for f in fits], [1.0] * len(stages), 1.0,
+                   fraction, {"train": len(next(iter(train.values()))), "val": len(next(iter(val.values())))})
+        gate.scales = [float(np.quantile(s.numpy(), 1 - fraction)) for s in gate.stage_scores(val)]
         gate.threshold = float(np.quantile(gate.score(val).numpy(), 1 - fraction))
         return gate
 
 
 @torch.inference_mode()
-def pooled_features(features: Callable[[torch.Tensor], torch.Tensor], data: Dataset,
-                    batch_size: int = 64, device: str = "cpu", num_workers: int = 0,
-                    limit: int | None = None) -> torch.Tensor:
-    """(N, C) globally pooled outputs of `features` (a network part on `device`) over a data set
-    of (input, target) pairs, at most `limit` of them, evenly spaced."""
+def stage_descriptions(net: nn.Module, data: Dataset, batch_size: int = 64, device: str = "cpu",
+                       num_workers: int = 0, limit: int | None = None) -> dict[str, torch.Tensor]:
+    """{stage: (N, D)} descriptions of a data set of (image, target) pairs run through `net`
+    (a PneumoniaNet on `device`), at most `limit` images, evenly spaced."""
     if limit is not None and len(data) > limit:
         data = Subset(data, np.linspace(0, len(data) - 1, limit).round().astype(int).tolist())
-    out = [features(x.to(device)).float().mean((2, 3)).cpu()
-           for x, _ in DataLoader(data, batch_size=batch_size, num_workers=num_workers)]
-    return torch.cat(out)
+    with watching(net.backbone) as seen:
+        for x, _ in DataLoader(data, batch_size=batch_size, num_workers=num_workers):
+            net(x.to(device))
+    return {name: torch.cat(batches).cpu() for name, batches in seen.items() if batches}

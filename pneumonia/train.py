@@ -23,7 +23,7 @@ from pneumonia.data.datamodule import XrayDataset
 from pneumonia.data.features import FrozenFeatures
 from pneumonia.data.synthetic import make_synthetic_dataset
 from pneumonia.models import StageClassifier, normalization_stats
-from pneumonia.ood import MAX_FIT_IMAGES, OODGate, pooled_features
+from pneumonia.ood import MAX_FIT_IMAGES, OODGate, stage_descriptions
 from pneumonia.outputs import claim_output
 from pneumonia.stages import STAGE_CLASSES, check_stage
 from pneumonia.sweep import in_multirun
@@ -243,19 +243,18 @@ def _add_ood_gate(module: StageClassifier, datamodule: KermanyDataModule, fracti
     """Fit the out-of-distribution gate of the module's (best) weights on the training and
     validation splits, decoded as inference decodes them, and store it in its checkpoint."""
     module.to(device).eval()
-    fit = {split: pooled_features(module.net.features,
-                                  XrayDataset(datamodule.splits[split], module.hparams.stage,
-                                              datamodule.preprocessing),
-                                  device=device, num_workers=datamodule.num_workers,
-                                  limit=MAX_FIT_IMAGES if split == "train" else None)
+    fit = {split: stage_descriptions(module.net, XrayDataset(datamodule.splits[split], module.hparams.stage,
+                                                             datamodule.preprocessing),
+                                     device=device, num_workers=datamodule.num_workers,
+                                     limit=MAX_FIT_IMAGES if split == "train" else None)
            for split in ("train", "val")}
     module.ood = OODGate.fit(fit["train"], fit["val"], fraction)
     saved = read_checkpoint(checkpoint)
     saved["ood"] = module.ood.state()
     AtomicCheckpointIO().save_checkpoint(saved, checkpoint)
     log.info("Out-of-distribution gate: fitted on %d training images, flags %.1f %% of the %d "
-             "validation images; stored in %s", len(fit["train"]), 100 * fraction, len(fit["val"]),
-             checkpoint)
+             "validation images; stored in %s", module.ood.images["train"], 100 * fraction,
+             module.ood.images["val"], checkpoint)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:

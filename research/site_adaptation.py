@@ -125,6 +125,7 @@ def main() -> None:
                                                      "bootstrap.samples=1"])
             out = args.out / "eval" / method.replace(" + ", "+") / f"half{i}"
             with open_dict(cfg):
+                cfg.paths.work_dir = str(Path.cwd())  # what Hydra's runtime would give
                 cfg.paths.output_dir = str(out)
                 cfg.data.root = str(roots[i])
                 cfg.overwrite = args.overwrite

@@ -15,7 +15,7 @@ from pneumonia.checkpoints import AtomicCheckpointIO, load_stage, read_checkpoin
 from pneumonia.data.transforms import Preprocessing
 from pneumonia.evaluate import evaluate
 from pneumonia.explain import explain
-from pneumonia.ood import OODGate, pooled_features
+from pneumonia.ood import MAX_DIMS, OODGate, describe, stage_descriptions
 from pneumonia.pipeline import ScoredImages, TwoStagePipeline, recorded_split
 from pneumonia.serving import predict_images
 from tests.test_evaluate import _evaluate_cfg
@@ -25,29 +25,41 @@ from tests.test_serving import _b64, _images
 
 def test_the_gate_flags_its_fraction_of_validation_and_what_lies_elsewhere():
     generator = torch.Generator().manual_seed(0)
-    mixing = torch.randn(16, 16, generator=generator)
-    draw = lambda n, shift=0.0: torch.randn(n, 16, generator=generator) @ mixing + shift
+    mixing = {"early": torch.randn(8, 8, generator=generator), "late": torch.randn(16, 16, generator=generator)}
+
+    def draw(n, shift=None):  # two stages' descriptions of n images; `shift` moves one stage
+        return {k: torch.randn(n, len(m), generator=generator) @ m + (4.0 if k == shift else 0.0)
+                for k, m in mixing.items()}
+
     gate = OODGate.fit(draw(3000), draw(1000), fraction=0.05)
-    assert (gate.score(draw(1000)) > 1).float().mean() == pytest.approx(0.05, abs=0.02)
-    assert (gate.score(draw(200, shift=4.0)) > 1).all()
-    # feature maps score as their spatial mean
-    maps = draw(8)[:, :, None, None].expand(8, 16, 3, 5)
-    torch.testing.assert_close(gate.score(maps), gate.score(maps[:, :, 0, 0]))
+    assert (gate.score(draw(2000)) > 1).float().mean() == pytest.approx(0.05, abs=0.02)
+    for stage in mixing:  # an image unlike the training images at any one stage is flagged
+        assert (gate.score(draw(200, shift=stage)) > 1).all()
     # plain tensors and numbers: it survives a weights-only load unchanged
     buffer = io.BytesIO()
     torch.save(gate.state(), buffer)
     buffer.seek(0)
     again = OODGate.from_state(torch.load(buffer, weights_only=True))
-    torch.testing.assert_close(again.score(maps), gate.score(maps))
+    images = draw(8)
+    torch.testing.assert_close(again.score(images), gate.score(images))
     for fraction in (0.0, 0.5):
         with pytest.raises(ValueError, match="ood.fraction"):
             OODGate.fit(draw(100), draw(100), fraction)
 
 
-def _raw_distances(module, records) -> np.ndarray:
+def test_a_stage_is_described_by_its_channels_mean_and_spread():
+    maps = torch.zeros(2, 3, 4, 4)
+    maps[0, 1] = 5.0  # a flat channel: mean 5, no spread
+    maps[1, 2, :2] = 2.0  # half the map 2, half 0: mean 1, standard deviation 1
+    torch.testing.assert_close(describe(maps), torch.tensor([[0, 5, 0, 0, 0, 0], [0, 0, 1, 0, 0, 1.0]]))
+    wide = torch.randn(2, MAX_DIMS // 2 + 1, 2, 2)
+    torch.testing.assert_close(describe(wide), wide.mean((2, 3)))  # too wide for the spread too
+
+
+def _largest_scaled(module, records) -> np.ndarray:
+    """The gate's largest per-stage scaled distance of each image (its score before the threshold)."""
     data = ScoredImages(records, "binary", Preprocessing(**module.hparams.preprocessing))
-    features = pooled_features(module.net.features, data)
-    return (module.ood.score(features) * module.ood.threshold).numpy()
+    return module.ood.stage_scores(stage_descriptions(module.net, data)).amax(0).numpy()
 
 
 @pytest.mark.slow
@@ -61,10 +73,11 @@ def test_the_gate_is_fitted_on_validation_and_travels_in_the_checkpoint(trained)
     split = {s: [r for r in records if r.split == s] for s in ("train", "val", "test")}
     assert module.ood.images == {"train": len(split["train"]), "val": len(split["val"])}
     # the threshold is the validation images' 99th percentile, not the test images'
-    assert module.ood.threshold == pytest.approx(np.quantile(_raw_distances(module, split["val"]), 0.99),
+    assert module.ood.threshold == pytest.approx(np.quantile(_largest_scaled(module, split["val"]), 0.99),
                                                  rel=1e-4)
-    assert module.ood.threshold != pytest.approx(np.quantile(_raw_distances(module, split["test"]), 0.99),
+    assert module.ood.threshold != pytest.approx(np.quantile(_largest_scaled(module, split["test"]), 0.99),
                                                  rel=1e-2)
+    assert module.ood.stages == [info["module"] for info in module.net.backbone.feature_info]
 
 
 def _with_threshold(source, dest, threshold: float):
@@ -105,7 +118,7 @@ def test_evaluation_reports_what_the_gate_would_withhold(trained, tmp_path):
     work, runs = trained
     module = load_stage(runs["binary"]["best_checkpoint"], "binary")
     test = [r for r in recorded_split(module.hparams.data) if r.split == "test"]
-    raw, half = np.sort(_raw_distances(module, test)), len(test) // 2
+    raw, half = np.sort(_largest_scaled(module, test)), len(test) // 2
     # a threshold between two test images' distances: the upper half of them is flagged
     binary = _with_threshold(runs["binary"]["best_checkpoint"], tmp_path / "half.ckpt",
                              float(raw[half - 1] + raw[half]) / 2)

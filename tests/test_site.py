@@ -127,7 +127,7 @@ def test_fitting_and_scoring_images_must_differ_unless_transductive(trained, tmp
     site = result["metrics"]["site"]
     assert site["transductive"] and site["adaptation"]["images"] == 6
     assert site["adaptation"]["batchnorm_images"]["binary"] == 6
-    assert set(site["adaptation"]["priors"]) == {"binary", "subtype"}
+    assert set(site["adaptation"]["priors"]) == {"binary"}  # stage 2 keeps its prior
     report = (tmp_path / "transductive" / "report.md").read_text()
     assert "**Transductive**" in report and "AdaBN" in report
     # the saved pipeline carries the adapted statistics: its binary checkpoint is the adapted one
@@ -136,4 +136,5 @@ def test_fitting_and_scoring_images_must_differ_unless_transductive(trained, tmp
     original = load_stage(refs["binary"], "binary")
     key = next(k for k in original.state_dict() if k.endswith("running_mean"))
     assert not torch.equal(adapted.state_dict()[key], original.state_dict()[key])
-    assert saved["calibration"]["prior_shift"] == {k: v["logit_shift"] for k, v in site["adaptation"]["priors"].items()}
+    assert saved["calibration"]["prior_shift"] == {"binary": site["adaptation"]["priors"]["binary"]["logit_shift"],
+                                                   "subtype": 0.0}

@@ -20,7 +20,7 @@ from torchmetrics.classification import (
 )
 
 from pneumonia.models.network import build_network
-from pneumonia.ood import OODGate
+from pneumonia.ood import OODGate, watching
 
 # Options of earlier versions that their checkpoints still carry, each with the value that meant
 # "off": such a checkpoint loads when the option was off and is refused when it was on, since
@@ -124,11 +124,11 @@ class StageClassifier(L.LightningModule):
 
     def outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits and the OOD gate's scores (NaN without a gate) of one pass."""
-        features = self.net.features(x)
-        logits = self.net.classify(features)
         if self.ood is None:
-            return logits, torch.full((len(x),), float("nan"), device=x.device)
-        return logits, self.ood.score(features)
+            return self.net(x), torch.full((len(x),), float("nan"), device=x.device)
+        with watching(self.net.backbone, self.ood.stages) as seen:
+            logits = self.net(x)
+        return logits, self.ood.score({name: batches[0] for name, batches in seen.items()})
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         images, targets = batch
