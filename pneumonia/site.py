@@ -69,11 +69,11 @@ def _digest(path: Path) -> str:
 
 def check_disjoint(fitted: list[Record], scored: list[Record], option: str) -> None:
     """Refuse when an image that calibrates or adapts is also scored (same bytes, any path)."""
-    shared = {_digest(r.path) for r in fitted} & {_digest(r.path): r for r in scored}.keys()
+    fitting = {_digest(r.path) for r in fitted}
+    shared = [r.path for r in scored if _digest(r.path) in fitting]
     if shared:
-        example = next(r.path for r in scored if _digest(r.path) in shared)
         raise DataError(
-            f"{len(shared)} image(s) given by {option} are also scored (e.g. {example}): fitting "
+            f"{len(shared)} image(s) given by {option} are also scored (e.g. {shared[0]}): fitting "
             "and scoring on the same images overstates every figure. Use images the report "
             "does not score, or transductive=true to adapt on the scored images on purpose "
             "(the report then says so).")

@@ -6,6 +6,7 @@ import hashlib
 import os
 import random
 import shutil
+import signal
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -17,6 +18,10 @@ import pneumonia.config  # noqa: F401  (registers the config schemas, as train.p
 from pneumonia.data.synthetic import make_synthetic_dataset
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+# Tests that press Ctrl-C on a child process need SIGINT delivered; a test run started in the
+# background (`make test &` in a script) begins with SIGINT ignored, which children inherit.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 SHARED_DATA = REPO.parent / "shared" / "data"

@@ -84,12 +84,17 @@ def _site_folder(records, dest: Path, flip: bool = False) -> Path:
     return dest
 
 
-@pytest.mark.slow
-def test_site_calibration_fits_the_thresholds_on_the_site_folder_only(trained, tmp_path):
+def _stages_and_split(trained, split: str):
+    """The trained stages' checkpoints and the images of one split they were trained on."""
     work, runs = trained
     refs = {s: runs[s]["best_checkpoint"] for s in ("binary", "subtype")}
-    site_images = [r for r in recorded_split(load_stage(refs["binary"], "binary").hparams.data)
-                   if r.split == "train"]
+    records = recorded_split(load_stage(refs["binary"], "binary").hparams.data)
+    return work, refs, [r for r in records if r.split == split]
+
+
+@pytest.mark.slow
+def test_site_calibration_fits_the_thresholds_on_the_site_folder_only(trained, tmp_path):
+    work, refs, site_images = _stages_and_split(trained, "train")
     results = {}
     for flip in (False, True):
         folder = _site_folder(site_images, tmp_path / f"site-{flip}", flip)
@@ -113,10 +118,7 @@ def test_site_calibration_fits_the_thresholds_on_the_site_folder_only(trained, t
 
 @pytest.mark.slow
 def test_fitting_and_scoring_images_must_differ_unless_transductive(trained, tmp_path):
-    work, runs = trained
-    refs = {s: runs[s]["best_checkpoint"] for s in ("binary", "subtype")}
-    test = [r for r in recorded_split(load_stage(refs["binary"], "binary").hparams.data)
-            if r.split == "test"]
+    work, refs, test = _stages_and_split(trained, "test")
     folder = _site_folder(test[:3] + test[-3:], tmp_path / "site")  # copies: other paths, same bytes
     for option in ("calibration", "adapt"):
         with pytest.raises(DataError, match="are also scored"):
