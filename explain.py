@@ -18,6 +18,9 @@ def main(cfg: DictConfig) -> None:
     print(f"\nReports: {out / 'index.html'}  (summary: {out / 'summary.csv'})")
     if result["run_id"]:
         print(f"MLflow explain run: {result['run_id']}")
+    if result["withheld"]:
+        print(f"{result['withheld']} image(s) got no diagnosis by decision (not a chest radiograph, "
+              "or out of distribution); see summary.csv", file=sys.stderr)
     if result["failed"]:
         print(f"{result['failed']} file(s) could not be explained; see summary.csv", file=sys.stderr)
         sys.exit(1)  # Hydra drops a task's return value; the exit status tells scripts

@@ -208,7 +208,9 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
         log.warning("The binary checkpoint has no out-of-distribution gate (trained before it "
                     "existed): every image is diagnosed, whatever it shows")
     (output_dir / "index.html").write_text(index_html(rows, title, CLASSES))
-    failed = sum(r["status"] != "ok" for r in rows)
+    # withheld (not a chest radiograph, out of distribution) is a decision; failed is not
+    failed = sum(r["status"] == "failed" for r in rows)
+    withheld = sum(r["status"] not in ("ok", "failed") for r in rows)
     run_id = None
     if cfg.log_to_mlflow:
         from pneumonia.tracking import log_folder_run
@@ -217,5 +219,7 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
                                 output_dir, {"method": cfg.method, "stage": cfg.explain_stage,
                                              "accept_any_modality": str(cfg.accept_any_modality),
                                              "accept_ood": str(cfg.accept_ood),
-                                             "images": str(len(rows)), "failed": str(failed)})
-    return {"output_dir": str(output_dir), "rows": rows, "failed": failed, "run_id": run_id}
+                                             "images": str(len(rows)), "failed": str(failed),
+                                             "withheld": str(withheld)})
+    return {"output_dir": str(output_dir), "rows": rows, "failed": failed, "withheld": withheld,
+            "run_id": run_id}

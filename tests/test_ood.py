@@ -96,6 +96,7 @@ def test_flagged_images_get_no_diagnosis_unless_accepted(trained, synthetic_root
     folder = synthetic_root / "test" / "NORMAL"
     result = explain(_explain_cfg(work, folder, tmp_path / "a", flag_all, log_to_mlflow=False, limit=2))
     assert [r["status"] for r in result["rows"]] == ["out of distribution"] * 2
+    assert (result["failed"], result["withheld"]) == (0, 2)  # a decision, not a failure: exit 0
     assert all(float(r["ood_score"]) > 1 and "p_normal" not in r for r in result["rows"])
     accepted = explain(_explain_cfg(work, folder, tmp_path / "b", flag_all, log_to_mlflow=False, limit=2,
                                     accept_ood=True))
