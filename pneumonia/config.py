@@ -17,6 +17,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from pneumonia.attribution import METHODS
 from pneumonia.models.network import ADAPTERS, FREEZE, HEADS, check_backbone
 from pneumonia.models.network import check_choice as _choice
+from pneumonia.ood import check_fraction
 from pneumonia.pipeline import OPERATING_POINTS
 from pneumonia.site import ADAPT_METHODS
 from pneumonia.stages import STAGE_CLASSES
@@ -211,9 +212,7 @@ def validate(cfg: DictConfig) -> None:
     for group in ("model", "data", "stage", "trainer"):
         OmegaConf.to_object(cfg[group])  # runs each schema's __post_init__
     check_feature_cache(cfg)
-    if not 0 < cfg.ood_fraction < 0.5:
-        raise ValueError(f"ood_fraction={cfg.ood_fraction} must lie in (0, 0.5): the fraction of "
-                         "validation images the out-of-distribution gate flags")
+    check_fraction(cfg.ood_fraction)
     lr = cfg.optimizer.get("lr")
     if not isinstance(lr, (int, float)) or lr <= 0:
         raise ValueError(f"optimizer.lr={lr} must be a positive number")

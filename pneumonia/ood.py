@@ -63,6 +63,12 @@ def watching(backbone: nn.Module, stages: list[str] | None = None) -> Iterator[d
             handle.remove()
 
 
+def check_fraction(fraction: float) -> None:
+    if not 0 < fraction < 0.5:
+        raise ValueError(f"ood_fraction={fraction} must lie in (0, 0.5): the fraction of validation "
+                         "images the out-of-distribution gate flags")
+
+
 @dataclass
 class OODGate:
     stages: list[str]  # backbone module names whose outputs are described
@@ -99,8 +105,7 @@ class OODGate:
     def fit(cls, train: dict[str, torch.Tensor], val: dict[str, torch.Tensor], fraction: float) -> OODGate:
         """From the stage descriptions of training images (the Gaussians) and validation images
         (the scales and the threshold)."""
-        if not 0 < fraction < 0.5:
-            raise ValueError(f"ood.fraction={fraction} must lie in (0, 0.5)")
+        check_fraction(fraction)
         stages = list(train)
         fits = [LedoitWolf().fit(train[name].double().numpy()) for name in stages]
         gate = cls(stages, [torch.from_numpy(f.location_).float() for f in fits],

@@ -145,14 +145,23 @@ def _save_adapted(module: nn.Module, sources: str | list[str], stage: str, folde
 
 def adapt_to_site(pipeline, records: list[Record], method: str, folder: Path, **loader) -> dict:
     """Adapt a calibrated pipeline to a site's unlabelled images (`ADAPT_METHODS`); AdaBN's
-    checkpoints are written to `folder`. Returns what the report says about it."""
+    checkpoints are written to `folder`. Stage 1 scores the images once (after its AdaBN): its
+    probabilities choose stage 2's AdaBN images and re-estimate the prior. Returns what the
+    report says about it."""
+    from pneumonia.pipeline import softmax_positive, stage_outputs
+
     if method not in ADAPT_METHODS:
         raise ValueError(f"adapt_method={method!r} is not one of: {', '.join(ADAPT_METHODS)}")
     done: dict = {"images": len(records), "method": method}
+    stages, cal = pipeline.stages, pipeline.calibration
     if method in ("batchnorm", "both"):
-        stages = pipeline.stages
         stages["binary"] = adapt_batchnorm(stages["binary"], records, **loader)
-        pneumonic = [r for r, d in zip(records, pipeline.predict(records, **loader).decision) if d > 0]
+    logits = stage_outputs(stages["binary"], records, tta=pipeline.tta, **loader)[0]
+    finite = np.isfinite(logits).all(axis=1)  # an unreadable image has no logits
+    if method in ("batchnorm", "both"):
+        p = softmax_positive(logits, cal.temperature["binary"], cal.prior_shift["binary"])
+        threshold = pipeline.stage_thresholds()["binary"]
+        pneumonic = [r for r, q, ok in zip(records, p, finite) if ok and q >= threshold]
         if pneumonic:  # stage 2 was trained on pneumonia images: adapted on those stage 1 finds
             stages["subtype"] = adapt_batchnorm(stages["subtype"], pneumonic, **loader)
         done["batchnorm_images"] = {"binary": len(records), "subtype": len(pneumonic)}
@@ -160,25 +169,22 @@ def adapt_to_site(pipeline, records: list[Record], method: str, folder: Path, **
             pipeline.checkpoints[stage] = _save_adapted(stages[stage], pipeline.checkpoints[stage],
                                                         stage, folder)
     if method in ("prior", "both"):
-        done["priors"] = adapt_priors(pipeline, records, **loader)
+        done["priors"] = adapt_prior(cal, logits[finite])
     return done
 
 
-def adapt_priors(pipeline, records: list[Record], **loader) -> dict[str, dict[str, float]]:
-    """Re-estimate stage 1's class prior, P(pneumonia), on the images (EM) and move the
-    pipeline's P(pneumonia) to it. Stage 2 keeps its prior: estimated from unlabelled images,
-    P(viral | pneumonia) also counts the normal images stage 2 was never meant to see, and on the
-    local test halves that moved it from about 0.34 to 0.65-1.0 and its accuracy from 0.84 to
-    0.60 (docs/site.md)."""
+def adapt_prior(cal, logits: np.ndarray) -> dict[str, dict[str, float]]:
+    """Re-estimate stage 1's class prior, P(pneumonia), from its logits of the site's images
+    (EM) and move the calibration's P(pneumonia) to it (`cal.prior_shift`). Stage 2 keeps its
+    prior: estimated from unlabelled images, P(viral | pneumonia) also counts the normal images
+    stage 2 was never meant to see, and on the local test halves that moved it from about 0.34
+    to 0.65-1.0 and its accuracy from 0.84 to 0.60 (docs/site.md)."""
     from pneumonia.pipeline import softmax_positive
 
-    cal = pipeline.calibration
     if "binary" not in cal.priors:
         raise ValueError("this pipeline's calibration does not record its class priors (made "
                          "before prior re-estimation existed); calibrate it again to adapt priors")
-    logits, _ = pipeline.outputs(records, **loader)
-    z = logits["binary"][np.isfinite(logits["binary"]).all(axis=1)]
-    estimate = estimate_prior(softmax_positive(z, cal.temperature["binary"]), cal.priors["binary"])
+    estimate = estimate_prior(softmax_positive(logits, cal.temperature["binary"]), cal.priors["binary"])
     cal.prior_shift = {**cal.prior_shift, "binary": logit_shift(cal.priors["binary"], estimate)}
     return {"binary": {"calibration": cal.priors["binary"], "site": estimate,
                        "logit_shift": cal.prior_shift["binary"]}}

@@ -33,13 +33,14 @@ from pneumonia.pipeline import load_stage, recorded_split, stage_inputs
 @torch.inference_mode()
 def stage_maps(module, images: list[np.ndarray], batch: int = 64) -> dict[str, torch.Tensor]:
     """{stage: (N, D)} descriptions (pneumonia.ood.describe) of every timm feature stage, and
-    "last": the last feature map's."""
+    the last feature map's: "last" (its description), "last mean" (its channel means only)."""
     with watching(module.net.backbone) as seen:
         last = []
         for start in range(0, len(images), batch):
             _, x = stage_inputs(module, images[start:start + batch])
-            last.append(describe(module.net.features(x)))
-    return {"last": torch.cat(last), **{n: torch.cat(v) for n, v in seen.items()}}
+            last.append(module.net.features(x).float())
+    last = torch.cat(last)
+    return {"last mean": last.mean((2, 3)), "last": describe(last), **{n: torch.cat(v) for n, v in seen.items()}}
 
 
 def main() -> None:
@@ -59,8 +60,7 @@ def main() -> None:
             "CT/MR slices": dicom_slices(), "shipped images": shipped_pictures(),
             "noise, blank": synthetic_images()}
     maps = {name: stage_maps(module, images) for name, images in sets.items()}
-    stages = [n for n in maps["train"] if n != "last"]
-    width = maps["train"]["last"].shape[1] // 2
+    stages = [n for n in maps["train"] if n not in ("last", "last mean")]
 
     def gate(columns: dict[str, slice]) -> dict[str, np.ndarray]:
         fitted = OODGate.fit({n: maps["train"][n][:, c] for n, c in columns.items()},
@@ -68,7 +68,7 @@ def main() -> None:
         return {name: fitted.score({n: m[n][:, c] for n, c in columns.items()}).numpy()
                 for name, m in maps.items()}
 
-    choices = {"last mean": gate({"last": slice(0, width)}), "last mean+std": gate({"last": slice(None)}),
+    choices = {"last mean": gate({"last mean": slice(None)}), "last mean+std": gate({"last": slice(None)}),
                "all stages mean+std (the gate)": gate({n: slice(None) for n in stages})}
     print(f"stages: {', '.join(stages)}\n")
     print("| features | " + " | ".join(f"{n} ({len(sets[n])})" for n in sets if n != "train") + " |")

@@ -43,7 +43,7 @@ def test_the_gate_flags_its_fraction_of_validation_and_what_lies_elsewhere():
     images = draw(8)
     torch.testing.assert_close(again.score(images), gate.score(images))
     for fraction in (0.0, 0.5):
-        with pytest.raises(ValueError, match="ood.fraction"):
+        with pytest.raises(ValueError, match="ood_fraction"):
             OODGate.fit(draw(100), draw(100), fraction)
 
 
