@@ -190,8 +190,8 @@ def _site_lines(site: dict) -> list[str]:
     lines = []
     adaptation = site.get("adaptation")
     if adaptation:
-        what = {"batchnorm": "BatchNorm statistics (AdaBN)", "prior": "class priors (EM)",
-                "both": "BatchNorm statistics (AdaBN) and class priors (EM)"}[adaptation["method"]]
+        what = {"batchnorm": "BatchNorm statistics (AdaBN)", "prior": "the share of pneumonia (EM)",
+                "both": "BatchNorm statistics (AdaBN) and the share of pneumonia (EM)"}[adaptation["method"]]
         lines.append(f"Adapted to the site: {what}, on the {adaptation['images']} unlabelled images "
                      f"of `{adaptation['folder']}`.")
         for stage, prior in (adaptation.get("priors") or {}).items():
