@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 # Keys of the data group that the run uses itself and does not hand to the data module: the
 # normalisation mode (turned into the backbone's mean and std) and the synthetic data recipe.
 RUN_DATA_KEYS = ("normalization", "synthetic")
+# What a checkpoint records of its data (besides the root), so evaluation can rebuild the split.
+SPLIT_KEYS = ("split", "split_seed", "val_fraction", "test_fraction", "skip_bad")
 
 
 def build_datamodule(cfg: DictConfig) -> KermanyDataModule:
@@ -54,11 +56,16 @@ def build_datamodule(cfg: DictConfig) -> KermanyDataModule:
     if synthetic:
         root = make_synthetic_dataset(root, **synthetic)
     mean, std = normalization_stats(cfg.model.backbone, normalization)
+    return instantiate(data, root=str(root), stage=check_stage(cfg.stage.name),
+                       image_size=cfg.model.input_size, mean=mean, std=std, shuffle_seed=cfg.seed)
+
+
+def instantiate(config: Any, **kwargs: Any) -> Any:
+    """hydra.utils.instantiate with plain containers as arguments; the object's own error
+    (DataError, ValueError...) is raised as itself, not wrapped in Hydra's."""
     try:
-        return hydra.utils.instantiate(data, root=str(root), stage=check_stage(cfg.stage.name),
-                                       image_size=cfg.model.input_size, mean=mean, std=std,
-                                       shuffle_seed=cfg.seed, _convert_="all")
-    except InstantiationException as err:  # the data module's own error (DataError...), unwrapped
+        return hydra.utils.instantiate(config, **kwargs, _convert_="all")
+    except InstantiationException as err:
         if err.__cause__ is None:
             raise
         raise err.__cause__ from None
@@ -76,26 +83,15 @@ def class_weights(setting: Any, datamodule: KermanyDataModule) -> list[float] | 
 
 
 def build_module(cfg: DictConfig, datamodule: KermanyDataModule) -> StageClassifier:
-    """The stage's module from plain config values; with data.feature_cache it also hands the
-    data module the network's feature extractor."""
+    """The stage's module, instantiated from the `module` node plus what the run decides; with
+    data.feature_cache it also hands the data module the network's feature extractor."""
     model = OmegaConf.to_container(cfg.model, resolve=True)
-    pretrained = model.pop("pretrained")
-    module = StageClassifier(
-        model=model,
-        classes=list(STAGE_CLASSES[cfg.stage.name]),
-        stage=cfg.stage.name,
-        preprocessing=datamodule.preprocessing.to_dict(),
-        optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
-        scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True) if cfg.scheduler else None,
+    pretrained = model.pop("pretrained")  # a hparam of its own: checkpoints load offline
+    module = instantiate(
+        cfg.module, model=model, pretrained=pretrained, stage=cfg.stage.name,
+        classes=list(STAGE_CLASSES[cfg.stage.name]), preprocessing=datamodule.preprocessing.to_dict(),
         class_weights=class_weights(cfg.loss.class_weights, datamodule),
-        label_smoothing=cfg.loss.label_smoothing,
-        pretrained=pretrained,
-        data={"root": str(datamodule.root), "split": cfg.data.split, "split_seed": cfg.data.split_seed,
-              "val_fraction": cfg.data.val_fraction, "test_fraction": cfg.data.test_fraction,
-              "skip_bad": cfg.data.skip_bad},
-        channels_last=cfg.speed.channels_last,
-        compile=cfg.speed.compile,
-    )
+        data={"root": str(datamodule.root), **{key: cfg.data[key] for key in SPLIT_KEYS}})
     if cfg.data.feature_cache:  # batches are the frozen part's features; not saved in checkpoints
         module.cached_features = True
         pre = datamodule.preprocessing
