@@ -48,8 +48,8 @@ class TimeBudget(L.Callback):
 
     def _choose(self, trainer: L.Trainer) -> None:
         seconds = monotonic() - self._started
-        configured = trainer.max_epochs
         fit = max(1, math.floor(self.minutes * 60 / seconds))
+        configured = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else fit
         self.epochs = int(trainer.strategy.broadcast(min(configured, fit), src=0))
         trainer.fit_loop.max_epochs = self.epochs
         for config in trainer.lr_scheduler_configs:

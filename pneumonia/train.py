@@ -266,7 +266,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # a resumed run keeps the files (and MLflow params) it has; other DDP ranks write none
     if resume_from is None and rank_zero_only.rank == 0:
         _record_inputs(cfg, logger, datamodule, output_dir, hardware.tags(choice))
-    callbacks = [hydra.utils.instantiate(c) for c in cfg.callbacks.values() if c]
+    # after the claim: on resume, checkpoints go to the interrupted run's folder
+    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c]
     callbacks.append(EpochSeed(cfg.seed))
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=logger, callbacks=callbacks,
                                                  plugins=[AtomicCheckpointIO()], **_trainer_overrides(choice))

@@ -75,9 +75,14 @@ def test_a_resumed_run_keeps_the_epochs_chosen(monkeypatch, tmp_path):
     assert rates == pytest.approx([_cosine(e, 3) for e in (1, 2)])
 
 
-def test_a_budget_must_be_positive():
-    with pytest.raises(ValueError, match="time_budget.minutes=0 must be positive"):
-        TimeBudget(0)
+def test_a_budget_must_be_positive(synthetic_root, tmp_path):
+    from pneumonia.train import train
+
+    cfg = compose_train(tmp_path, [f"data.root={synthetic_root}", "model=resnet18", "model.pretrained=false",
+                                   "logger=none", "+callbacks.time_budget._target_=pneumonia.budget.TimeBudget",
+                                   "+callbacks.time_budget.minutes=0"])
+    with pytest.raises(ValueError, match="time_budget.minutes=0 must be positive"):  # not Hydra's wrapper
+        train(cfg)
 
 
 def test_the_cpu_recipe_trains_within_its_budget(tmp_path):
