@@ -4,7 +4,9 @@ python -m benchmarks.occlusion_speed [--models mobilenetv3_large_100 vgg16] [--f
 python -m benchmarks.occlusion_speed --captum-rows [--images 4]
 python -m benchmarks.occlusion_speed --models resnet18 --xrays 4   (approximation on real X-rays)
 
-By default compares, for one random image, in one process (ratios against captum x16):
+By default compares, for one random image, in one process (ratios against the first row):
+  one copy per pass   study A: one occluded copy per forward pass (estimated from timed
+                      batch-1 passes times the passes it needs)
   captum x16          Captum, 16 occluded copies per pass, contiguous layout
   default before      the same in channels_last (explain.py's default until incremental)
   incremental exact   pneumonia.occlusion, 64 copies per pass (explain.py's default now)
@@ -80,10 +82,12 @@ def agreement(approx: torch.Tensor, exact: torch.Tensor) -> tuple[float, float]:
 
 
 def incremental_rows(name: str, fraction: float) -> None:
-    """Captum x16, the channels_last default before, incremental exact and approximate."""
+    """One copy per pass, Captum x16, the channels_last default before, incremental exact and
+    approximate."""
     net = build_network(name, adapter="none", head="linear", input_size=SIZE).eval()
     image = torch.randn(1, 1, SIZE, SIZE)
-    rows = [("captum x16", seconds_per_image(net, image, 16))]
+    rows = [("one copy per pass (estimated)", estimated_one_per_pass(net, image)),
+            ("captum x16", seconds_per_image(net, image, 16))]
     net_cl = copy.deepcopy(net).to(memory_format=torch.channels_last)
     one_cl = image.contiguous(memory_format=torch.channels_last)
     rows.append(("default before: captum x16, channels_last",
