@@ -1,6 +1,7 @@
 """TimeBudget chooses the epochs that fit from the first epoch's time, shortens the cosine
 schedule to match, and a run resumed from its first checkpoint keeps the choice."""
 
+import itertools
 import math
 
 import lightning as L
@@ -32,7 +33,7 @@ class LearningRates(L.Callback):
 
 def _fake_clock(monkeypatch, epoch_seconds: float) -> None:
     """The clock TimeBudget reads: each reading epoch_seconds after the one before."""
-    readings = iter(range(0, 10_000))
+    readings = itertools.count()
     monkeypatch.setattr(budget, "monotonic", lambda: next(readings) * epoch_seconds)
 
 
