@@ -137,7 +137,7 @@ def build_logger(cfg: DictConfig, run_id: str | None = None) -> tuple[MLFlowLogg
     if uri.startswith(("http://", "https://")):
         overrides["artifact_location"] = None  # the server decides where artifacts go
     ensure_tracking_store(uri)  # one process creates a fresh SQLite database, the others wait
-    return hydra.utils.instantiate(logger_cfg, **overrides), uri
+    return instantiate(logger_cfg, **overrides), uri
 
 
 def _run_tags(cfg: DictConfig) -> dict[str, str]:
@@ -269,8 +269,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # after the claim: on resume, checkpoints go to the interrupted run's folder
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c]
     callbacks.append(EpochSeed(cfg.seed))
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=logger, callbacks=callbacks,
-                                                 plugins=[AtomicCheckpointIO()], **_trainer_overrides(choice))
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks,
+                                     plugins=[AtomicCheckpointIO()], **_trainer_overrides(choice))
     log.info("Training %s/%s on %s: %s", cfg.stage.name, cfg.model.name, datamodule.root,
              {s: datamodule.class_counts(s) for s in ("train", "val", "test")})
     _fit(trainer, module, datamodule, resume_from, output_dir)
