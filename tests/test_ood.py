@@ -10,12 +10,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from sklearn.covariance import LedoitWolf
 
 from pneumonia.checkpoints import AtomicCheckpointIO, load_stage, read_checkpoint
 from pneumonia.data.transforms import Preprocessing
 from pneumonia.evaluate import evaluate
 from pneumonia.explain import explain
-from pneumonia.ood import MAX_DIMS, OODGate, describe, stage_descriptions
+from pneumonia.ood import MAX_DIMS, OODGate, describe, gaussian, stage_descriptions
 from pneumonia.pipeline import ScoredImages, TwoStagePipeline, recorded_split
 from pneumonia.serving import predict_images
 from tests.test_evaluate import _evaluate_cfg
@@ -45,6 +46,16 @@ def test_the_gate_flags_its_fraction_of_validation_and_what_lies_elsewhere():
     for fraction in (0.0, 0.5):
         with pytest.raises(ValueError, match="ood_fraction"):
             OODGate.fit(draw(100), draw(100), fraction)
+
+
+@pytest.mark.parametrize("n, d", [(500, 40), (30, 200)])  # also fewer images than dimensions
+def test_the_gaussian_is_sklearns_ledoit_wolf_estimate(n, d):
+    x = torch.randn(n, d, generator=torch.Generator().manual_seed(n)) * torch.linspace(0.1, 3, d)
+    mean, precision = gaussian(x)
+    reference = LedoitWolf().fit(x.double().numpy())
+    torch.testing.assert_close(mean, torch.from_numpy(reference.location_).float())
+    torch.testing.assert_close(precision, torch.from_numpy(reference.precision_).float(),
+                               rtol=1e-4, atol=1e-4 * float(precision.abs().max()))
 
 
 def test_a_stage_is_described_by_its_channels_mean_and_spread():
