@@ -18,6 +18,12 @@ import pneumonia.config  # noqa: F401  (registers the config schemas, as train.p
 from pneumonia.data.synthetic import make_synthetic_dataset
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # pytest -n N: the workers share the CPUs
+    import torch
+
+    _threads = max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = str(_threads)  # for the processes the tests start
+    torch.set_num_threads(_threads)
 # Tests that press Ctrl-C on a child process need SIGINT delivered; a test run started in the
 # background (`make test &` in a script) begins with SIGINT ignored, which children inherit.
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
