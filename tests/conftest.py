@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
@@ -19,8 +20,6 @@ from pneumonia.data.synthetic import make_synthetic_dataset
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # pytest -n N: the workers share the CPUs
-    import torch
-
     _threads = max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
     os.environ["OMP_NUM_THREADS"] = str(_threads)  # for the processes the tests start
     torch.set_num_threads(_threads)
