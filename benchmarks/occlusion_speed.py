@@ -9,7 +9,8 @@ By default compares, for one random image, in one process (ratios against the fi
                       batch-1 passes times the passes it needs)
   captum x16          Captum, 16 occluded copies per pass, contiguous layout
   default before      the same in channels_last (explain.py's default until incremental)
-  incremental exact   pneumonia.occlusion, 64 copies per pass (explain.py's default now)
+  incremental exact   pneumonia.occlusion (explain.py's default method), 64 copies per pass
+                      (explain.py passes perturbations_per_eval, 16 by default)
   approximate         the same with regions capped at --fraction of each map's side,
                       with its largest difference and correlation against the exact map
 and prints the engine's own count of multiply-accumulates per occluded copy against a full
