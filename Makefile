@@ -41,7 +41,7 @@ demo: venv
 	@echo 'Query it:  printf "{\"dataframe_records\": [{\"image\": \"%s\"}]}" "$$(base64 -w0 "$$(ls $(CACHE)/synthetic-seed0/test/PNEUMONIA/* | head -1)")" | curl -s -H "Content-Type: application/json" --data @- http://127.0.0.1:$(SERVE_PORT)/invocations'
 
 # Two pytest workers, each with half the CPU threads (tests/conftest.py): on a 2-core AMD EPYC
-# the suite took 469-576 s, against 779-858 s one test after the other (much of a test is
+# the suite took 469-598 s, against 779-858 s one test after the other (much of a test is
 # process start-up and I/O, which the two workers overlap).
 TEST_WORKERS ?= 2
 test: venv
