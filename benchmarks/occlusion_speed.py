@@ -2,7 +2,8 @@
 
 python -m benchmarks.occlusion_speed [--models mobilenetv3_large_100 vgg16] [--fraction 0.5]
 python -m benchmarks.occlusion_speed --captum-rows [--images 4]
-python -m benchmarks.occlusion_speed --models resnet18 --xrays 4   (approximation on real X-rays)
+python -m benchmarks.occlusion_speed --xrays 10 --checkpoint <binary.ckpt> [--split val|test]
+    [--fraction 1.0 0.5 --refine 0.25 0.5]   (approximate vs exact maps on real X-rays)
 
 By default compares, for one random image, in one process (ratios against the first row):
   one copy per pass   study A: one occluded copy per forward pass (estimated from timed
@@ -11,12 +12,15 @@ By default compares, for one random image, in one process (ratios against the fi
   default before      the same in channels_last (explain.py's default until incremental)
   incremental exact   pneumonia.occlusion (explain.py's default method), 64 copies per pass
                       (explain.py passes perturbations_per_eval, 16 by default)
-  approximate         the same with regions capped at --fraction of each map's side,
+  approximate         regions capped at --fraction of each map's side, every other window
+                      and the --refine share of the rest (pneumonia.occlusion.APPROXIMATE),
                       with its largest difference and correlation against the exact map
 and prints the engine's own count of multiply-accumulates per occluded copy against a full
 pass, the ratio that bounds what recomputing less can gain.
 
---xrays N compares approximate with exact maps on N real X-rays (random-init weights).
+--xrays N compares approximate with exact maps of a trained stage on N real X-rays of its
+validation split (to choose the settings) or its test split (to report them), maps of the class
+the stage predicts; random-init networks give maps of noise, useless for judging an approximation.
 
 --captum-rows compares, in one process on the same machine:
   study A      one occluded image per forward pass (Captum perturbations_per_eval=1)
@@ -36,12 +40,14 @@ import time
 
 import numpy as np
 import torch
-from PIL import Image
 
-from benchmarks.common import SHARED_DATA, header, print_rows
+from benchmarks.common import header, print_rows
 from pneumonia.attribution import occlusion_map
+from pneumonia.checkpoints import load_stage
+from pneumonia.io import read_grayscale
 from pneumonia.models import build_network
-from pneumonia.occlusion import Counter, incremental_occlusion_map, window_starts
+from pneumonia.occlusion import APPROXIMATE, Counter, incremental_occlusion_map, window_starts
+from pneumonia.pipeline import recorded_split, stage_inputs
 
 SIZE, WINDOW, STRIDE = 224, 15, 10
 PASSES = len(window_starts(SIZE, WINDOW, STRIDE)) ** 2 + 1  # 484 occluded copies (Captum) + 1
@@ -66,13 +72,14 @@ def estimated_one_per_pass(net, image, samples: int = 30) -> float:
         return (time.perf_counter() - start) / samples * PASSES
 
 
-def timed_incremental(net, image, mode: str,
-                      fraction: float) -> tuple[float, torch.Tensor, Counter]:
+def timed_incremental(net, image, mode: str, fraction: float, refine: float,
+                      target: torch.Tensor | None = None) -> tuple[float, torch.Tensor, Counter]:
     """Seconds, map and multiply-accumulate count of one incremental map."""
     counter = Counter()
+    target = torch.ones(1, dtype=torch.long) if target is None else target
     start = time.perf_counter()
-    heatmap = incremental_occlusion_map(net, image, torch.ones(1, dtype=torch.long), WINDOW, STRIDE,
-                                        0.0, 64, mode, fraction, counter)
+    heatmap = incremental_occlusion_map(net, image, target, WINDOW, STRIDE, 0.0, 64, mode, fraction,
+                                        refine, counter)
     return time.perf_counter() - start, heatmap, counter
 
 
@@ -82,7 +89,7 @@ def agreement(approx: torch.Tensor, exact: torch.Tensor) -> tuple[float, float]:
     return float((approx - exact).abs().max()), float(corr)
 
 
-def incremental_rows(name: str, fraction: float) -> None:
+def incremental_rows(name: str, fraction: float, refine: float) -> None:
     """One copy per pass, Captum x16, the channels_last default before, incremental exact and
     approximate."""
     net = build_network(name, adapter="none", head="linear", input_size=SIZE).eval()
@@ -93,10 +100,10 @@ def incremental_rows(name: str, fraction: float) -> None:
     one_cl = image.contiguous(memory_format=torch.channels_last)
     rows.append(("default before: captum x16, channels_last",
                  seconds_per_image(net_cl, one_cl, 16)))
-    seconds, exact, counter = timed_incremental(net, image, "exact", 1.0)
+    seconds, exact, counter = timed_incremental(net, image, "exact", 1.0, 1.0)
     rows.append(("incremental exact", seconds))
-    seconds, approx, approx_counter = timed_incremental(net, image, "approximate", fraction)
-    rows.append((f"approximate (fraction {fraction})", seconds))
+    seconds, approx, approx_counter = timed_incremental(net, image, "approximate", fraction, refine)
+    rows.append((f"approximate (fraction {fraction}, refine {refine})", seconds))
     print_rows(name, rows, "s/image", higher_is_better=False)
     for label, c in (("exact", counter), ("approximate", approx_counter)):
         print(f"  MACs per occluded copy, {label}: {c.per_copy() / 1e9:.3f} G of a full pass's "
@@ -105,22 +112,45 @@ def incremental_rows(name: str, fraction: float) -> None:
     print(f"  approximate vs exact: max |diff| {diff:.4f}, correlation {corr:.4f}")
 
 
-def xray_agreement(name: str, count: int, fraction: float) -> None:
-    """Approximate against exact maps on real X-rays (224 px test images, random-init weights)."""
-    folder = SHARED_DATA / "kermany224" / "test"
-    paths = sorted(folder.glob("NORMAL/*.jpeg"))[: count // 2] + \
-        sorted(folder.glob("PNEUMONIA/*.jpeg"))[: count - count // 2]
-    net = build_network(name, pretrained=False, input_size=SIZE).eval()
-    for path in paths:
-        pixels = np.asarray(Image.open(path).convert("L").resize((SIZE, SIZE)), np.float32) / 255
-        image = torch.from_numpy((pixels - 0.45) / 0.225)[None, None]
-        exact_s, exact, _ = timed_incremental(net, image, "exact", 1.0)
-        approx_s, approx, _ = timed_incremental(net, image, "approximate", fraction)
-        diff, corr = agreement(approx, exact)
-        print(f"  {path.parent.name}/{path.name}: exact {exact_s:.1f} s, "
-              f"approximate {approx_s:.1f} s, "
-              f"max |diff| {diff:.4f} (exact map's max |value| {float(exact.abs().max()):.4f}), "
-              f"correlation {corr:.4f}")
+def xray_images(checkpoint: str, split: str, count: int) -> tuple[torch.nn.Module, list]:
+    """A binary stage's network and `count` X-rays of its recorded split (val: where settings are
+    chosen; test: where they are reported), preprocessed as it was trained: (name, (1, 1, S, S)).
+    The first count/2 normal and count/2 pneumonia images by file name: none chosen by result."""
+    module = load_stage(checkpoint, "binary")
+    records = sorted((r for r in recorded_split(module.hparams.data) if r.split == split),
+                     key=lambda r: r.path.name)
+    normal = [r for r in records if r.label == "normal"][: count // 2]
+    picked = normal + [r for r in records if r.label != "normal"][: count - len(normal)]
+    return module.net.eval(), [(f"{r.path.parent.name}/{r.path.name}",
+                                stage_inputs(module, [read_grayscale(r.path)])[1]) for r in picked]
+
+
+def xray_agreement(checkpoint: str, split: str, count: int, fractions: list[float],
+                   refines: list[float]) -> None:
+    """Exact and approximate maps of real X-rays: seconds, largest difference, correlation."""
+    net, images = xray_images(checkpoint, split, count)
+    settings = [(f, r) for f in fractions for r in refines]
+    results = {setting: [] for setting in settings}
+    exact_seconds = []
+    for name, image in images:
+        with torch.no_grad():
+            target = net(image).argmax(1)
+        seconds, exact, _ = timed_incremental(net, image, "exact", 1.0, 1.0, target)
+        exact_seconds.append(seconds)
+        line = [f"{name}: exact {seconds:.1f} s (max |value| {float(exact.abs().max()):.4f})"]
+        for fraction, refine in settings:
+            seconds, approx, _ = timed_incremental(net, image, "approximate", fraction, refine,
+                                                   target)
+            diff, corr = agreement(approx, exact)
+            results[fraction, refine].append((seconds, diff, corr))
+            line.append(f"({fraction}, {refine}) {seconds:.1f} s, |diff| {diff:.4f}, corr {corr:.3f}")
+        print("  " + "; ".join(line), flush=True)
+    print(f"  exact: {np.mean(exact_seconds):.1f} s per map")
+    for (fraction, refine), rows in results.items():
+        seconds, diff, corr = np.array(rows).T
+        print(f"  fraction {fraction}, refine {refine}: {seconds.mean():.1f} s per map "
+              f"({np.mean(exact_seconds) / seconds.mean():.2f}x exact), max |diff| {diff.max():.4f}, "
+              f"correlation mean {corr.mean():.3f}, min {corr.min():.3f}")
 
 
 def captum_rows(name: str, images_per_call: int, exact_below: float) -> None:
@@ -150,10 +180,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["mobilenetv3_large_100", "vgg16"])
-    parser.add_argument("--fraction", type=float, default=0.5,
+    parser.add_argument("--fraction", type=float, nargs="+", default=[APPROXIMATE["fraction"]],
                         help="approximate mode: largest changed region, as a share of a map's side")
+    parser.add_argument("--refine", type=float, nargs="+", default=[APPROXIMATE["refine"]],
+                        help="approximate mode: share of the interpolated windows computed")
     parser.add_argument("--xrays", type=int, default=0,
-                        help="approximate vs exact on N real X-rays")
+                        help="approximate vs exact on N real X-rays (every --fraction x --refine)")
+    parser.add_argument("--checkpoint", help="--xrays: a trained binary-stage checkpoint")
+    parser.add_argument("--split", default="val", choices=["val", "test"],
+                        help="--xrays with --checkpoint: the checkpoint's validation or test split")
     parser.add_argument("--captum-rows", action="store_true", help="the Captum variants instead")
     parser.add_argument("--images", type=int, default=4,
                         help="images per call on the multi-image row")
@@ -163,14 +198,17 @@ def main() -> None:
     header(f"{SIZE}x{SIZE}, window {WINDOW}, stride {STRIDE}, "
            f"{PASSES - 1} occluded images per heatmap")
     torch.manual_seed(0)
+    if args.xrays:
+        if not args.checkpoint:
+            parser.error("--xrays needs --checkpoint (a trained binary stage)")
+        print(f"\n{args.checkpoint}, {args.split} split, {args.xrays} X-rays")
+        xray_agreement(args.checkpoint, args.split, args.xrays, args.fraction, args.refine)
+        return
     for name in args.models:
-        if args.xrays:
-            print(f"\n{name}, fraction {args.fraction}, random-init weights")
-            xray_agreement(name, args.xrays, args.fraction)
-        elif args.captum_rows:
+        if args.captum_rows:
             captum_rows(name, args.images, args.exact_below)
         else:
-            incremental_rows(name, args.fraction)
+            incremental_rows(name, args.fraction[0], args.refine[0])
 
 
 if __name__ == "__main__":

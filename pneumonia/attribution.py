@@ -28,20 +28,19 @@ class Probabilities(nn.Module):
 
 def occlusion_map(model: nn.Module, images: torch.Tensor, target: torch.Tensor, window: int = 15,
                   stride: int = 10, baseline: float = 0.0, perturbations_per_eval: int = 16,
-                  mode: str = "exact", incremental: bool = True,
-                  fraction: float = 0.5) -> torch.Tensor:
+                  mode: str = "exact", incremental: bool = True) -> torch.Tensor:
     """Drop in the target probability when a window x window patch is set to `baseline`.
 
     images: (N, 1, H, W) in the model's normalised space; baseline in that space too.
     `perturbations_per_eval` occluded copies of an image go through the network per pass.
     Positive values: the patch supported the target class.
     incremental: recompute each layer only where the patch changes it (pneumonia.occlusion),
-    exact unless mode="approximate" (changed regions capped at `fraction` of each map's side);
-    networks that torch.fx cannot trace, and incremental=False, run every copy through Captum.
+    exact unless mode="approximate" (pneumonia.occlusion.APPROXIMATE's settings); networks that
+    torch.fx cannot trace, and incremental=False, run every copy through Captum (exact).
     """
     if incremental:
         maps = incremental_occlusion_map(model, images, target, window, stride, baseline,
-                                         perturbations_per_eval, mode, fraction)
+                                         perturbations_per_eval, mode)
         if maps is not None:
             return maps
     with torch.inference_mode(False), torch.no_grad():
@@ -84,11 +83,12 @@ def gradcam_layer(net: nn.Module) -> nn.Module:
 
 def attribution_map(method: str, net: nn.Module, images: torch.Tensor, target: torch.Tensor,
                     window: int = 15, stride: int = 10, baseline: float = 0.0,
-                    perturbations_per_eval: int = 16) -> torch.Tensor:
+                    perturbations_per_eval: int = 16, occlusion_mode: str = "exact") -> torch.Tensor:
     """(N, H, W) attribution of `target` for a batch, by the named method."""
     net.eval()
     if method == "occlusion":
-        return occlusion_map(net, images, target, window, stride, baseline, perturbations_per_eval)
+        return occlusion_map(net, images, target, window, stride, baseline, perturbations_per_eval,
+                             occlusion_mode)
     if method == "gradcam":
         return gradcam_map(net, gradcam_layer(net), images, target)
     if method == "integrated_gradients":

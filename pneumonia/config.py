@@ -17,6 +17,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from pneumonia.attribution import METHODS
 from pneumonia.models.network import ADAPTERS, FREEZE, HEADS, check_backbone
 from pneumonia.models.network import check_choice as _choice
+from pneumonia.occlusion import MODES as OCCLUSION_MODES
 from pneumonia.ood import check_fraction
 from pneumonia.pipeline import OPERATING_POINTS
 from pneumonia.site import ADAPT_METHODS
@@ -310,6 +311,7 @@ class ExplainConfig:
     stride: int = 10
     baseline: float = 0.0
     perturbations_per_eval: int = 16
+    occlusion_mode: str = "exact"
     batch_images: int = 1
     channels_last: bool = True
     precision: str = "32"
@@ -331,6 +333,7 @@ class ExplainConfig:
         if not 0 <= self.baseline <= 1:  # also refuses nan
             raise ValueError(f"baseline={self.baseline} must be in [0, 1] (0 = black, 1 = white)")
         _at_least("perturbations_per_eval", self.perturbations_per_eval, 1)
+        _choice("occlusion_mode", self.occlusion_mode, OCCLUSION_MODES)
         _at_least("batch_images", self.batch_images, 1)
         _choice("precision", self.precision, ("32", "bf16", "auto"))
         if self.limit is not None:

@@ -98,7 +98,7 @@ class Explainer:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
             maps = attribution_map(cfg.method, self.net, batch.to(device, memory_format=self.memory_format),
                                    target.to(device), cfg.window, cfg.stride, self.baseline,
-                                   cfg.perturbations_per_eval)
+                                   cfg.perturbations_per_eval, cfg.occlusion_mode)
         return maps.float().cpu().numpy(), (time.perf_counter() - started) / len(batch)
 
     def explain(self, names: list[str], images: list[np.ndarray], reports: list[Path]) -> list[dict]:

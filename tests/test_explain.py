@@ -45,11 +45,12 @@ class RegionModel(nn.Module):
         return torch.stack([-score, score], dim=1) * 4
 
 
-@pytest.mark.parametrize("method", ["occlusion", "integrated_gradients"])
-def test_heatmap_peaks_in_the_region_the_decision_depends_on(method):
+@pytest.mark.parametrize("method, mode", [("occlusion", "exact"), ("occlusion", "approximate"),
+                                          ("integrated_gradients", "exact")])
+def test_heatmap_peaks_in_the_region_the_decision_depends_on(method, mode):
     images = torch.rand(2, 1, 64, 64)
     maps = attribution_map(method, RegionModel(), images, torch.tensor([1, 1]),
-                           window=15, stride=5, baseline=0.0)
+                           window=15, stride=5, baseline=0.0, occlusion_mode=mode)
     rows, cols = RegionModel.region
     for m in maps:
         r, c = np.unravel_index(int(m.argmax()), m.shape)
@@ -213,15 +214,17 @@ def test_explain_a_folder(trained, xray_folder, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method, stage", [("gradcam", "binary"), ("integrated_gradients", "subtype")])
-def test_other_methods_give_the_same_report_layout(trained, synthetic_root, tmp_path, method, stage):
+@pytest.mark.parametrize("options, stage", [({"method": "gradcam"}, "binary"),
+                                            ({"method": "integrated_gradients"}, "subtype"),
+                                            ({"occlusion_mode": "approximate"}, "binary")])
+def test_other_methods_give_the_same_report_layout(trained, synthetic_root, tmp_path, options, stage):
     work, runs = trained
     folder = tmp_path / "in"
     folder.mkdir()
     for src in sorted((synthetic_root / "test" / "NORMAL").glob("*.jpeg"))[:2]:
         shutil.copy(src, folder / src.name)
     out = tmp_path / "out"
-    result = explain(_explain_cfg(work, folder, out, runs, method=method, explain_stage=stage, log_to_mlflow=False))
+    result = explain(_explain_cfg(work, folder, out, runs, **options, explain_stage=stage, log_to_mlflow=False))
     assert result["failed"] == 0 and len(result["rows"]) == 2
     assert {r["explained_class"] for r in result["rows"]} <= ({"normal", "pneumonia"} if stage == "binary"
                                                              else {"bacterial", "viral"})

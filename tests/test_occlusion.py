@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from captum.attr import Occlusion
@@ -9,7 +11,14 @@ from torch import nn
 
 from pneumonia.attribution import Probabilities, occlusion_map
 from pneumonia.models import build_network
-from pneumonia.occlusion import Counter, incremental_occlusion_map, trace, window_starts
+from pneumonia.occlusion import (
+    Counter,
+    coarse_indices,
+    incremental_occlusion_map,
+    interpolation_matrix,
+    trace,
+    window_starts,
+)
 
 
 def captum_map(net: nn.Module, images: torch.Tensor, target: torch.Tensor, window: int,
@@ -193,7 +202,7 @@ def test_untraceable_network_falls_back_to_captum():
                                captum_map(net, x, target, 7, 4, 0.0), atol=1e-6, rtol=0)
 
 
-def test_approximate_mode_costs_less_and_stays_close_to_exact():
+def test_capped_regions_cost_less_and_stay_close_to_exact():
     torch.manual_seed(0)
     net = randomise_bn(sequential_net()).eval()
     x, target = torch.randn(1, 1, 64, 64), torch.tensor([1])
@@ -201,13 +210,44 @@ def test_approximate_mode_costs_less_and_stays_close_to_exact():
     exact, approx = Counter(), Counter()
     want = incremental_occlusion_map(net, x, target, 9, 4, 0.0, counter=exact)
     got = incremental_occlusion_map(net, x, target, 9, 4, 0.0, mode="approximate",
-                                    fraction=0.75, counter=approx)
+                                    fraction=0.75, refine=1.0, counter=approx)
+    assert approx.copies == exact.copies  # every window: only the cap approximates
     assert approx.per_copy() < 0.8 * exact.per_copy()
     assert not torch.allclose(got, want, atol=1e-5)  # it really approximates
     # a weak bound: this net's last maps are 6 x 6, so capping cuts most of the receptive field
     assert torch.corrcoef(torch.stack([got.flatten(), want.flatten()]))[0, 1] > 0.85
     with pytest.raises(ValueError, match="mode"):
         incremental_occlusion_map(net, x, target, 9, 4, 0.0, mode="fast")
+    with pytest.raises(ValueError, match="refine"):
+        incremental_occlusion_map(net, x, target, 9, 4, 0.0, mode="approximate", refine=1.5)
+
+
+def test_drilldown_computes_the_coarse_grid_and_the_largest_interpolated_windows():
+    torch.manual_seed(0)
+    net = randomise_bn(sequential_net()).eval()
+    x, target = torch.randn(1, 1, 64, 64), torch.tensor([1])
+    aim_classifier(net, x, 0.0, 1.0)
+    exact = incremental_occlusion_map(net, x, target, 9, 4, 0.0)
+    positions = len(window_starts(64, 9, 4))  # 15 per axis: 8 coarse ones (0, 2, ..., 14)
+    rest = positions ** 2 - 8 ** 2
+    for refine, copies in ((0.0, 64), (0.25, 64 + math.ceil(0.25 * rest)), (1.0, positions ** 2)):
+        counter = Counter()
+        got = incremental_occlusion_map(net, x, target, 9, 4, 0.0, mode="approximate",
+                                        fraction=1.0, refine=refine, counter=counter)
+        assert counter.copies == copies
+        if refine == 1.0:  # every window computed, none capped: the exact map
+            torch.testing.assert_close(got, exact, atol=1e-6, rtol=0)
+        else:
+            assert not torch.allclose(got, exact, atol=1e-5)
+
+
+def test_drilldown_interpolates_linearly_between_computed_windows():
+    assert coarse_indices(6) == [0, 2, 4, 5] and coarse_indices(5) == [0, 2, 4]
+    assert coarse_indices(1) == [0]
+    ramp = torch.tensor([0.0, 2.0, 4.0, 5.0], dtype=torch.float64)
+    torch.testing.assert_close(interpolation_matrix(6, [0, 2, 4, 5]) @ ramp,
+                               torch.arange(6, dtype=torch.float64))
+    assert interpolation_matrix(1, [0]).tolist() == [[1.0]]
 
 
 @pytest.mark.slow

@@ -42,6 +42,7 @@ EXPLAIN_REFUSED = {
     "limit=-1": "limit=-1 must be at least 1 (or null: every file)",
     "limit=0": "limit=0 must be at least 1",
     "perturbations_per_eval=0": "perturbations_per_eval=0 must be at least 1",
+    "occlusion_mode=fast": "occlusion_mode='fast' is not one of: exact, approximate",
     "precision=16": "precision='16' is not one of: 32, bf16",
     "method=lime": "method='lime' is not one of: occlusion, gradcam, integrated_gradients",
     "operating_point=best": "operating_point='best' is not one of: youden, sensitivity, default",
