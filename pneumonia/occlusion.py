@@ -175,21 +175,26 @@ def gather(state: Box | None, base: torch.Tensor, top: torch.Tensor, left: torch
     out = padded[0].permute(1, 2, 0)[(rows + pad).to(device)[:, :, None],
                                      (cols + pad).to(device)[:, None, :]]
     if state is not None:
-        out = torch.where(*_box_values(state, rows, cols, device), out)
+        _paste(out, state, top, left)
     return out.permute(0, 3, 1, 2)
 
 
-def _box_values(state: Box, rows: torch.Tensor, cols: torch.Tensor,
-                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Where rows x cols fall inside each copy's box (B, h, w, 1), and the box's values there."""
+def _paste(out: torch.Tensor, state: Box, top: torch.Tensor, left: torch.Tensor) -> None:
+    """Writes each copy's box values into `out` (B, h, w, C), a window at (top, left), where the
+    box and the window overlap: work in proportion to the box, not the window."""
     box_h, box_w = state.value.shape[-2:]
-    r = rows - state.top[:, None]
-    c = cols - state.left[:, None]
-    inside = ((r >= 0) & (r < box_h))[:, :, None] & ((c >= 0) & (c < box_w))[:, None, :]
-    copies = torch.arange(len(rows))[:, None, None]
-    r, c = r.clamp(0, box_h - 1)[:, :, None], c.clamp(0, box_w - 1)[:, None, :]
-    values = state.value.permute(0, 2, 3, 1)[copies.to(device), r.to(device), c.to(device)]
-    return inside.to(device)[..., None], values
+    r = (state.top - top)[:, None] + torch.arange(box_h)  # box rows in window coordinates
+    c = (state.left - left)[:, None] + torch.arange(box_w)
+    inside = ((r >= 0) & (r < out.shape[1]))[:, :, None] & ((c >= 0) & (c < out.shape[2]))[:, None, :]
+    values = state.value.permute(0, 2, 3, 1)
+    device = out.device
+    if bool(inside.all()):
+        copies = torch.arange(len(r))[:, None, None]
+        out[copies.to(device), r[:, :, None].to(device), c[:, None, :].to(device)] = values
+        return
+    b, i, j = inside.nonzero(as_tuple=True)
+    out[b.to(device), r[b, i].to(device), c[b, j].to(device)] = values[b.to(device), i.to(device),
+                                                                       j.to(device)]
 
 
 def full_value(state: Any, base: Any, copies: int) -> Any:

@@ -255,6 +255,9 @@ def test_drilldown_interpolates_linearly_between_computed_windows():
                                       "efficientnet_b0"])
 def test_configured_timm_backbones_match_captum(backbone):
     """In float64, so that a sharp classifier tests the engine and not fp32 rounding."""
+    # seeded: some random VGG16s (seed 0's) have features that occluding the quarter leaves
+    # unchanged, and aiming the classifier at that change divides 0 by 0 (NaN maps)
+    torch.manual_seed(1)
     net = build_network(backbone, pretrained=False, input_size=64)
     # 4 x 4 windows of 20 px, the last ones clipped at the border
     assert_matches_captum(net, 64, 20, 20, dtype=torch.float64, sharpness=4.0)
