@@ -132,6 +132,8 @@ def xray_agreement(checkpoint: str, split: str, count: int, fractions: list[floa
     settings = [(f, r) for f in fractions for r in refines]
     results = {setting: [] for setting in settings}
     exact_seconds = []
+    captum = seconds_per_image(net, images[0][1], 16)  # the baseline, on the first X-ray
+    print(f"  captum x16: {captum:.1f} s per map (first X-ray)", flush=True)
     for name, image in images:
         with torch.no_grad():
             target = net(image).argmax(1)
@@ -145,12 +147,13 @@ def xray_agreement(checkpoint: str, split: str, count: int, fractions: list[floa
             results[fraction, refine].append((seconds, diff, corr))
             line.append(f"({fraction}, {refine}) {seconds:.1f} s, |diff| {diff:.4f}, corr {corr:.3f}")
         print("  " + "; ".join(line), flush=True)
-    print(f"  exact: {np.mean(exact_seconds):.1f} s per map")
+    exact = np.mean(exact_seconds)
+    print(f"  exact: {exact:.1f} s per map ({captum / exact:.2f}x captum x16)")
     for (fraction, refine), rows in results.items():
         seconds, diff, corr = np.array(rows).T
         print(f"  fraction {fraction}, refine {refine}: {seconds.mean():.1f} s per map "
-              f"({np.mean(exact_seconds) / seconds.mean():.2f}x exact), max |diff| {diff.max():.4f}, "
-              f"correlation mean {corr.mean():.3f}, min {corr.min():.3f}")
+              f"({captum / seconds.mean():.2f}x captum x16, {exact / seconds.mean():.2f}x exact), "
+              f"max |diff| {diff.max():.4f}, correlation mean {corr.mean():.3f}, min {corr.min():.3f}")
 
 
 def captum_rows(name: str, images_per_call: int, exact_below: float) -> None:

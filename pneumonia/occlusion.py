@@ -515,10 +515,15 @@ def _one_map(engine: Engine, image: torch.Tensor, target: int, window: int, stri
         cells = [cells[int(i)] for i in largest[:math.ceil(refine * len(cells))]]
     if cells:
         grid[tuple(torch.tensor(cells).T)] = drops(cells)
-    total = torch.zeros(size_h, size_w, dtype=p_reference.dtype, device=image.device)
-    count = torch.zeros_like(total)
-    for r, top in enumerate(rows):
-        for c, left in enumerate(cols):
-            total[top:top + window, left:left + window] += grid[r, c]
-            count[top:top + window, left:left + window] += 1
-    return total / count
+    return spread(grid, window, stride, (size_h, size_w))
+
+
+def spread(grid: torch.Tensor, window: int, stride: int, size: tuple[int, int]) -> torch.Tensor:
+    """The map: each pixel's mean over the windows covering it of their values (grid: one value
+    per window position, windows at multiples of `stride`, the last ones clipped at the border)."""
+    rows, cols = grid.shape
+    padded = ((rows - 1) * stride + window, (cols - 1) * stride + window)
+    columns = grid.reshape(1, 1, -1).expand(1, window * window, -1)
+    total = F.fold(columns, padded, window, stride=stride)
+    count = F.fold(torch.ones_like(columns), padded, window, stride=stride)
+    return (total / count)[0, 0, :size[0], :size[1]]
