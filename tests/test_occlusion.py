@@ -13,9 +13,9 @@ from pneumonia.attribution import Probabilities, occlusion_map
 from pneumonia.models import build_network
 from pneumonia.occlusion import (
     Counter,
-    coarse_indices,
+    checkerboard,
+    fill_in,
     incremental_occlusion_map,
-    interpolation_matrix,
     trace,
     window_starts,
 )
@@ -222,15 +222,14 @@ def test_capped_regions_cost_less_and_stay_close_to_exact():
         incremental_occlusion_map(net, x, target, 9, 4, 0.0, mode="approximate", refine=1.5)
 
 
-def test_drilldown_computes_the_coarse_grid_and_the_largest_interpolated_windows():
+def test_drilldown_computes_a_checkerboard_and_the_largest_filled_in_windows():
     torch.manual_seed(0)
     net = randomise_bn(sequential_net()).eval()
     x, target = torch.randn(1, 1, 64, 64), torch.tensor([1])
     aim_classifier(net, x, 0.0, 1.0)
     exact = incremental_occlusion_map(net, x, target, 9, 4, 0.0)
-    positions = len(window_starts(64, 9, 4))  # 15 per axis: 8 coarse ones (0, 2, ..., 14)
-    rest = positions ** 2 - 8 ** 2
-    for refine, copies in ((0.0, 64), (0.25, 64 + math.ceil(0.25 * rest)), (1.0, positions ** 2)):
+    positions = len(window_starts(64, 9, 4)) ** 2  # 15 x 15: 113 on the checkerboard, 112 not
+    for refine, copies in ((0.0, 113), (0.25, 113 + 28), (1.0, positions)):
         counter = Counter()
         got = incremental_occlusion_map(net, x, target, 9, 4, 0.0, mode="approximate",
                                         fraction=1.0, refine=refine, counter=counter)
@@ -241,13 +240,15 @@ def test_drilldown_computes_the_coarse_grid_and_the_largest_interpolated_windows
             assert not torch.allclose(got, exact, atol=1e-5)
 
 
-def test_drilldown_interpolates_linearly_between_computed_windows():
-    assert coarse_indices(6) == [0, 2, 4, 5] and coarse_indices(5) == [0, 2, 4]
-    assert coarse_indices(1) == [0]
-    ramp = torch.tensor([0.0, 2.0, 4.0, 5.0], dtype=torch.float64)
-    torch.testing.assert_close(interpolation_matrix(6, [0, 2, 4, 5]) @ ramp,
-                               torch.arange(6, dtype=torch.float64))
-    assert interpolation_matrix(1, [0]).tolist() == [[1.0]]
+def test_drilldown_fills_each_window_in_with_its_computed_neighbours_mean():
+    known = checkerboard(3, 4)
+    assert known.tolist() == [[True, False, True, False], [False, True, False, True],
+                              [True, False, True, False]]
+    grid = torch.arange(12, dtype=torch.float64).view(3, 4)
+    filled = fill_in(grid, known)
+    assert torch.equal(filled[known], grid[known])
+    assert filled[0, 1] == (0 + 2 + 5) / 3 and filled[0, 3] == (2 + 7) / 2  # border: fewer
+    assert filled[1, 2] == (2 + 5 + 7 + 10) / 4
 
 
 @pytest.mark.slow
