@@ -145,7 +145,8 @@ def xray_agreement(checkpoint: str, split: str, count: int, fractions: list[floa
                                                    target)
             diff, corr = agreement(approx, exact)
             results[fraction, refine].append((seconds, diff, corr))
-            line.append(f"({fraction}, {refine}) {seconds:.1f} s, |diff| {diff:.4f}, corr {corr:.3f}")
+            line.append(f"({fraction}, {refine}) {seconds:.1f} s, |diff| {diff:.4f}, "
+                        f"corr {corr:.3f}")
         print("  " + "; ".join(line), flush=True)
     exact = np.mean(exact_seconds)
     print(f"  exact: {exact:.1f} s per map ({captum / exact:.2f}x captum x16)")
@@ -153,7 +154,8 @@ def xray_agreement(checkpoint: str, split: str, count: int, fractions: list[floa
         seconds, diff, corr = np.array(rows).T
         print(f"  fraction {fraction}, refine {refine}: {seconds.mean():.1f} s per map "
               f"({captum / seconds.mean():.2f}x captum x16, {exact / seconds.mean():.2f}x exact), "
-              f"max |diff| {diff.max():.4f}, correlation mean {corr.mean():.3f}, min {corr.min():.3f}")
+              f"max |diff| {diff.max():.4f}, correlation mean {corr.mean():.3f}, "
+              f"min {corr.min():.3f}")
 
 
 def captum_rows(name: str, images_per_call: int, exact_below: float) -> None:

@@ -20,7 +20,6 @@ the largest values is computed as well.
 
 from __future__ import annotations
 
-import itertools
 import math
 import operator
 import weakref
@@ -185,7 +184,8 @@ def _paste(out: torch.Tensor, state: Box, top: torch.Tensor, left: torch.Tensor)
     box_h, box_w = state.value.shape[-2:]
     r = (state.top - top)[:, None] + torch.arange(box_h)  # box rows in window coordinates
     c = (state.left - left)[:, None] + torch.arange(box_w)
-    inside = ((r >= 0) & (r < out.shape[1]))[:, :, None] & ((c >= 0) & (c < out.shape[2]))[:, None, :]
+    inside = ((r >= 0) & (r < out.shape[1]))[:, :, None] \
+        & ((c >= 0) & (c < out.shape[2]))[:, None, :]
     values = state.value.permute(0, 2, 3, 1)
     device = out.device
     if bool(inside.all()):
