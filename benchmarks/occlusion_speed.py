@@ -1,9 +1,9 @@
 """Seconds per image for one occlusion heatmap at 224x224 (15x15 window, stride 10).
 
-python -m benchmarks.occlusion_speed [--models mobilenetv3_large_100 vgg16] [--fraction 0.5]
+python -m benchmarks.occlusion_speed [--models mobilenetv3_large_100 vgg16] [--refine 0.25]
 python -m benchmarks.occlusion_speed --captum-rows [--images 4]
 python -m benchmarks.occlusion_speed --xrays 10 --checkpoint <binary.ckpt> [--split val|test]
-    [--fraction 1.0 0.5 --refine 0.25 0.5]   (approximate vs exact maps on real X-rays)
+    [--refine 0.1 0.25]   (approximate vs exact maps on real X-rays)
 
 By default compares, for one random image, in one process (ratios against the first row):
   one copy per pass   study A: one occluded copy per forward pass (estimated from timed
@@ -12,9 +12,9 @@ By default compares, for one random image, in one process (ratios against the fi
   default before      the same in channels_last (explain.py's default until incremental)
   incremental exact   pneumonia.occlusion (explain.py's default method), 64 copies per pass
                       (explain.py passes perturbations_per_eval, 16 by default)
-  approximate         regions capped at --fraction of each map's side, every other window
-                      and the --refine share of the rest (pneumonia.occlusion.APPROXIMATE),
-                      with its largest difference and correlation against the exact map
+  approximate         drill-down: a checkerboard of windows and the --refine share of the
+                      rest (pneumonia.occlusion.APPROXIMATE_REFINE), with its largest
+                      difference and correlation against the exact map
 and prints the engine's own count of multiply-accumulates per occluded copy against a full
 pass, the ratio that bounds what recomputing less can gain.
 
@@ -46,7 +46,12 @@ from pneumonia.attribution import occlusion_map
 from pneumonia.checkpoints import load_stage
 from pneumonia.io import read_grayscale
 from pneumonia.models import build_network
-from pneumonia.occlusion import APPROXIMATE, Counter, incremental_occlusion_map, window_starts
+from pneumonia.occlusion import (
+    APPROXIMATE_REFINE,
+    Counter,
+    incremental_occlusion_map,
+    window_starts,
+)
 from pneumonia.pipeline import recorded_split, stage_inputs
 
 SIZE, WINDOW, STRIDE = 224, 15, 10
@@ -55,6 +60,8 @@ PASSES = len(window_starts(SIZE, WINDOW, STRIDE)) ** 2 + 1  # 484 occluded copie
 
 def seconds_per_image(net, images, ppe: int, repeat: int = 1, incremental: bool = False) -> float:
     target = torch.ones(len(images), dtype=torch.long)
+    with torch.inference_mode():  # warm-up at its batch size (a first call ran up to 1.6x slower)
+        net(images[:1].expand(ppe, *images.shape[1:]))
     best = float("inf")
     for _ in range(repeat):
         start = time.perf_counter()
@@ -72,14 +79,14 @@ def estimated_one_per_pass(net, image, samples: int = 30) -> float:
         return (time.perf_counter() - start) / samples * PASSES
 
 
-def timed_incremental(net, image, mode: str, fraction: float, refine: float,
+def timed_incremental(net, image, mode: str, refine: float,
                       target: torch.Tensor | None = None) -> tuple[float, torch.Tensor, Counter]:
     """Seconds, map and multiply-accumulate count of one incremental map."""
     counter = Counter()
     target = torch.ones(1, dtype=torch.long) if target is None else target
     start = time.perf_counter()
-    heatmap = incremental_occlusion_map(net, image, target, WINDOW, STRIDE, 0.0, 64, mode, fraction,
-                                        refine, counter)
+    heatmap = incremental_occlusion_map(net, image, target, WINDOW, STRIDE, 0.0, 64, mode, refine,
+                                        counter)
     return time.perf_counter() - start, heatmap, counter
 
 
@@ -89,7 +96,7 @@ def agreement(approx: torch.Tensor, exact: torch.Tensor) -> tuple[float, float]:
     return float((approx - exact).abs().max()), float(corr)
 
 
-def incremental_rows(name: str, fraction: float, refine: float) -> None:
+def incremental_rows(name: str, refine: float) -> None:
     """One copy per pass, Captum x16, the channels_last default before, incremental exact and
     approximate."""
     net = build_network(name, adapter="none", head="linear", input_size=SIZE).eval()
@@ -100,10 +107,10 @@ def incremental_rows(name: str, fraction: float, refine: float) -> None:
     one_cl = image.contiguous(memory_format=torch.channels_last)
     rows.append(("default before: captum x16, channels_last",
                  seconds_per_image(net_cl, one_cl, 16)))
-    seconds, exact, counter = timed_incremental(net, image, "exact", 1.0, 1.0)
+    seconds, exact, counter = timed_incremental(net, image, "exact", 1.0)
     rows.append(("incremental exact", seconds))
-    seconds, approx, approx_counter = timed_incremental(net, image, "approximate", fraction, refine)
-    rows.append((f"approximate (fraction {fraction}, refine {refine})", seconds))
+    seconds, approx, approx_counter = timed_incremental(net, image, "approximate", refine)
+    rows.append((f"approximate (refine {refine})", seconds))
     print_rows(name, rows, "s/image", higher_is_better=False)
     for label, c in (("exact", counter), ("approximate", approx_counter)):
         print(f"  MACs per occluded copy, {label}: {c.per_copy() / 1e9:.3f} G of a full pass's "
@@ -125,34 +132,30 @@ def xray_images(checkpoint: str, split: str, count: int) -> tuple[torch.nn.Modul
                                 stage_inputs(module, [read_grayscale(r.path)])[1]) for r in picked]
 
 
-def xray_agreement(checkpoint: str, split: str, count: int, fractions: list[float],
-                   refines: list[float]) -> None:
+def xray_agreement(checkpoint: str, split: str, count: int, refines: list[float]) -> None:
     """Exact and approximate maps of real X-rays: seconds, largest difference, correlation."""
     net, images = xray_images(checkpoint, split, count)
-    settings = [(f, r) for f in fractions for r in refines]
-    results = {setting: [] for setting in settings}
+    results = {refine: [] for refine in refines}
     exact_seconds = []
     captum = seconds_per_image(net, images[0][1], 16)  # the baseline, on the first X-ray
     print(f"  captum x16: {captum:.1f} s per map (first X-ray)", flush=True)
     for name, image in images:
         with torch.no_grad():
             target = net(image).argmax(1)
-        seconds, exact, _ = timed_incremental(net, image, "exact", 1.0, 1.0, target)
+        seconds, exact, _ = timed_incremental(net, image, "exact", 1.0, target)
         exact_seconds.append(seconds)
         line = [f"{name}: exact {seconds:.1f} s (max |value| {float(exact.abs().max()):.4f})"]
-        for fraction, refine in settings:
-            seconds, approx, _ = timed_incremental(net, image, "approximate", fraction, refine,
-                                                   target)
+        for refine in refines:
+            seconds, approx, _ = timed_incremental(net, image, "approximate", refine, target)
             diff, corr = agreement(approx, exact)
-            results[fraction, refine].append((seconds, diff, corr))
-            line.append(f"({fraction}, {refine}) {seconds:.1f} s, |diff| {diff:.4f}, "
-                        f"corr {corr:.3f}")
+            results[refine].append((seconds, diff, corr))
+            line.append(f"refine {refine}: {seconds:.1f} s, |diff| {diff:.4f}, corr {corr:.3f}")
         print("  " + "; ".join(line), flush=True)
     exact = np.mean(exact_seconds)
     print(f"  exact: {exact:.1f} s per map ({captum / exact:.2f}x captum x16)")
-    for (fraction, refine), rows in results.items():
+    for refine, rows in results.items():
         seconds, diff, corr = np.array(rows).T
-        print(f"  fraction {fraction}, refine {refine}: {seconds.mean():.1f} s per map "
+        print(f"  refine {refine}: {seconds.mean():.1f} s per map "
               f"({captum / seconds.mean():.2f}x captum x16, {exact / seconds.mean():.2f}x exact), "
               f"max |diff| {diff.max():.4f}, correlation mean {corr.mean():.3f}, "
               f"min {corr.min():.3f}")
@@ -185,12 +188,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["mobilenetv3_large_100", "vgg16"])
-    parser.add_argument("--fraction", type=float, nargs="+", default=[APPROXIMATE["fraction"]],
-                        help="approximate mode: largest changed region, as a share of a map's side")
-    parser.add_argument("--refine", type=float, nargs="+", default=[APPROXIMATE["refine"]],
-                        help="approximate mode: share of the interpolated windows computed")
+    parser.add_argument("--refine", type=float, nargs="+", default=[APPROXIMATE_REFINE],
+                        help="approximate mode: share of the filled-in windows computed")
     parser.add_argument("--xrays", type=int, default=0,
-                        help="approximate vs exact on N real X-rays (every --fraction x --refine)")
+                        help="approximate vs exact on N real X-rays (each --refine)")
     parser.add_argument("--checkpoint", help="--xrays: a trained binary-stage checkpoint")
     parser.add_argument("--split", default="val", choices=["val", "test"],
                         help="--xrays with --checkpoint: the checkpoint's validation or test split")
@@ -207,13 +208,13 @@ def main() -> None:
         if not args.checkpoint:
             parser.error("--xrays needs --checkpoint (a trained binary stage)")
         print(f"\n{args.checkpoint}, {args.split} split, {args.xrays} X-rays")
-        xray_agreement(args.checkpoint, args.split, args.xrays, args.fraction, args.refine)
+        xray_agreement(args.checkpoint, args.split, args.xrays, args.refine)
         return
     for name in args.models:
         if args.captum_rows:
             captum_rows(name, args.images, args.exact_below)
         else:
-            incremental_rows(name, args.fraction[0], args.refine[0])
+            incremental_rows(name, args.refine[0])
 
 
 if __name__ == "__main__":

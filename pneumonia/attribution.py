@@ -35,7 +35,7 @@ def occlusion_map(model: nn.Module, images: torch.Tensor, target: torch.Tensor, 
     `perturbations_per_eval` occluded copies of an image go through the network per pass.
     Positive values: the patch supported the target class.
     incremental: recompute each layer only where the patch changes it (pneumonia.occlusion),
-    exact unless mode="approximate" (pneumonia.occlusion.APPROXIMATE's settings); networks that
+    exact unless mode="approximate" (drill-down, pneumonia.occlusion); networks that
     torch.fx cannot trace, and incremental=False, run every copy through Captum (exact).
     """
     if incremental:

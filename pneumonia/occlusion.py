@@ -11,11 +11,11 @@ residual additions and concatenations work on the union of their inputs' rectang
 else (global pooling, squeeze-and-excitation, flatten, the classifier, unknown ops) runs on full
 maps from there on: still exact, no longer incremental.
 
-mode="approximate" uses Krypton's two approximations: every rectangle is capped at `fraction` of
-its map's side (projective field thresholding: outputs outside the capped rectangle keep their
-unoccluded values), and the map is drilled down: a checkerboard of window positions is computed,
-each other window gets the mean of its four neighbours, and only the `refine` share of those with
-the largest values is computed as well.
+mode="approximate" drills down (Krypton's adaptive drill-down): a checkerboard of window
+positions is computed exactly, each other window gets the mean of its four neighbours, and only
+the `refine` share of those with the largest values is computed as well. (Krypton's other
+approximation, capping every rectangle at a fraction of its map's side, was measured and did not
+pay on VGG16: docs/options.md.)
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
 MODES = ("exact", "approximate")
-APPROXIMATE = {"fraction": 0.75, "refine": 0.5}  # chosen on validation X-rays: docs/options.md
+APPROXIMATE_REFINE = 0.25  # chosen on validation X-rays (docs/options.md)
 
 POINTWISE_MODULES = (
     nn.BatchNorm2d, BatchNormAct2d, FrozenBatchNorm2d, FrozenBatchNormAct2d, nn.Identity,
@@ -131,17 +131,15 @@ def out_of_place(model: nn.Module) -> Iterator[None]:
             m.inplace = True
 
 
-def place(first: torch.Tensor, last: torch.Tensor, size: int, cap: int) -> tuple[torch.Tensor, int]:
+def place(first: torch.Tensor, last: torch.Tensor, size: int) -> tuple[torch.Tensor, int]:
     """One span length for the batch and each copy's start, covering every copy's [first, last]
-    inside [0, size); a span longer than `cap` is cut to `cap` around its centre (approximate)."""
-    length = min(int((last - first + 1).max().clamp(min=1)), size, cap)
-    centred = torch.div(first + last, 2, rounding_mode="floor") - length // 2
-    start = torch.where(last - first + 1 > length, centred, first)
-    return start.clamp(0, size - length), length
+    inside [0, size)."""
+    length = min(int((last - first + 1).max().clamp(min=1)), size)
+    return first.clamp(0, size - length), length
 
 
 def reached_span(first: torch.Tensor, length: int, geometry: tuple[int, int, int, int],
-                 size: int, cap: int) -> tuple[torch.Tensor, int]:
+                 size: int) -> tuple[torch.Tensor, int]:
     """The output span of a sliding-window layer that input rows first:first+length reach.
 
     geometry: (kernel, stride, padding, dilation) along this axis; size: the output's length.
@@ -150,7 +148,7 @@ def reached_span(first: torch.Tensor, length: int, geometry: tuple[int, int, int
     low = first + padding - dilation * (kernel - 1)
     lo = torch.div(low + stride - 1, stride, rounding_mode="floor").clamp(min=0)
     hi = torch.div(first + length - 1 + padding, stride, rounding_mode="floor").clamp(max=size - 1)
-    return place(lo, torch.maximum(hi, lo), size, cap)
+    return place(lo, torch.maximum(hi, lo), size)
 
 
 def gather(state: Box | None, base: torch.Tensor, top: torch.Tensor, left: torch.Tensor,
@@ -257,7 +255,6 @@ class Engine:
     """Runs occluded copies of one image through a traced network incrementally."""
 
     graph: fx.GraphModule
-    fraction: float = 1.0  # largest box side as a fraction of its map's side (1: exact)
     counter: Counter = field(default_factory=Counter)
     copies: int = 0  # occluded copies in the batch being computed
     activations: set = field(default_factory=set)  # nodes whose output depends on the image
@@ -326,8 +323,7 @@ class Engine:
         spans = []
         for axis, first in enumerate((state.top, state.left)):
             size = base_out.shape[2 + axis]
-            spans.append(reached_span(first, state.value.shape[2 + axis], geometry[axis], size,
-                                      self._cap(size)))
+            spans.append(reached_span(first, state.value.shape[2 + axis], geometry[axis], size))
         (top, height), (left, width) = spans
         window = [(n - 1) * s + d * (k - 1) + 1
                   for n, (k, s, _, d) in zip((height, width), geometry)]
@@ -371,7 +367,7 @@ class Engine:
             firsts = torch.stack([b.top if axis == 0 else b.left for b in boxes])
             lasts = torch.stack([(b.top if axis == 0 else b.left) + b.value.shape[2 + axis] - 1
                                  for b in boxes])
-            spans.append(place(firsts.min(0).values, lasts.max(0).values, size, self._cap(size)))
+            spans.append(place(firsts.min(0).values, lasts.max(0).values, size))
         (top, height), (left, width) = spans
 
         def local(n: fx.Node) -> Any:
@@ -401,9 +397,6 @@ class Engine:
         if node in self.activations and isinstance(base[node], torch.Tensor):
             return base[node].expand(self.copies, *base[node].shape[1:])
         return base[node]
-
-    def _cap(self, size: int) -> int:
-        return max(1, math.ceil(self.fraction * size)) if self.fraction < 1 else size
 
     def _module(self, node: fx.Node) -> nn.Module:
         return self.graph.get_submodule(node.target)
@@ -435,29 +428,26 @@ def _get_attr(root: nn.Module, target: str) -> Any:
 
 def incremental_occlusion_map(model: nn.Module, images: torch.Tensor, target: torch.Tensor,
                               window: int, stride: int, baseline: float, copies_per_pass: int = 64,
-                              mode: str = "exact", fraction: float = APPROXIMATE["fraction"],
-                              refine: float = APPROXIMATE["refine"],
+                              mode: str = "exact", refine: float = APPROXIMATE_REFINE,
                               counter: Counter | None = None) -> torch.Tensor | None:
     """Captum's occlusion map of the target probability, (N, H, W), computed incrementally;
     None when the model cannot be traced (the caller then runs Captum).
 
-    images: (N, C, H, W); each window covers all channels. mode="approximate" caps the changed
-    region of every layer at `fraction` of its map's side and computes a checkerboard of window
-    positions plus the `refine` share of the rest where their neighbours' mean is largest.
+    images: (N, C, H, W); each window covers all channels. mode="approximate" computes a
+    checkerboard of window positions plus the `refine` share of the rest where their neighbours'
+    mean is largest.
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} is not one of: {', '.join(MODES)}")
-    for name, value in (("fraction", fraction), ("refine", refine)):
-        if not 0 <= value <= 1:
-            raise ValueError(f"{name}={value} must be between 0 and 1")
+    if not 0 <= refine <= 1:
+        raise ValueError(f"refine={refine} must be between 0 and 1")
     graph = trace(model)
     if graph is None:
         return None
-    approximate = mode == "approximate"
-    engine = Engine(graph, fraction if approximate else 1.0, counter or Counter())
+    engine = Engine(graph, counter or Counter())
     with torch.inference_mode(False), torch.no_grad(), out_of_place(model):
         maps = [_one_map(engine, image[None], int(t), window, stride, baseline, copies_per_pass,
-                         refine if approximate else 1.0)
+                         refine if mode == "approximate" else 1.0)
                 for image, t in zip(images, target)]
     return torch.stack(maps)
 

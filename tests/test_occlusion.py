@@ -19,6 +19,14 @@ from pneumonia.occlusion import (
 )
 
 
+@pytest.fixture(autouse=True)
+def seeded():
+    """Random networks built the same way every run: an fp32 map of a sharply aimed classifier
+    differs from Captum's by rounding, and a few random networks amplify it past 1e-5 (seeds 15,
+    17 and 30 of the small sequential network: 1.1e-5 to 4.5e-5, and 1.5e-8 in float64)."""
+    torch.manual_seed(0)
+
+
 def captum_map(net: nn.Module, images: torch.Tensor, target: torch.Tensor, window: int,
                stride: int, baseline: float) -> torch.Tensor:
     with torch.no_grad():
@@ -200,26 +208,6 @@ def test_untraceable_network_falls_back_to_captum():
                                captum_map(net, x, target, 7, 4, 0.0), atol=1e-6, rtol=0)
 
 
-def test_capped_regions_cost_less_and_stay_close_to_exact():
-    torch.manual_seed(0)
-    net = randomise_bn(sequential_net()).eval()
-    x, target = torch.randn(1, 1, 64, 64), torch.tensor([1])
-    aim_classifier(net, x, 0.0, 1.0)
-    exact, approx = Counter(), Counter()
-    want = incremental_occlusion_map(net, x, target, 9, 4, 0.0, counter=exact)
-    got = incremental_occlusion_map(net, x, target, 9, 4, 0.0, mode="approximate",
-                                    fraction=0.75, refine=1.0, counter=approx)
-    assert approx.copies == exact.copies  # every window: only the cap approximates
-    assert approx.per_copy() < 0.8 * exact.per_copy()
-    assert not torch.allclose(got, want, atol=1e-5)  # it really approximates
-    # a weak bound: this net's last maps are 6 x 6, so capping cuts most of the receptive field
-    assert torch.corrcoef(torch.stack([got.flatten(), want.flatten()]))[0, 1] > 0.85
-    with pytest.raises(ValueError, match="mode"):
-        incremental_occlusion_map(net, x, target, 9, 4, 0.0, mode="fast")
-    with pytest.raises(ValueError, match="refine"):
-        incremental_occlusion_map(net, x, target, 9, 4, 0.0, mode="approximate", refine=1.5)
-
-
 def test_drilldown_computes_a_checkerboard_and_the_largest_filled_in_windows():
     torch.manual_seed(0)
     net = randomise_bn(sequential_net()).eval()
@@ -230,12 +218,17 @@ def test_drilldown_computes_a_checkerboard_and_the_largest_filled_in_windows():
     for refine, copies in ((0.0, 113), (0.25, 113 + 28), (1.0, positions)):
         counter = Counter()
         got = incremental_occlusion_map(net, x, target, 9, 4, 0.0, mode="approximate",
-                                        fraction=1.0, refine=refine, counter=counter)
+                                        refine=refine, counter=counter)
         assert counter.copies == copies
-        if refine == 1.0:  # every window computed, none capped: the exact map
+        if refine == 1.0:  # every window computed: the exact map
             torch.testing.assert_close(got, exact, atol=1e-6, rtol=0)
-        else:
+        else:  # it really approximates, and closely (this net's map is smooth)
             assert not torch.allclose(got, exact, atol=1e-5)
+            assert torch.corrcoef(torch.stack([got.flatten(), exact.flatten()]))[0, 1] > 0.9
+    with pytest.raises(ValueError, match="mode"):
+        incremental_occlusion_map(net, x, target, 9, 4, 0.0, mode="fast")
+    with pytest.raises(ValueError, match="refine"):
+        incremental_occlusion_map(net, x, target, 9, 4, 0.0, mode="approximate", refine=1.5)
 
 
 def test_drilldown_fills_each_window_in_with_its_computed_neighbours_mean():
