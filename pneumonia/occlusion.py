@@ -493,12 +493,13 @@ def _one_map(engine: Engine, image: torch.Tensor, target: int, window: int, stri
     cells = [(r, c) for r in range(len(rows)) for c in range(len(cols))]
     grid = torch.zeros(len(rows), len(cols), dtype=p_reference.dtype, device=image.device)
     if refine < 1:  # cells and boolean masks both run in row-major order
-        first = checkerboard(len(rows), len(cols)).to(grid.device)
-        grid[first] = drops([cell for cell, f in zip(cells, first.flatten()) if f])
+        mask = checkerboard(len(rows), len(cols))
+        first = mask.to(grid.device)
+        grid[first] = drops([cell for cell, f in zip(cells, mask.flatten().tolist()) if f])
         grid = fill_in(grid, first)
-        rest = [cell for cell, f in zip(cells, first.flatten()) if not f]
+        rest = [cell for cell, f in zip(cells, mask.flatten().tolist()) if not f]
         largest = grid[~first].abs().argsort(descending=True)[:math.ceil(refine * len(rest))]
-        cells = [rest[int(i)] for i in largest]
+        cells = [rest[i] for i in largest.tolist()]
     if cells:
         grid[tuple(torch.tensor(cells).T)] = drops(cells)
     return spread(grid, window, stride, (size_h, size_w))
