@@ -180,19 +180,18 @@ def _paste(out: torch.Tensor, state: Box, top: torch.Tensor, left: torch.Tensor)
     """Writes each copy's box values into `out` (B, h, w, C), a window at (top, left), where the
     box and the window overlap: work in proportion to the box, not the window."""
     box_h, box_w = state.value.shape[-2:]
-    r = (state.top - top)[:, None] + torch.arange(box_h)  # box rows in window coordinates
-    c = (state.left - left)[:, None] + torch.arange(box_w)
+    device = out.device
+    r = ((state.top - top)[:, None] + torch.arange(box_h)).to(device)  # in window coordinates
+    c = ((state.left - left)[:, None] + torch.arange(box_w)).to(device)
     inside = ((r >= 0) & (r < out.shape[1]))[:, :, None] \
         & ((c >= 0) & (c < out.shape[2]))[:, None, :]
     values = state.value.permute(0, 2, 3, 1)
-    device = out.device
-    if bool(inside.all()):
-        copies = torch.arange(len(r))[:, None, None]
-        out[copies.to(device), r[:, :, None].to(device), c[:, None, :].to(device)] = values
+    if bool(inside.all()):  # the usual case: no index lists to build
+        copies = torch.arange(len(r), device=device)[:, None, None]
+        out[copies, r[:, :, None], c[:, None, :]] = values
         return
     b, i, j = inside.nonzero(as_tuple=True)
-    out[b.to(device), r[b, i].to(device), c[b, j].to(device)] = values[b.to(device), i.to(device),
-                                                                       j.to(device)]
+    out[b, r[b, i], c[b, j]] = values[b, i, j]
 
 
 def full_value(state: Any, base: Any, copies: int) -> Any:
