@@ -151,6 +151,12 @@ def reached_span(first: torch.Tensor, length: int, geometry: tuple[int, int, int
     return place(lo, torch.maximum(hi, lo), size)
 
 
+def fits(state: Box, top: torch.Tensor, left: torch.Tensor, shape: tuple[int, int]) -> bool:
+    """Whether the box is exactly the window of `shape` at (top, left) for every copy."""
+    return tuple(state.value.shape[-2:]) == tuple(shape) and torch.equal(state.top, top) \
+        and torch.equal(state.left, left)
+
+
 def gather(state: Box | None, base: torch.Tensor, top: torch.Tensor, left: torch.Tensor,
            shape: tuple[int, int], pad_value: float = 0.0) -> torch.Tensor:
     """Each copy's values on rows top:top+h, columns left:left+w, as (B, C, h, w).
@@ -159,8 +165,7 @@ def gather(state: Box | None, base: torch.Tensor, top: torch.Tensor, left: torch
     values where the box has them and the unoccluded output `base` (1, C, H, W) elsewhere.
     """
     height, width = shape
-    if state is not None and tuple(state.value.shape[-2:]) == shape \
-            and torch.equal(state.top, top) and torch.equal(state.left, left):
+    if state is not None and fits(state, top, left, shape):
         return state.value
     rows = top[:, None] + torch.arange(height)
     cols = left[:, None] + torch.arange(width)
@@ -179,13 +184,16 @@ def gather(state: Box | None, base: torch.Tensor, top: torch.Tensor, left: torch
 def _paste(out: torch.Tensor, state: Box, top: torch.Tensor, left: torch.Tensor) -> None:
     """Writes each copy's box values into `out` (B, h, w, C), a window at (top, left), where the
     box and the window overlap: work in proportion to the box, not the window."""
+    values = state.value.permute(0, 2, 3, 1)
+    if fits(state, top, left, tuple(out.shape[1:3])):
+        out.copy_(values)
+        return
     box_h, box_w = state.value.shape[-2:]
     device = out.device
     r = ((state.top - top)[:, None] + torch.arange(box_h)).to(device)  # in window coordinates
     c = ((state.left - left)[:, None] + torch.arange(box_w)).to(device)
     inside = ((r >= 0) & (r < out.shape[1]))[:, :, None] \
         & ((c >= 0) & (c < out.shape[2]))[:, None, :]
-    values = state.value.permute(0, 2, 3, 1)
     if bool(inside.all()):  # the usual case: no index lists to build
         copies = torch.arange(len(r), device=device)[:, None, None]
         out[copies, r[:, :, None], c[:, None, :]] = values
@@ -319,6 +327,10 @@ class Engine:
     def _sliding(self, m: nn.Module, geometry: tuple, state: Box, base_in: torch.Tensor,
                  base_out: torch.Tensor) -> Box:
         """A convolution or pooling layer recomputed on the output rectangle its box reaches."""
+        if state.value.shape[-2:] == base_in.shape[-2:]:  # the whole map changed: no windows
+            out = m(state.value)
+            self.counter.incremental += module_macs(m, out)
+            return Box(out, torch.zeros_like(state.top), torch.zeros_like(state.left))
         spans = []
         for axis, first in enumerate((state.top, state.left)):
             size = base_out.shape[2 + axis]
@@ -368,15 +380,37 @@ class Engine:
                                  for b in boxes])
             spans.append(place(firsts.min(0).values, lasts.max(0).values, size))
         (top, height), (left, width) = spans
+        whole = (height, width) == (size_h, size_w)
+        if node.target is torch.cat and not whole:
+            return Box(self._pasted_cat(node, states, base, top, left, (height, width)),
+                       top, left)
 
         def local(n: fx.Node) -> Any:
             value = base[n]
             if isinstance(value, torch.Tensor) and value.dim() == 4 and value.shape[-2:] != (1, 1):
-                return gather(states.get(n), value, top, left, (height, width))
+                out = gather(states.get(n), value, top, left, (height, width))
+                if whole and n in states:  # widened to the whole map once, for every later use
+                    states[n] = Box(out, top, left)
+                return out
             return value
 
         args, kwargs = fx.node.map_arg((node.args, node.kwargs), local)
         return Box(self._call(node, args, kwargs), top, left)
+
+    @staticmethod
+    def _pasted_cat(node: fx.Node, states: dict[fx.Node, Any], base: dict[fx.Node, Any],
+                    top: torch.Tensor, left: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+        """A channel concatenation on a window: its stored output there, with each changed
+        input's box written into that input's channels (one copy of the window, not two)."""
+        out = gather(None, base[node], top, left, shape)
+        channels_last = out.permute(0, 2, 3, 1)  # gather's own (B, h, w, C) storage
+        offset = 0
+        for n in node.args[0] if node.args else node.kwargs["tensors"]:
+            channels = base[n].shape[1]
+            if n in states:
+                _paste(channels_last[..., offset:offset + channels], states[n], top, left)
+            offset += channels
+        return out
 
     def _full_node(self, node: fx.Node, states: dict[fx.Node, Any],
                    base: dict[fx.Node, Any]) -> Full:
