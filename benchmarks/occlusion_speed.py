@@ -1,6 +1,7 @@
 """Seconds per image for one occlusion heatmap at 224x224 (15x15 window, stride 10).
 
 python -m benchmarks.occlusion_speed [--models mobilenetv3_large_100 vgg16] [--refine 0.25]
+    [--rounds 3]   (Captum x16 and incremental exact again, alternately: the ratio's spread)
 python -m benchmarks.occlusion_speed --captum-rows [--images 4]
 python -m benchmarks.occlusion_speed --xrays 10 --checkpoint <binary.ckpt> [--split val|test]
     [--refine 0.1 0.25]   (approximate vs exact maps on real X-rays)
@@ -10,8 +11,8 @@ By default compares, for one random image, in one process (ratios against the fi
                       batch-1 passes times the passes it needs)
   captum x16          Captum, 16 occluded copies per pass, contiguous layout
   default before      the same in channels_last (explain.py's default until incremental)
-  incremental exact   pneumonia.occlusion (explain.py's default method), 64 copies per pass
-                      (explain.py passes perturbations_per_eval, 16 by default)
+  incremental exact   pneumonia.occlusion (explain.py's default method), at explain.py's
+                      default perturbations_per_eval copies per pass
   approximate         drill-down: a checkerboard of windows and the --refine share of the
                       rest (pneumonia.occlusion.APPROXIMATE_REFINE), with its largest
                       difference and correlation against the exact map
@@ -44,6 +45,7 @@ import torch
 from benchmarks.common import header, print_rows
 from pneumonia.attribution import occlusion_map
 from pneumonia.checkpoints import load_stage
+from pneumonia.config import ExplainConfig
 from pneumonia.io import read_grayscale
 from pneumonia.models import build_network
 from pneumonia.occlusion import (
@@ -56,6 +58,7 @@ from pneumonia.pipeline import recorded_split, stage_inputs
 
 SIZE, WINDOW, STRIDE = 224, 15, 10
 PASSES = len(window_starts(SIZE, WINDOW, STRIDE)) ** 2 + 1  # 484 occluded copies (Captum) + 1
+COPIES = ExplainConfig.perturbations_per_eval  # the engine's copies per pass in explain.py
 
 
 def seconds_per_image(net, images, ppe: int, repeat: int = 1, incremental: bool = False) -> float:
@@ -85,8 +88,8 @@ def timed_incremental(net, image, mode: str, refine: float,
     counter = Counter()
     target = torch.ones(1, dtype=torch.long) if target is None else target
     start = time.perf_counter()
-    heatmap = incremental_occlusion_map(net, image, target, WINDOW, STRIDE, 0.0, 64, mode, refine,
-                                        counter)
+    heatmap = incremental_occlusion_map(net, image, target, WINDOW, STRIDE, 0.0, COPIES, mode,
+                                        refine, counter)
     return time.perf_counter() - start, heatmap, counter
 
 
@@ -96,9 +99,9 @@ def agreement(approx: torch.Tensor, exact: torch.Tensor) -> tuple[float, float]:
     return float((approx - exact).abs().max()), float(corr)
 
 
-def incremental_rows(name: str, refine: float) -> None:
+def incremental_rows(name: str, refine: float, rounds: int = 1) -> None:
     """One copy per pass, Captum x16, the channels_last default before, incremental exact and
-    approximate."""
+    approximate; with rounds > 1, Captum x16 and incremental exact that many times, alternately."""
     net = build_network(name, adapter="none", head="linear", input_size=SIZE).eval()
     image = torch.randn(1, 1, SIZE, SIZE)
     rows = [("one copy per pass (estimated)", estimated_one_per_pass(net, image)),
@@ -119,6 +122,15 @@ def incremental_rows(name: str, refine: float) -> None:
               f"{c.full_pass / per_window:.2f}x fewer")
     diff, corr = agreement(approx, exact)
     print(f"  approximate vs exact: max |diff| {diff:.4f}, correlation {corr:.4f}")
+    ratios = [rows[1][1] / rows[3][1]]
+    for _ in range(rounds - 1):
+        captum = seconds_per_image(net, image, 16)
+        ratios.append(captum / timed_incremental(net, image, "exact", 1.0)[0])
+        print(f"  round {len(ratios)}: captum x16 {captum:.1f} s, exact {captum / ratios[-1]:.1f} s",
+              flush=True)
+    if rounds > 1:
+        print(f"  exact vs captum x16 in {rounds} alternating rounds: "
+              f"{', '.join(f'{r:.2f}x' for r in ratios)}; median {np.median(ratios):.2f}x")
 
 
 def xray_images(checkpoint: str, split: str, count: int) -> tuple[torch.nn.Module, list]:
@@ -197,6 +209,8 @@ def main() -> None:
     parser.add_argument("--checkpoint", help="--xrays: a trained binary-stage checkpoint")
     parser.add_argument("--split", default="val", choices=["val", "test"],
                         help="--xrays with --checkpoint: the checkpoint's validation or test split")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure Captum x16 and incremental exact this many times, alternately")
     parser.add_argument("--captum-rows", action="store_true", help="the Captum variants instead")
     parser.add_argument("--images", type=int, default=4,
                         help="images per call on the multi-image row")
@@ -216,7 +230,7 @@ def main() -> None:
         if args.captum_rows:
             captum_rows(name, args.images, args.exact_below)
         else:
-            incremental_rows(name, args.refine[0])
+            incremental_rows(name, args.refine[0], args.rounds)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ class Probabilities(nn.Module):
 
 
 def occlusion_map(model: nn.Module, images: torch.Tensor, target: torch.Tensor, window: int = 15,
-                  stride: int = 10, baseline: float = 0.0, perturbations_per_eval: int = 16,
+                  stride: int = 10, baseline: float = 0.0, perturbations_per_eval: int = 32,
                   mode: str = "exact", incremental: bool = True) -> torch.Tensor:
     """Drop in the target probability when a window x window patch is set to `baseline`.
 
@@ -83,7 +83,7 @@ def gradcam_layer(net: nn.Module) -> nn.Module:
 
 def attribution_map(method: str, net: nn.Module, images: torch.Tensor, target: torch.Tensor,
                     window: int = 15, stride: int = 10, baseline: float = 0.0,
-                    perturbations_per_eval: int = 16, occlusion_mode: str = "exact") -> torch.Tensor:
+                    perturbations_per_eval: int = 32, occlusion_mode: str = "exact") -> torch.Tensor:
     """(N, H, W) attribution of `target` for a batch, by the named method."""
     net.eval()
     if method == "occlusion":

@@ -310,7 +310,7 @@ class ExplainConfig:
     window: int = 15
     stride: int = 10
     baseline: float = 0.0
-    perturbations_per_eval: int = 16
+    perturbations_per_eval: int = 32
     occlusion_mode: str = "exact"
     batch_images: int = 1
     channels_last: bool = True

@@ -460,7 +460,7 @@ def _get_attr(root: nn.Module, target: str) -> Any:
 
 
 def incremental_occlusion_map(model: nn.Module, images: torch.Tensor, target: torch.Tensor,
-                              window: int, stride: int, baseline: float, copies_per_pass: int = 64,
+                              window: int, stride: int, baseline: float, copies_per_pass: int = 32,
                               mode: str = "exact", refine: float = APPROXIMATE_REFINE,
                               counter: Counter | None = None) -> torch.Tensor | None:
     """Captum's occlusion map of the target probability, (N, H, W), computed incrementally;
