@@ -61,16 +61,18 @@ PASSES = len(window_starts(SIZE, WINDOW, STRIDE)) ** 2 + 1  # 484 occluded copie
 COPIES = ExplainConfig.perturbations_per_eval  # the engine's copies per pass in explain.py
 
 
-def seconds_per_image(net, images, ppe: int, repeat: int = 1, incremental: bool = False) -> float:
+def timed_captum(net, images, ppe: int) -> tuple[float, torch.Tensor]:
+    """Seconds per image of Captum's maps at `ppe` copies per pass, and the maps."""
     target = torch.ones(len(images), dtype=torch.long)
     with torch.inference_mode():  # warm-up at its batch size (a first call ran up to 1.6x slower)
         net(images[:1].expand(ppe, *images.shape[1:]))
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        occlusion_map(net, images, target, WINDOW, STRIDE, 0.0, ppe, incremental=incremental)
-        best = min(best, time.perf_counter() - start)
-    return best / len(images)
+    start = time.perf_counter()
+    maps = occlusion_map(net, images, target, WINDOW, STRIDE, 0.0, ppe, incremental=False)
+    return (time.perf_counter() - start) / len(images), maps
+
+
+def seconds_per_image(net, images, ppe: int) -> float:
+    return timed_captum(net, images, ppe)[0]
 
 
 def estimated_one_per_pass(net, image, samples: int = 30) -> float:
@@ -104,8 +106,9 @@ def incremental_rows(name: str, refine: float, rounds: int = 1) -> None:
     approximate; with rounds > 1, Captum x16 and incremental exact that many times, alternately."""
     net = build_network(name, adapter="none", head="linear", input_size=SIZE).eval()
     image = torch.randn(1, 1, SIZE, SIZE)
-    rows = [("one copy per pass (estimated)", estimated_one_per_pass(net, image)),
-            ("captum x16", seconds_per_image(net, image, 16))]
+    rows = [("one copy per pass (estimated)", estimated_one_per_pass(net, image))]
+    captum, captum_map = timed_captum(net, image, 16)
+    rows.append(("captum x16", captum))
     net_cl = copy.deepcopy(net).to(memory_format=torch.channels_last)
     one_cl = image.contiguous(memory_format=torch.channels_last)
     rows.append(("default before: captum x16, channels_last",
@@ -120,14 +123,16 @@ def incremental_rows(name: str, refine: float, rounds: int = 1) -> None:
         print(f"  MACs per window of the map, {label} ({c.copies} copies computed): "
               f"{per_window / 1e9:.3f} G of a full pass's {c.full_pass / 1e9:.3f} G: "
               f"{c.full_pass / per_window:.2f}x fewer")
+    print(f"  incremental exact vs captum x16: max |diff| "
+          f"{float((exact - captum_map).abs().max()):.1e}")
     diff, corr = agreement(approx, exact)
     print(f"  approximate vs exact: max |diff| {diff:.4f}, correlation {corr:.4f}")
     ratios = [rows[1][1] / rows[3][1]]
     for _ in range(rounds - 1):
         captum = seconds_per_image(net, image, 16)
         ratios.append(captum / timed_incremental(net, image, "exact", 1.0)[0])
-        print(f"  round {len(ratios)}: captum x16 {captum:.1f} s, exact {captum / ratios[-1]:.1f} s",
-              flush=True)
+        print(f"  round {len(ratios)}: captum x16 {captum:.1f} s, "
+              f"exact {captum / ratios[-1]:.1f} s", flush=True)
     if rounds > 1:
         print(f"  exact vs captum x16 in {rounds} alternating rounds: "
               f"{', '.join(f'{r:.2f}x' for r in ratios)}; median {np.median(ratios):.2f}x")
@@ -210,7 +215,7 @@ def main() -> None:
     parser.add_argument("--split", default="val", choices=["val", "test"],
                         help="--xrays with --checkpoint: the checkpoint's validation or test split")
     parser.add_argument("--rounds", type=int, default=1,
-                        help="measure Captum x16 and incremental exact this many times, alternately")
+                        help="Captum x16 and incremental exact this many times, alternately")
     parser.add_argument("--captum-rows", action="store_true", help="the Captum variants instead")
     parser.add_argument("--images", type=int, default=4,
                         help="images per call on the multi-image row")
