@@ -6,8 +6,10 @@ runs once and every node's output is kept. For a batch of occluded copies, each 
 then a `Box`: per copy, the rectangle of the output map that differs from the unoccluded output,
 all copies sharing one rectangle size so they run as one batch. A convolution or pooling layer
 recomputes only the output rectangle its changed input reaches (from kernel, stride, padding and
-dilation), reading the rest of its input window from the stored activations. Pointwise layers,
-residual additions and concatenations work on the union of their inputs' rectangles. Anything
+dilation), reading the rest of its input window from the stored activations (once its input
+changed everywhere, it runs as itself). Pointwise layers, residual additions and concatenations
+work on the union of their inputs' rectangles; a concatenation writes each changed input into
+the stored output there, and an input widened to the whole map keeps that form. Anything
 else (global pooling, squeeze-and-excitation, flatten, the classifier, unknown ops) runs on full
 maps from there on: still exact, no longer incremental.
 
