@@ -50,8 +50,10 @@ from pneumonia.io import read_grayscale
 from pneumonia.models import build_network
 from pneumonia.occlusion import (
     APPROXIMATE_REFINE,
+    MIN_SAVING,
     Counter,
     incremental_occlusion_map,
+    saves_work,
     window_starts,
 )
 from pneumonia.pipeline import recorded_split, stage_inputs
@@ -125,6 +127,8 @@ def incremental_rows(name: str, refine: float, rounds: int = 1) -> None:
               f"{c.full_pass / per_window:.2f}x fewer")
     print(f"  incremental exact vs captum x16: max |diff| "
           f"{float((exact - captum_map).abs().max()):.1e}")
+    print("  explain.py runs: " + ("the engine" if saves_work(net, image, WINDOW, STRIDE, COPIES)
+                                   else f"Captum (the engine's count saves under {MIN_SAVING}x)"))
     diff, corr = agreement(approx, exact)
     print(f"  approximate vs exact: max |diff| {diff:.4f}, correlation {corr:.4f}")
     ratios = [rows[1][1] / rows[3][1]]

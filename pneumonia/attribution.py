@@ -10,7 +10,7 @@ import torch
 from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, Occlusion
 from torch import nn
 
-from pneumonia.occlusion import incremental_occlusion_map
+from pneumonia.occlusion import incremental_occlusion_map, saves_work
 
 METHODS = ("occlusion", "gradcam", "integrated_gradients")
 
@@ -36,13 +36,12 @@ def occlusion_map(model: nn.Module, images: torch.Tensor, target: torch.Tensor, 
     Positive values: the patch supported the target class.
     incremental: recompute each layer only where the patch changes it (pneumonia.occlusion),
     exact unless mode="approximate" (drill-down, pneumonia.occlusion); networks that
-    torch.fx cannot trace, and incremental=False, run every copy through Captum (exact).
+    torch.fx cannot trace or where that saves too little by the engine's own count, and
+    incremental=False, run every copy through Captum (exact).
     """
-    if incremental:
-        maps = incremental_occlusion_map(model, images, target, window, stride, baseline,
+    if incremental and saves_work(model, images[:1], window, stride, perturbations_per_eval):
+        return incremental_occlusion_map(model, images, target, window, stride, baseline,
                                          perturbations_per_eval, mode)
-        if maps is not None:
-            return maps
     with torch.inference_mode(False), torch.no_grad():
         attributions = Occlusion(Probabilities(model)).attribute(
             images,

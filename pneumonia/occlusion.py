@@ -40,6 +40,10 @@ from torchvision.ops import FrozenBatchNorm2d
 
 MODES = ("exact", "approximate")
 APPROXIMATE_REFINE = 0.25  # chosen on validation X-rays (docs/options.md)
+# A full pass must cost at least this many times a copy, by the engine's own count, for the
+# engine to run: EfficientNet-B0 (1.02x: squeeze-and-excitation in its first block) ran 0.7x
+# Captum's speed, MobileNetV3 (1.27x) 1.6x (docs/options.md).
+MIN_SAVING = 1.2
 
 POINTWISE_MODULES = (
     nn.BatchNorm2d, BatchNormAct2d, FrozenBatchNorm2d, FrozenBatchNormAct2d, nn.Identity,
@@ -459,6 +463,30 @@ def _get_attr(root: nn.Module, target: str) -> Any:
     for part in target.split("."):
         value = getattr(value, part)
     return value
+
+
+_SAVES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def saves_work(model: nn.Module, image: torch.Tensor, window: int, stride: int,
+               copies_per_pass: int) -> bool:
+    """Whether the engine's count on one batch of copies of `image` (1, C, H, W) says a full pass
+    costs at least MIN_SAVING times a copy; False when the model cannot be traced. Networks that
+    mix the whole map early run faster as whole passes. Decided once per model and geometry."""
+    graph = trace(model)
+    if graph is None:
+        return False
+    decided = _SAVES.setdefault(model, {})
+    key = (tuple(image.shape[1:]), window, stride, copies_per_pass)
+    if key not in decided:
+        engine = Engine(graph)
+        size_h, size_w = image.shape[-2:]
+        starts = [(r, c) for r in window_starts(size_h, window, stride)
+                  for c in window_starts(size_w, window, stride)][:copies_per_pass]
+        with torch.inference_mode(False), torch.no_grad(), out_of_place(model):
+            engine.run_copies(engine.run_base(image[:1]), starts, window, 0.0)
+        decided[key] = engine.counter.full_pass >= MIN_SAVING * engine.counter.per_copy()
+    return decided[key]
 
 
 def incremental_occlusion_map(model: nn.Module, images: torch.Tensor, target: torch.Tensor,

@@ -14,6 +14,7 @@ from pneumonia.occlusion import (
     checkerboard,
     fill_in,
     incremental_occlusion_map,
+    saves_work,
     trace,
     window_starts,
 )
@@ -196,6 +197,22 @@ def test_squeeze_excitation_computes_full_maps_after_the_gate_and_stays_exact():
     counter = assert_matches_captum(SqueezeExcite(), 35, 9, 6)
     tail = 8 * 8 * 9 * 35 * 35 + 16  # the 3x3 conv after the gate, plus the linear layer
     assert counter.per_copy() >= tail
+
+
+def test_a_network_that_mixes_the_whole_map_after_its_stem_runs_captum(monkeypatch):
+    """By the engine's own count a gate right after the stem leaves too little to save
+    (under MIN_SAVING), so occlusion_map runs whole passes; a network without one keeps the
+    engine."""
+    x, target = torch.randn(1, 1, 35, 35), torch.tensor([1])
+    gated, plain = SqueezeExcite().eval(), randomise_bn(sequential_net()).eval()
+    assert saves_work(plain, x, 9, 6, 16) and not saves_work(gated, x, 9, 6, 16)
+
+    def engine(*args, **kwargs):
+        raise AssertionError("the engine should not run for this network")
+
+    monkeypatch.setattr("pneumonia.attribution.incremental_occlusion_map", engine)
+    torch.testing.assert_close(occlusion_map(gated, x, target, 9, 6, 0.0, 16),
+                               captum_map(gated, x, target, 9, 6, 0.0), atol=1e-6, rtol=0)
 
 
 def test_untraceable_network_falls_back_to_captum():
