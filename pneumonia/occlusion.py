@@ -45,8 +45,9 @@ APPROXIMATE_REFINE = 0.25  # chosen on validation X-rays (docs/options.md)
 # Captum's speed, MobileNetV3 (1.27x) 1.6x (docs/options.md).
 MIN_SAVING = 1.2
 
+NORM_ACT_MODULES = (BatchNormAct2d, FrozenBatchNormAct2d)
 POINTWISE_MODULES = (
-    nn.BatchNorm2d, BatchNormAct2d, FrozenBatchNorm2d, FrozenBatchNormAct2d, nn.Identity,
+    nn.BatchNorm2d, *NORM_ACT_MODULES, FrozenBatchNorm2d, nn.Identity,
     nn.Dropout, nn.Dropout2d, nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid,
     nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.Mish, nn.PReLU,
 )
@@ -126,8 +127,11 @@ def trace(model: nn.Module) -> fx.GraphModule | None:
 
 @contextmanager
 def out_of_place(model: nn.Module) -> Iterator[None]:
-    """Turns off modules' `inplace` flags for the duration, so stored activations stay intact."""
-    flagged = [m for m in model.modules() if getattr(m, "inplace", False) is True]
+    """Turns off modules' `inplace` flags for the duration, so stored activations stay intact.
+    A BatchNormAct's activation keeps its flag: it acts on the batch norm's own new output."""
+    fresh = {id(m.act) for m in model.modules() if isinstance(m, NORM_ACT_MODULES)}
+    flagged = [m for m in model.modules()
+               if getattr(m, "inplace", False) is True and id(m) not in fresh]
     for m in flagged:
         m.inplace = False
     try:
@@ -285,7 +289,7 @@ class Engine:
             if node.op == "output":
                 break
             args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: values[n])
-            values[node] = self._call(node, args, kwargs)
+            values[node] = _channels_last(self._call(node, args, kwargs))
             if node.op == "call_module":
                 self.counter.full_pass += module_macs(self._module(node), values[node])
         return values
@@ -456,6 +460,13 @@ class Engine:
         if node.op == "get_attr":
             return _get_attr(self.graph, node.target)
         raise ValueError(f"unexpected fx node kind {node.op}")
+
+
+def _channels_last(value: Any) -> Any:
+    """4-D maps stored channels last, so that gathering a window copies whole channel vectors."""
+    if isinstance(value, torch.Tensor) and value.dim() == 4:
+        return value.contiguous(memory_format=torch.channels_last)
+    return value
 
 
 def _get_attr(root: nn.Module, target: str) -> Any:
