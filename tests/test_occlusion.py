@@ -11,9 +11,11 @@ from pneumonia.attribution import Probabilities, occlusion_map
 from pneumonia.models import build_network
 from pneumonia.occlusion import (
     Counter,
+    Engine,
     checkerboard,
     fill_in,
     incremental_occlusion_map,
+    out_of_place,
     saves_work,
     trace,
     window_starts,
@@ -60,7 +62,7 @@ def aim_classifier(net: nn.Module, x: torch.Tensor, baseline: float, sharpness: 
     sharpness 4 differ from themselves by 2e-4 between 32 and 1 copies per pass."""
     last = [m for m in net.modules() if isinstance(m, nn.Linear)][-1]
     features = []
-    hook = last.register_forward_hook(lambda m, args, out: features.append(args[0][0]))
+    hook = last.register_forward_hook(lambda m, args, out: features.append(args[0]))
     occluded = x[:1].clone()
     occluded[..., : x.shape[-2] // 2, : x.shape[-1] // 2] = baseline
     with torch.no_grad():
@@ -270,6 +272,29 @@ def test_configured_timm_backbones_match_captum(backbone):
     net = build_network(backbone, pretrained=False, input_size=64)
     # 4 x 4 windows of 20 px, the last ones clipped at the border
     assert_matches_captum(net, 64, 20, 20, dtype=torch.float64, sharpness=4.0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backbone", ["vgg16", "resnet18", "densenet121", "mobilenetv3_large_100",
+                                      "efficientnet_b0"])
+def test_configured_backbones_at_224_give_each_occluded_copy_its_full_pass_probabilities(backbone):
+    """At the product's geometry (224 px, window 15), where a whole Captum map is too slow for a
+    test: copies occluded at the corners (the last windows cross the border), the edges and
+    inside, through the engine, against full passes of the same occluded images (fp32)."""
+    net = build_network(backbone, pretrained=False, input_size=224).eval()
+    x = torch.randn(1, 1, 224, 224)
+    aim_classifier(net, x, 0.0, 1.0)
+    last = window_starts(224, 15, 10)[-1]  # 210: its window is clipped to 210..223
+    starts = [(0, 0), (0, last), (last, 0), (last, last), (100, 110), (50, last), (120, 30)]
+    occluded = x.repeat(len(starts), 1, 1, 1)
+    for copy, (row, col) in enumerate(starts):
+        occluded[copy, :, row:row + 15, col:col + 15] = 0.0
+    engine = Engine(trace(net))
+    with torch.no_grad(), out_of_place(net):
+        got = engine.run_copies(engine.run_base(x), starts, 15, 0.0).softmax(1)
+        want, unoccluded = net(occluded).softmax(1), net(x).softmax(1)
+    assert (want - unoccluded).abs().max() > 50 * 1e-5, "occlusion changed nothing: proves little"
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
