@@ -22,6 +22,7 @@ pay on VGG16: docs/options.md.)
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 import weakref
@@ -123,6 +124,31 @@ def trace(model: nn.Module) -> fx.GraphModule | None:
         except Exception:  # fx raises many kinds on data-dependent control flow
             _TRACED[model] = None
     return _TRACED[model]
+
+
+@contextmanager
+def products_for_whole_kernels(model: nn.Module) -> Iterator[None]:
+    """For the duration, a convolution whose kernel covers its whole input (VGG's 7x7 and 1x1
+    head convolutions, inside timm's ConvMlp too) runs as the matrix product it is: oneDNN lays
+    its weights out anew on every call (VGG16's first head convolution took 0.9 s per batch of
+    32 channels-last copies, 0.07 s as a product)."""
+    convs = [m for m in model.modules() if type(m) is nn.Conv2d and "forward" not in vars(m)]
+    flat: dict[nn.Module, torch.Tensor] = {}
+
+    def forward(m: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+        if not covers_input(m, x):
+            return nn.Conv2d.forward(m, x)
+        if m not in flat:  # a view, or one copy of channels-last weights per call of the engine
+            flat[m] = m.weight.flatten(1)
+        return F.linear(x.flatten(1), flat[m], m.bias)[:, :, None, None]
+
+    for m in convs:
+        m.forward = functools.partial(forward, m)
+    try:
+        yield
+    finally:
+        for m in convs:
+            del m.forward
 
 
 @contextmanager
@@ -249,6 +275,14 @@ def unpadded(m: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda x: F.avg_pool2d(x, m.kernel_size, m.stride, 0)
 
 
+def covers_input(m: nn.Module, x: Any) -> bool:
+    """Whether `m` is a convolution whose kernel covers its whole unpadded input `x` (one output
+    position per map: a matrix product)."""
+    return type(m) is nn.Conv2d and isinstance(x, torch.Tensor) and x.dim() == 4 \
+        and tuple(x.shape[-2:]) == tuple(m.kernel_size) and m.padding == (0, 0) \
+        and m.dilation == (1, 1) and m.groups == 1
+
+
 def is_pointwise_module(m: nn.Module) -> bool:
     """Whether `m` (in eval mode) acts on each position of its input map by itself."""
     if type(m) not in POINTWISE_MODULES or m.training:
@@ -371,8 +405,9 @@ class Engine:
             return False
         for n in node.all_input_nodes:
             value = base[n]
-            if n in states and not isinstance(states[n], Box):
-                return False
+            if n in states and (not isinstance(states[n], Box)
+                                or value.shape[-2:] != out.shape[-2:]):
+                return False  # (a changed 1x1 map broadcast over a larger one: full maps)
             if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[-2:] != (1, 1) \
                     and (value.dim() != 4 or value.shape[-2:] != out.shape[-2:]):
                 return False
@@ -397,7 +432,8 @@ class Engine:
 
         def local(n: fx.Node) -> Any:
             value = base[n]
-            if isinstance(value, torch.Tensor) and value.dim() == 4 and value.shape[-2:] != (1, 1):
+            if n in states or isinstance(value, torch.Tensor) and value.dim() == 4 \
+                    and value.shape[-2:] != (1, 1):  # (unchanged 1x1 maps broadcast as they are)
                 out = gather(states.get(n), value, top, left, (height, width))
                 if whole and n in states:  # widened to the whole map once, for every later use
                     states[n] = Box(out, top, left)
@@ -519,7 +555,8 @@ def incremental_occlusion_map(model: nn.Module, images: torch.Tensor, target: to
     if graph is None:
         return None
     engine = Engine(graph, counter or Counter())
-    with torch.inference_mode(False), torch.no_grad(), out_of_place(model):
+    with torch.inference_mode(False), torch.no_grad(), out_of_place(model), \
+            products_for_whole_kernels(model):
         maps = [_one_map(engine, image[None], int(t), window, stride, baseline, copies_per_pass,
                          refine if mode == "approximate" else 1.0)
                 for image, t in zip(images, target)]

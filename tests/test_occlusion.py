@@ -7,6 +7,7 @@ import torch
 from captum.attr import Occlusion
 from torch import nn
 
+from pneumonia import occlusion
 from pneumonia.attribution import Probabilities, occlusion_map
 from pneumonia.models import build_network
 from pneumonia.occlusion import (
@@ -193,6 +194,20 @@ def test_sequential_conv_pool_network_matches_captum(size, window, stride):
 def test_residual_and_concatenating_networks_match_captum(net, size, window, stride):
     counter = assert_matches_captum(randomise_bn(net()), size, window, stride)
     assert counter.per_copy() < 0.8 * counter.full_pass
+
+
+def test_a_convolution_covering_its_whole_input_runs_as_a_product_and_stays_exact(monkeypatch):
+    """VGG's head: a convolution whose kernel is the whole map, then a 1x1 one on one position
+    (its changed 1x1 output was once read as the unoccluded one by the next pointwise layer)."""
+    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                        nn.Conv2d(8, 16, 16), nn.ReLU(), nn.Conv2d(16, 16, 1), nn.Flatten(),
+                        nn.Linear(16, 2))
+    covered, covers = [], occlusion.covers_input
+    monkeypatch.setattr(occlusion, "covers_input",
+                        lambda m, x: covered.append(covers(m, x)) or covered[-1])
+    assert_matches_captum(net, 32, 6, 4)
+    assert covered.count(True) >= 2 * (1 + 36 // 16)  # both head convolutions, base and batches
+    assert not any("forward" in vars(m) for m in net.modules())  # the modules are given back
 
 
 def test_squeeze_excitation_computes_full_maps_after_the_gate_and_stays_exact():
