@@ -57,6 +57,8 @@ def load_pipeline(cfg: DictConfig, downloads: Path) -> TwoStagePipeline:
     root = Path(pipeline.data_settings().get("root") or "")
     if root.is_dir():
         val = [r for r in pipeline.split(root) if r.split == "val"]
+        log.info("Calibrating both stages on the %d validation images of %s (an evaluation's "
+                 "pipeline=<pipeline.json> is calibrated already)", len(val), root)
         pipeline.calibrate(val, operating_point=cfg.operating_point, device=cfg.device)
     else:
         log.warning("Training data %s not found: no validation calibration, thresholds 0.5", root)
