@@ -152,6 +152,16 @@ def products_for_whole_kernels(model: nn.Module) -> Iterator[None]:
 
 
 @contextmanager
+def engine_passes(model: nn.Module) -> Iterator[None]:
+    """What the engine's passes over `model` run under: no autograd, even inside a caller's
+    inference mode; stored activations kept intact; convolutions covering their whole input
+    run as products."""
+    with torch.inference_mode(False), torch.no_grad(), out_of_place(model), \
+            products_for_whole_kernels(model):
+        yield
+
+
+@contextmanager
 def out_of_place(model: nn.Module) -> Iterator[None]:
     """Turns off modules' `inplace` flags for the duration, so stored activations stay intact.
     A BatchNormAct's activation keeps its flag: it acts on the batch norm's own new output."""
@@ -530,7 +540,7 @@ def saves_work(model: nn.Module, image: torch.Tensor, window: int, stride: int,
         size_h, size_w = image.shape[-2:]
         starts = [(r, c) for r in window_starts(size_h, window, stride)
                   for c in window_starts(size_w, window, stride)][:copies_per_pass]
-        with torch.inference_mode(False), torch.no_grad(), out_of_place(model):
+        with engine_passes(model):
             engine.run_copies(engine.run_base(image[:1]), starts, window, 0.0)
         decided[key] = engine.counter.full_pass >= MIN_SAVING * engine.counter.per_copy()
     return decided[key]
@@ -555,8 +565,7 @@ def incremental_occlusion_map(model: nn.Module, images: torch.Tensor, target: to
     if graph is None:
         return None
     engine = Engine(graph, counter or Counter())
-    with torch.inference_mode(False), torch.no_grad(), out_of_place(model), \
-            products_for_whole_kernels(model):
+    with engine_passes(model):
         maps = [_one_map(engine, image[None], int(t), window, stride, baseline, copies_per_pass,
                          refine if mode == "approximate" else 1.0)
                 for image, t in zip(images, target)]

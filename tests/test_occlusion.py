@@ -14,10 +14,9 @@ from pneumonia.occlusion import (
     Counter,
     Engine,
     checkerboard,
+    engine_passes,
     fill_in,
     incremental_occlusion_map,
-    out_of_place,
-    products_for_whole_kernels,
     saves_work,
     trace,
     window_starts,
@@ -308,7 +307,7 @@ def test_configured_backbones_at_224_give_each_occluded_copy_its_full_pass_proba
     with torch.no_grad():
         want, unoccluded = net(occluded).softmax(1), net(x).softmax(1)
     engine = Engine(trace(net))
-    with torch.no_grad(), out_of_place(net), products_for_whole_kernels(net):  # as in the map
+    with engine_passes(net):
         got = engine.run_copies(engine.run_base(x), starts, 15, 0.0).softmax(1)
     assert (want - unoccluded).abs().max() > 50 * 1e-5, "occlusion changed nothing: proves little"
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
