@@ -161,6 +161,7 @@ def load_stage(path: Path | str, stage: str):
     """The stage module a checkpoint holds, in eval mode, checked against the slot it fills."""
     from pneumonia.data.transforms import Preprocessing
     from pneumonia.models import StageClassifier
+    from pneumonia.models.weights import NOT_RECORDED
 
     path = Path(path)
     checkpoint = read_checkpoint(path)
@@ -173,7 +174,7 @@ def load_stage(path: Path | str, stage: str):
     if tuple(hparams.get("classes") or ()) != STAGE_CLASSES[stage]:
         raise CheckpointError(f"{path}: classes {hparams.get('classes')} are not {STAGE_CLASSES[stage]}")
     try:
-        module = StageClassifier(**{**hparams, "pretrained": False})
+        module = StageClassifier(**{"weights": NOT_RECORDED, **hparams, "pretrained": False})
         module.load_state_dict(checkpoint["state_dict"])
         Preprocessing(**module.hparams.preprocessing)
         module.on_load_checkpoint(checkpoint)

@@ -9,7 +9,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from pneumonia.models.network import PretrainedWeightsError
+from pneumonia.models.weights import PretrainedWeightsError
 from pneumonia.tracking import TrackingServerError
 
 log = logging.getLogger("pneumonia")

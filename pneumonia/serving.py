@@ -33,6 +33,7 @@ from mlflow.types import ColSpec, Schema
 from PIL import Image
 
 from pneumonia.io import ImageReadError, read_grayscale
+from pneumonia.models.weights import NOT_RECORDED
 from pneumonia.pipeline import Calibration, TwoStagePipeline
 from pneumonia.stages import CLASSES, STAGE_CLASSES
 from pneumonia.tracking import environment
@@ -143,7 +144,9 @@ def model_artifacts(pipeline: TwoStagePipeline, folder: Path) -> dict[str, str]:
     """Copies each checkpoint under a unique name and writes pipeline.json into `folder`;
     returns them as pyfunc artifacts (key -> file)."""
     spec = {"classes": list(CLASSES), "tta": pipeline.tta, "checkpoints": {},
-            "calibration": asdict(pipeline.calibration)}
+            "calibration": asdict(pipeline.calibration),
+            "weights": {stage: dict(pipeline.stages[stage].hparams.get("weights") or NOT_RECORDED)
+                        for stage in STAGE_CLASSES}}
     artifacts = {}
     for stage in STAGE_CLASSES:
         paths = pipeline.checkpoints[stage]

@@ -23,6 +23,7 @@ from pneumonia.data.datamodule import XrayDataset
 from pneumonia.data.features import FrozenFeatures
 from pneumonia.data.synthetic import make_synthetic_dataset
 from pneumonia.models import StageClassifier, normalization_stats
+from pneumonia.models.weights import resolve_weights
 from pneumonia.ood import MAX_FIT_IMAGES, OODGate, stage_descriptions
 from pneumonia.outputs import claim_output
 from pneumonia.stages import STAGE_CLASSES, check_stage
@@ -198,7 +199,7 @@ def _claim_run_folder(cfg: DictConfig) -> tuple[Path | None, str | None]:
 
 
 def _record_inputs(cfg: DictConfig, logger, datamodule: KermanyDataModule, output_dir: Path,
-                   hardware_tags: dict[str, str]) -> None:
+                   tags: dict[str, str]) -> None:
     """The split, config and environment files of a new run, and its MLflow params and tags."""
     files = [datamodule.write_manifest(output_dir / "split_manifest.csv"), output_dir / "config.yaml"]
     OmegaConf.save(cfg, files[1], resolve=True)
@@ -211,7 +212,7 @@ def _record_inputs(cfg: DictConfig, logger, datamodule: KermanyDataModule, outpu
     if isinstance(logger, MLFlowLogger):
         resolved = OmegaConf.to_container(cfg, resolve=True)
         log_run_inputs(logger, {**resolved, **skipped}, datamodule.preprocessing.to_dict(), files,
-                       {**_run_tags(cfg), **env_tags, **hardware_tags, "output_dir": str(output_dir)})
+                       {**_run_tags(cfg), **env_tags, **tags, "output_dir": str(output_dir)})
 
 
 def _fit(trainer: L.Trainer, module, datamodule, resume_from: Path | None, output_dir: Path) -> None:
@@ -256,6 +257,7 @@ def _add_ood_gate(module: StageClassifier, datamodule: KermanyDataModule, fracti
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train one stage. Returns the MLflow run id, the best checkpoint and its validation metrics."""
     validate(cfg)
+    resolve_weights(cfg.model.backbone, cfg.model.pretrained)  # fails before any data is read
     choice = _choose_hardware(cfg)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg)  # a bad data folder fails here, before any file is written
@@ -265,7 +267,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     logger, tracking_uri = build_logger(cfg, run_id)
     # a resumed run keeps the files (and MLflow params) it has; other DDP ranks write none
     if resume_from is None and rank_zero_only.rank == 0:
-        _record_inputs(cfg, logger, datamodule, output_dir, hardware.tags(choice))
+        weights = {f"weights/{key}": value for key, value in module.hparams.weights.items()}
+        _record_inputs(cfg, logger, datamodule, output_dir, {**hardware.tags(choice), **weights})
     # after the claim: on resume, checkpoints go to the interrupted run's folder
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c]
     callbacks.append(EpochSeed(cfg.seed))

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 from pneumonia.models import StageClassifier, build_network
-from pneumonia.models.network import PretrainedWeightsError
+from pneumonia.models.weights import PretrainedWeightsError
 from tests.conftest import MODELS, REPO, compose_train
 
 
@@ -29,7 +29,7 @@ def test_every_model_stage_adapter_head_composes(tmp_path):
         assert cfg.model.name == model and cfg.stage.name == stage
         assert timm.is_model(cfg.model.backbone)
         OmegaConf.to_container(cfg.model, resolve=True)
-    assert len(combos) == 64
+    assert len(combos) == 8 * len(MODELS) and len(MODELS) == 11
 
 
 @pytest.mark.slow
@@ -96,17 +96,6 @@ def test_local_weights_file_is_loaded_and_folded_to_one_channel(tmp_path):
 def test_missing_weights_file_is_named():
     with pytest.raises(FileNotFoundError, match="model.pretrained=/nowhere/w.safetensors"):
         build_network("resnet18", pretrained="/nowhere/w.safetensors")
-
-
-def test_offline_hub_download_names_the_offline_option():
-    code = ("from pneumonia.models import build_network\n"
-            "build_network('resnet18', pretrained=True)\n")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                          cwd=REPO, timeout=120)
-    assert proc.returncode != 0
-    assert PretrainedWeightsError.__name__ in proc.stderr
-    assert "model.pretrained=/path/to/weights" in proc.stderr
 
 
 def test_unknown_backbone_lists_the_valid_ones():

@@ -100,7 +100,11 @@ def test_logged_model_predicts_as_the_pipeline_and_survives_a_move(logged, synth
     # no absolute path inside the model's own files: a moved copy loads and answers the same
     flavor = yaml.safe_load((folder / "MLmodel").read_text())["flavors"]["python_function"]
     assert all(not Path(a["path"]).is_absolute() for a in flavor["artifacts"].values())
-    assert str(work) not in (folder / "artifacts" / "pipeline.json").read_text()
+    spec = json.loads((folder / "artifacts" / "pipeline.json").read_text())
+    assert str(work) not in json.dumps(spec)
+    # each stage's initial weights are named (these stages were trained from scratch)
+    assert spec["weights"] == {stage: {"source": "none (random initialisation)", "sha256": ""}
+                               for stage in ("binary", "subtype")}
     moved = shutil.move(str(folder), str(tmp_path / "elsewhere"))
     assert not folder.exists()
     again = mlflow.pyfunc.load_model(moved).predict(request)

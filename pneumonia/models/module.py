@@ -20,6 +20,7 @@ from torchmetrics.classification import (
 )
 
 from pneumonia.models.network import build_network
+from pneumonia.models.weights import resolve_weights
 from pneumonia.ood import OODGate, watching
 
 # Options of earlier versions that their checkpoints still carry, each with the value that meant
@@ -68,7 +69,9 @@ class StageClassifier(L.LightningModule):
     Every argument is a plain value (names and options, no modules), so the checkpoint
     rebuilds the model by itself; `preprocessing` is what inference needs to see images the
     way training did. `pretrained` is separate so a checkpoint can be loaded offline with
-    `StageClassifier.load_from_checkpoint(path, pretrained=False)` (its weights are in it).
+    `StageClassifier.load_from_checkpoint(path, pretrained=False)` (its weights are in it);
+    `weights` records where the initial weights came from (source, sha256), taken from
+    `pretrained` when not given, so a loaded checkpoint keeps the provenance it was trained with.
     `data` records the data root and split settings, so evaluation finds the same test split.
     Batches arrive augmented and normalised by the data module. `retired` takes the arguments
     of older checkpoints that this version dropped (`RETIRED`, `TRAINING_RECORDS`).
@@ -89,6 +92,7 @@ class StageClassifier(L.LightningModule):
         class_weights: list[float] | None = None,
         label_smoothing: float = 0.0,
         pretrained: bool | str = False,
+        weights: dict | None = None,
         data: dict | None = None,
         channels_last: bool = False,
         compile: bool = False,
@@ -101,6 +105,8 @@ class StageClassifier(L.LightningModule):
         without_retired("module", {k: v for k, v in retired.items() if k not in TRAINING_RECORDS})
         model = without_retired("model", model)
         preprocessing = without_retired("preprocessing", preprocessing)
+        if weights is None:
+            weights = resolve_weights(model["backbone"], pretrained).provenance()
         # train() logs the whole resolved config
         self.save_hyperparameters(ignore=list(retired), logger=False)
         self.net = build_network(**model, pretrained=pretrained, num_classes=len(classes))

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import timm
 import torch
 from torch import nn
 
+from pneumonia.models.weights import resolve_weights
+
 ADAPTERS = ("conv", "none")
 HEADS = ("linear", "deep_mlp")
 FREEZE = ("features", "none")
-
-
-class PretrainedWeightsError(RuntimeError):
-    """ImageNet weights could not be obtained."""
 
 
 class DeepMLPHead(nn.Module):
@@ -83,26 +79,14 @@ def check_backbone(name: str) -> None:
 
 
 def create_backbone(name: str, pretrained: bool | str, **kwargs) -> nn.Module:
-    """timm.create_model with ImageNet weights from the hub (True), none (False) or a local file."""
+    """timm.create_model with the ImageNet weights `model.pretrained` names (pneumonia.models.weights)."""
     check_backbone(name)
-    if pretrained is False or pretrained is None:
+    weights = resolve_weights(name, pretrained)
+    if weights.file is None:
         return timm.create_model(name, pretrained=False, **kwargs)
-    if pretrained is True:
-        try:
-            return timm.create_model(name, pretrained=True, **kwargs)
-        except Exception as err:  # the hub raises many kinds: offline, DNS, HTTP, missing file
-            raise PretrainedWeightsError(
-                f"could not download ImageNet weights for {name!r} ({err.__class__.__name__}: {err}). "
-                f"On an offline machine, copy a weights file (.safetensors or .pth) for {name} and pass "
-                "model.pretrained=/path/to/weights, or train from scratch with model.pretrained=false."
-            ) from err
-    path = Path(str(pretrained)).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"model.pretrained={pretrained}: weights file not found")
     # The normal timm loader adapts in_chans and drops a classifier of the wrong size.
-    return timm.create_model(
-        name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path.resolve())), **kwargs
-    )
+    return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(weights.file)),
+                             **kwargs)
 
 
 def _head_trainable_names(backbone: nn.Module) -> list[str]:
