@@ -1,4 +1,5 @@
-"""Explain every X-ray of a folder: python explain.py input=/path/to/folder binary=... subtype=..."""
+"""Explain every X-ray of a folder: \
+python explain.py input=/path/to/folder binary=... subtype=..."""
 
 import sys
 from pathlib import Path
@@ -19,10 +20,12 @@ def main(cfg: DictConfig) -> None:
     if result["run_id"]:
         print(f"MLflow explain run: {result['run_id']}")
     if result["withheld"]:
-        print(f"{result['withheld']} image(s) got no diagnosis by decision (not a chest radiograph, "
-              "or out of distribution); see summary.csv", file=sys.stderr)
+        print(f"{result['withheld']} image(s) got no diagnosis by decision "
+              "(not a chest radiograph, or out of distribution); see summary.csv",
+              file=sys.stderr)
     if result["failed"]:
-        print(f"{result['failed']} file(s) could not be explained; see summary.csv", file=sys.stderr)
+        print(f"{result['failed']} file(s) could not be explained; see summary.csv",
+              file=sys.stderr)
         sys.exit(1)  # Hydra drops a task's return value; the exit status tells scripts
 
 

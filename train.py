@@ -11,7 +11,8 @@ from pneumonia.train import train
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
-    result = run(lambda c: run_job(c, train), cfg)  # in a sweep a failed job is recorded, not raised
+    # in a sweep a failed job is recorded, not raised
+    result = run(lambda c: run_job(c, train), cfg)
     if result is None:
         return
     print(f"\nOutput folder:    {result['output_dir']}")

@@ -59,7 +59,8 @@ def throughput(loader, seconds_limit: float = 1e9, step=None) -> tuple[float, in
     return count / (time.perf_counter() - start), count
 
 
-def print_rows(title: str, rows: list[tuple[str, float]], unit: str, higher_is_better: bool) -> None:
+def print_rows(title: str, rows: list[tuple[str, float]], unit: str,
+               higher_is_better: bool) -> None:
     """A table of timings with each row's speed-up over the first one."""
     base = rows[0][1]
     print(f"\n{title}")

@@ -39,7 +39,8 @@ def measure(root: Path, size: int, cache_dir: Path, workers: int, batch: int) ->
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full-size", type=int, default=300, help="full-size JPEGs to make")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/pneumonia-bench"))
     parser.add_argument("--size", type=int, default=224)

@@ -1,6 +1,7 @@
 """How often the out-of-distribution gate flags chest X-rays and images that are not.
 
-python -m benchmarks.ood_gate multirun/scratch_cpu/<time>/[012]_binary_densenet121/checkpoints/best-*.ckpt \
+python -m benchmarks.ood_gate \
+multirun/scratch_cpu/<time>/[012]_binary_densenet121/checkpoints/best-*.ckpt \
     [--data ../shared/data/kermany224]
 
 Loads the binary checkpoint(s) (several are averaged, as evaluate.py averages a sweep) and scores,
@@ -28,7 +29,8 @@ import torch
 
 from benchmarks.common import SHARED_DATA, header
 from pneumonia.data.kermany import scan_kermany
-from pneumonia.io import ImageReadError, read_grayscale
+from pneumonia.errors import ImageReadError
+from pneumonia.io import read_grayscale
 from pneumonia.pipeline import load_stages, recorded_split, stage_inputs
 
 MIN_SIDE = 128
@@ -84,7 +86,8 @@ def scores(module, images: list[np.ndarray], batch: int = 32) -> tuple[np.ndarra
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoints", nargs="+", type=Path)
     parser.add_argument("--data", type=Path, default=SHARED_DATA / "kermany224")
     args = parser.parse_args()
@@ -102,8 +105,10 @@ def main() -> None:
             "noise, blank": synthetic_images()}
     results = {name: scores(module, images) for name, images in sets.items()}
     energy_threshold = np.quantile(results["validation"][1], 1 - fraction)
-    print(f"gate fitted to flag {100 * fraction:.1f} % of validation images; members: {len(members)}")
-    print("\n| images | n | flagged by the gate | flagged by energy | median gate score |\n|---|---|---|---|---|")
+    print(f"gate fitted to flag {100 * fraction:.1f} % of validation images; "
+          f"members: {len(members)}")
+    print("\n| images | n | flagged by the gate | flagged by energy | median gate score |\n"
+          "|---|---|---|---|---|")
     for name, (gate, energy) in results.items():
         print(f"| {name} | {len(gate)} | {100 * np.mean(gate > 1):.1f} % | "
               f"{100 * np.mean(energy > energy_threshold):.1f} % | {np.median(gate):.2f} |")

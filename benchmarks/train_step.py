@@ -1,4 +1,5 @@
-"""Training-step throughput for a frozen backbone: plain graph, frozen-feature fast path, feature cache.
+"""Training-step throughput for a frozen backbone: plain graph, frozen-feature fast path, \
+feature cache.
 
 python -m benchmarks.train_step [--models mobilenetv3_large_100 vgg16] [--size 224] [--batch 16]
 
@@ -67,14 +68,16 @@ def feature_cache_rows(net, images: torch.Tensor, targets, args) -> tuple[list, 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["mobilenetv3_large_100", "vgg16"])
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--bf16", action="store_true", help="also time bf16 autocast and channels_last")
+    parser.add_argument("--bf16", action="store_true",
+                        help="also time bf16 autocast and channels_last")
     args = parser.parse_args()
     header(f"input {args.size}, batch {args.batch}, device {args.device}")
     torch.manual_seed(0)
@@ -101,7 +104,8 @@ def main() -> None:
             images_cl = images.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device_type, dtype=torch.bfloat16):
                 rows.append(("fast path + bf16 + channels_last",
-                             images_per_second(net_cl, net_cl, images_cl, targets, args.steps, args.repeat)))
+                             images_per_second(net_cl, net_cl, images_cl, targets, args.steps,
+                                               args.repeat)))
         print_rows(name, rows, "images/s", higher_is_better=True)
         print(f"  (feature cache built once at {build:.2f} images/s, eval mode)")
 

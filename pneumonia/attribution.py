@@ -10,6 +10,7 @@ import torch
 from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, Occlusion
 from torch import nn
 
+from pneumonia.errors import ConfigError
 from pneumonia.occlusion import incremental_occlusion_map, saves_work
 
 METHODS = ("occlusion", "gradcam", "integrated_gradients")
@@ -75,8 +76,8 @@ def integrated_gradients_map(model: nn.Module, images: torch.Tensor, target: tor
 def gradcam_layer(net: nn.Module) -> nn.Module:
     """The last feature stage of a PneumoniaNet's timm backbone (timm's own feature_info)."""
     if not hasattr(net, "backbone"):
-        raise ValueError("method=gradcam explains one network, and this stage averages several "
-                         "checkpoints: use method=occlusion or integrated_gradients")
+        raise ConfigError("method=gradcam explains one network, and this stage averages several "
+                          "checkpoints: use method=occlusion or integrated_gradients")
     return net.backbone.get_submodule(net.backbone.feature_info[-1]["module"])
 
 
@@ -92,4 +93,4 @@ def attribution_map(method: str, net: nn.Module, images: torch.Tensor, target: t
         return gradcam_map(net, gradcam_layer(net), images, target)
     if method == "integrated_gradients":
         return integrated_gradients_map(net, images, target, baseline)
-    raise ValueError(f"method={method!r} is not one of: {', '.join(METHODS)}")
+    raise ConfigError(f"method={method!r} is not one of: {', '.join(METHODS)}")

@@ -10,6 +10,8 @@ from typing import Any
 
 import lightning as L
 
+from pneumonia.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -21,7 +23,7 @@ class TimeBudget(L.Callback):
 
     def __init__(self, minutes: float):
         if not minutes > 0:
-            raise ValueError(f"callbacks.time_budget.minutes={minutes} must be positive")
+            raise ConfigError(f"callbacks.time_budget.minutes={minutes} must be positive")
         self.minutes = float(minutes)
         self.epochs: int | None = None
         self._started = 0.0

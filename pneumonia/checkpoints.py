@@ -24,12 +24,9 @@ from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from pneumonia.errors import CheckpointError
 from pneumonia.stages import STAGE_CLASSES
 from pneumonia.tracking import ensure_tracking_store, is_run_id
-
-
-class CheckpointError(ValueError):
-    """A checkpoint, run folder or run id that cannot serve where it was given."""
 
 
 def _mlflow_run(ref: str, stage: str, tracking_uri: str | None):

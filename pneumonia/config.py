@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, MissingMandatoryValue, OmegaConf
 
 from pneumonia.attribution import METHODS
+from pneumonia.errors import ConfigError
 from pneumonia.models.network import ADAPTERS, FREEZE, HEADS, check_backbone
 from pneumonia.models.network import check_choice as _choice
 from pneumonia.occlusion import MODES as OCCLUSION_MODES
@@ -26,7 +27,7 @@ from pneumonia.stages import STAGE_CLASSES
 
 def _fraction(key: str, value: float, high_inclusive: bool = False) -> None:
     if not (0.0 <= value < 1.0 or (high_inclusive and value == 1.0)):
-        raise ValueError(f"{key}={value} must be in [0, 1{']' if high_inclusive else ')'}")
+        raise ConfigError(f"{key}={value} must be in [0, 1{']' if high_inclusive else ')'}")
 
 
 @dataclass
@@ -45,10 +46,10 @@ class ModelConfig:
         _choice("model.head", self.head, HEADS)
         _choice("model.freeze", self.freeze, FREEZE)
         if not isinstance(self.pretrained, (bool, str)):
-            raise ValueError(f"model.pretrained={self.pretrained!r} must be true, false or a file path")
+            raise ConfigError(f"model.pretrained={self.pretrained!r} must be true, false or a file path")
         if not 32 <= self.input_size <= 1024:
-            raise ValueError(f"model.input_size={self.input_size} is too "
-                             f"{'small' if self.input_size < 32 else 'large'} (32 to 1024 pixels)")
+            raise ConfigError(f"model.input_size={self.input_size} is too "
+                              f"{'small' if self.input_size < 32 else 'large'} (32 to 1024 pixels)")
 
 
 @dataclass
@@ -76,11 +77,11 @@ class AugmentConfig:
         for key in ("brightness", "contrast", "scale"):
             bounds = getattr(self, key)
             if bounds is not None and (len(bounds) != 2 or bounds[0] > bounds[1]):
-                raise ValueError(f"data.augment.{key}={bounds} must be [low, high] with low <= high")
+                raise ConfigError(f"data.augment.{key}={bounds} must be [low, high] with low <= high")
         if self.scale is not None and self.scale[0] <= 0:
-            raise ValueError(f"data.augment.scale={self.scale} must be positive")
+            raise ConfigError(f"data.augment.scale={self.scale} must be positive")
         if not 0 <= self.rotate <= 180:
-            raise ValueError(f"data.augment.rotate={self.rotate} must be in [0, 180] degrees")
+            raise ConfigError(f"data.augment.rotate={self.rotate} must be in [0, 180] degrees")
         _fraction("data.augment.translate", self.translate)
 
 
@@ -123,10 +124,10 @@ class DataConfig:
         _fraction("data.val_fraction", self.val_fraction)
         _fraction("data.test_fraction", self.test_fraction)
         if self.batch_size < 1:
-            raise ValueError(f"data.batch_size={self.batch_size} must be at least 1")
+            raise ConfigError(f"data.batch_size={self.batch_size} must be at least 1")
         for key in ("num_workers", "cache_workers"):
             if getattr(self, key) < 0:
-                raise ValueError(f"data.{key}={getattr(self, key)} must not be negative")
+                raise ConfigError(f"data.{key}={getattr(self, key)} must not be negative")
 
 
 @dataclass
@@ -168,13 +169,13 @@ class TrainerConfig:
         _choice("trainer.accelerator", self.accelerator, ACCELERATORS)
         _choice("trainer.precision", str(self.precision), (*PRECISIONS, "auto"))
         if self.max_epochs < 1:
-            raise ValueError(f"trainer.max_epochs={self.max_epochs} must be a positive integer")
+            raise ConfigError(f"trainer.max_epochs={self.max_epochs} must be a positive integer")
         devices = self.devices
         if not (devices == "auto" or devices == -1 or isinstance(devices, list)
                 or (isinstance(devices, int) and devices >= 1)):
-            raise ValueError(f"trainer.devices={devices} must be a positive count, -1 (all), auto or a list")
+            raise ConfigError(f"trainer.devices={devices} must be a positive count, -1 (all), auto or a list")
         if self.num_nodes < 1 or self.accumulate_grad_batches < 1:
-            raise ValueError("trainer.num_nodes and trainer.accumulate_grad_batches must be at least 1")
+            raise ConfigError("trainer.num_nodes and trainer.accumulate_grad_batches must be at least 1")
 
 
 def register() -> None:
@@ -201,22 +202,34 @@ def check_feature_cache(cfg: DictConfig) -> None:
         changes.append("data.augment=null (now augmenting: "
                        f"{OmegaConf.to_container(cfg.data.augment)})")
     if changes:
-        raise ValueError(
+        raise ConfigError(
             "data.feature_cache=true computes the backbone's features once per image, so nothing "
             f"before the head may train and no image may change. Set {', '.join(changes)}; or "
             "data.feature_cache=false."
         )
 
 
+# What a required option holds, for the one-line error when it is not given.
+REQUIRED = {
+    "data.root": "the folder of a Kermany data set, <root>/{train,test}/{NORMAL,PNEUMONIA}/*.jpeg "
+                 "(data.root=/path/to/chest_xray), or data=synthetic to train on built-in "
+                 "synthetic X-rays with no download",
+}
+
+
 def validate(cfg: DictConfig) -> None:
     """Value checks of the typed groups and the optimizer, before any long work."""
     for group in ("model", "data", "stage", "trainer"):
-        OmegaConf.to_object(cfg[group])  # runs each schema's __post_init__
+        try:
+            OmegaConf.to_object(cfg[group])  # runs each schema's __post_init__
+        except MissingMandatoryValue as err:
+            key = err.full_key
+            raise ConfigError(f"{key} is not set: {REQUIRED.get(key, f'pass {key}=...')}") from None
     check_feature_cache(cfg)
     check_fraction(cfg.ood_fraction)
     lr = cfg.optimizer.get("lr")
     if not isinstance(lr, (int, float)) or lr <= 0:
-        raise ValueError(f"optimizer.lr={lr} must be a positive number")
+        raise ConfigError(f"optimizer.lr={lr} must be a positive number")
 
 
 register()
@@ -232,13 +245,13 @@ MAX_WINDOW = 512  # pixels; explain also checks the window against the model's i
 
 def _at_least(key: str, value: int, low: int, why: str = "") -> None:
     if value < low:
-        raise ValueError(f"{key}={value} must be at least {low}{why}")
+        raise ConfigError(f"{key}={value} must be at least {low}{why}")
 
 
 def _check_device(device: str) -> None:
     if not DEVICE.fullmatch(device):
-        raise ValueError(f"device={device!r} is not one of: cpu, cuda, cuda:N (N a GPU index), "
-                         "auto (the first GPU if there is one, else cpu)")
+        raise ConfigError(f"device={device!r} is not one of: cpu, cuda, cuda:N (N a GPU index), "
+                          "auto (the first GPU if there is one, else cpu)")
 
 
 @dataclass
@@ -284,10 +297,10 @@ class EvaluateConfig:
 
     def __post_init__(self) -> None:
         if set(self.data) != {"root"} or not isinstance(self.data["root"], (str, type(None))):
-            raise ValueError(f"data={self.data} must be {{root: <a Kermany folder> or null}}")
+            raise ConfigError(f"data={self.data} must be {{root: <a Kermany folder> or null}}")
         _choice("report_split", self.report_split, ("test", "val"))
         if not 0 < self.target_sensitivity <= 1:
-            raise ValueError(f"target_sensitivity={self.target_sensitivity} must be in (0, 1]")
+            raise ConfigError(f"target_sensitivity={self.target_sensitivity} must be in (0, 1]")
         _choice("operating_point", self.operating_point, OPERATING_POINTS)
         _choice("adapt_method", self.adapt_method, ADAPT_METHODS)
         _at_least("batch_size", self.batch_size, 1)
@@ -328,10 +341,10 @@ class ExplainConfig:
         _choice("explain_stage", self.explain_stage, tuple(STAGE_CLASSES))
         _choice("method", self.method, METHODS)
         if not 1 <= self.window <= MAX_WINDOW:
-            raise ValueError(f"window={self.window} must be in [1, {MAX_WINDOW}] pixels")
+            raise ConfigError(f"window={self.window} must be in [1, {MAX_WINDOW}] pixels")
         _at_least("stride", self.stride, 1, " pixel")
         if not 0 <= self.baseline <= 1:  # also refuses nan
-            raise ValueError(f"baseline={self.baseline} must be in [0, 1] (0 = black, 1 = white)")
+            raise ConfigError(f"baseline={self.baseline} must be in [0, 1] (0 = black, 1 = white)")
         _at_least("perturbations_per_eval", self.perturbations_per_eval, 1)
         _choice("occlusion_mode", self.occlusion_mode, OCCLUSION_MODES)
         _at_least("batch_images", self.batch_images, 1)
@@ -351,7 +364,7 @@ def check_values(cfg: DictConfig) -> None:
     values.paths = {}
     missing = sorted(OmegaConf.missing_keys(values))
     if missing:
-        raise ValueError(f"{', '.join(missing)} must be given (e.g. {missing[0]}=...)")
+        raise ConfigError(f"{', '.join(missing)} must be given (e.g. {missing[0]}=...)")
     OmegaConf.to_object(values)
 
 

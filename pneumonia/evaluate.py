@@ -9,13 +9,15 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, open_dict
 
 from pneumonia.checkpoints import local_references
 from pneumonia.config import check_values
-from pneumonia.data.kermany import DataError, Record
+from pneumonia.data.kermany import Record
+from pneumonia.errors import ConfigError, DataError, ImageReadError
 from pneumonia.hardware import resolve_device
-from pneumonia.io import ImageReadError, read_grayscale
+from pneumonia.io import read_grayscale
 from pneumonia.outputs import check_overlap, claim_output
 from pneumonia.pipeline import Prediction, TwoStagePipeline
 from pneumonia.report import (
@@ -26,13 +28,54 @@ from pneumonia.report import (
     write_markdown,
     write_predictions,
 )
+from pneumonia.serving import log_pipeline_model, register_model
 from pneumonia.site import adapt_to_site, check_disjoint, labelled_images, unlabelled_images
 from pneumonia.stages import CLASSES
 from pneumonia.sweep import sweep_checkpoints
-from pneumonia.tracking import log_evaluation
+from pneumonia.tracking import ensure_tracking_store, experiment_id
 
 log = logging.getLogger(__name__)
 REPORT_FILES = ("metrics.json", "predictions.csv", "report.md")
+
+
+def _evaluation_tags(metrics: dict, pipeline) -> dict[str, str]:
+    """An evaluation run's name, split, and the checkpoints and training runs it evaluates."""
+    models = {k: m.hparams.model.get("name", m.hparams.model["backbone"]) for k, m in pipeline.stages.items()}
+    tags = {"mlflow.runName": f"evaluate/{models['binary']}+{models['subtype']}/{metrics['split']}",
+            "split": metrics["split"]}
+    for stage, module in pipeline.stages.items():
+        checkpoint = pipeline.checkpoints[stage]
+        tags[f"{stage}_checkpoint"] = ",".join(checkpoint) if isinstance(checkpoint, list) else checkpoint
+        if module.mlflow_run_id:
+            tags[f"{stage}_run_id"] = module.mlflow_run_id
+    return tags
+
+
+def log_evaluation(tracking_uri: str, artifact_dir: str, experiment: str, metrics: dict,
+                   files: list[Path], pipeline, register: str | None = None,
+                   alias: str | None = None) -> dict[str, str | None]:
+    """One MLflow run for an evaluation, tagged with the training runs it evaluates, holding the
+    pipeline as a logged model (`pneumonia.serving`) that the metrics are linked to; with
+    `register`, a new version of that registered model (with `alias`). Returns the run id, the
+    model's URI and the registered version."""
+    ensure_tracking_store(tracking_uri)
+    client = MlflowClient(tracking_uri)
+    run = client.create_run(experiment_id(client, experiment, artifact_dir),
+                            tags=_evaluation_tags(metrics, pipeline))
+    run_id = run.info.run_id
+    model = log_pipeline_model(pipeline, run_id, tracking_uri)
+    values = {f"{section}/{k}": float(v) for section in ("binary", "subtype", "pipeline")
+              for k, v in metrics[section]["metrics"].items()}
+    values.update({f"calibration/ece_{k}": v for k, v in metrics["calibration"]["ece"].items()})
+    if metrics["ood"]["gate"] is not None:
+        values["ood/flagged_fraction"] = metrics["ood"]["flagged_fraction"]
+    for key, value in values.items():
+        client.log_metric(run_id, key, value, model_id=model.model_id)
+    for path in files:
+        client.log_artifact(run_id, str(path))
+    client.set_terminated(run_id)
+    version = register_model(model.model_uri, register, alias, tracking_uri) if register else None
+    return {"run_id": run_id, "model_uri": model.model_uri, "model_version": version}
 
 
 def references(cfg: DictConfig) -> dict[str, Any]:
@@ -40,19 +83,19 @@ def references(cfg: DictConfig) -> dict[str, Any]:
     with model_uri= (a logged pipeline model)."""
     if cfg.model_uri:
         if cfg.binary or cfg.subtype or cfg.sweep:
-            raise ValueError("give model=<models:/, runs:/ or a model folder> or checkpoints "
-                             "(binary=/subtype=, sweep=), not both")
+            raise ConfigError("give model=<models:/, runs:/ or a model folder> or checkpoints "
+                              "(binary=/subtype=, sweep=), not both")
         return {}
     if not cfg.sweep:
         refs = {"binary": cfg.binary, "subtype": cfg.subtype}
     elif cfg.binary or cfg.subtype:
-        raise ValueError("give sweep=<multirun folder> or binary=... and subtype=..., not both")
+        raise ConfigError("give sweep=<multirun folder> or binary=... and subtype=..., not both")
     else:
         refs = sweep_checkpoints(Path(cfg.sweep))
     if not refs.get("binary") or not refs.get("subtype"):
-        raise ValueError("evaluate needs binary=<checkpoint or run id> and subtype=<checkpoint or "
-                         "run id>, sweep=<a multirun folder that trained both stages> or "
-                         "model=<a logged pipeline model>")
+        raise ConfigError("evaluate needs binary=<checkpoint or run id> and subtype=<checkpoint or "
+                          "run id>, sweep=<a multirun folder that trained both stages> or "
+                          "model=<a logged pipeline model>")
     return refs
 
 
@@ -164,5 +207,5 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         logged = log_evaluation(cfg.paths.tracking_uri, cfg.paths.artifact_dir, cfg.experiment_name,
                                 metrics, files, pipeline, cfg.register, cfg.register_alias)
     elif cfg.register:
-        raise ValueError("register= needs log_to_mlflow=true: the registry holds logged models")
+        raise ConfigError("register= needs log_to_mlflow=true: the registry holds logged models")
     return {"output_dir": str(output_dir), **logged, "metrics": metrics}

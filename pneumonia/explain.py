@@ -21,6 +21,7 @@ from pneumonia.attribution import attribution_map
 from pneumonia.checkpoints import local_references
 from pneumonia.config import check_values
 from pneumonia.data.transforms import normalize
+from pneumonia.errors import ConfigError
 from pneumonia.hardware import inference_precision, resolve_device
 from pneumonia.io import (
     ImageReadError,
@@ -50,8 +51,8 @@ def load_pipeline(cfg: DictConfig, downloads: Path) -> TwoStagePipeline:
     if cfg.pipeline:
         return TwoStagePipeline.load(Path(cfg.pipeline))
     if not cfg.binary or not cfg.subtype:
-        raise ValueError("explain needs model=<logged model>, pipeline=<pipeline.json> or "
-                         "binary=... and subtype=...")
+        raise ConfigError("explain needs model=<logged model>, pipeline=<pipeline.json> or "
+                          "binary=... and subtype=...")
     pipeline = TwoStagePipeline.from_references({s: cfg[s] for s in STAGE_CLASSES}, cfg.paths.tracking_uri,
                                                 downloads)
     root = Path(pipeline.data_settings().get("root") or "")
@@ -82,11 +83,11 @@ class Explainer:
         module = self.pipeline.stages[self.cfg.explain_stage]
         pre = module.hparams.preprocessing
         if self.cfg.method == "occlusion" and self.cfg.stride > self.cfg.window:
-            raise ValueError(f"stride={self.cfg.stride} is larger than window={self.cfg.window}: "
-                             "pixels between windows would never be occluded")
+            raise ConfigError(f"stride={self.cfg.stride} is larger than window={self.cfg.window}: "
+                              "pixels between windows would never be occluded")
         if self.cfg.window > pre["image_size"]:
-            raise ValueError(f"window={self.cfg.window} is larger than the {self.cfg.explain_stage} stage's "
-                             f"input ({pre['image_size']} px)")
+            raise ConfigError(f"window={self.cfg.window} is larger than the {self.cfg.explain_stage} stage's "
+                              f"input ({pre['image_size']} px)")
         self.baseline = normalize(self.cfg.baseline, pre["mean"], pre["std"])
         # channels_last paid 1.8x for occlusion on a 2-core CPU (benchmarks/occlusion_speed.py)
         self.memory_format = torch.channels_last if self.cfg.channels_last else torch.contiguous_format

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from pneumonia.errors import ImageReadError, MissingInputError, NotChestRadiograph, display_name
+
 IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png", ".dcm"})
 # The formats PIL may report for each suffix. MPO is how PIL names a JPEG that carries a
 # multi-picture index (some cameras and scanners write one); a one-frame MPO is a plain JPEG.
@@ -50,30 +52,6 @@ CHEST_BODY_PARTS = frozenset({"CHEST", "THORAX", "LUNG", "LUNGS"})
 _COLOUR_PHOTOMETRICS = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT")
 _PHOTOMETRICS = ("MONOCHROME1", "MONOCHROME2", *_COLOUR_PHOTOMETRICS)
 log = logging.getLogger(__name__)
-
-
-def display_name(path: Path | str) -> str:
-    """The path as printable text: bytes that are not UTF-8 become U+FFFD.
-
-    Linux allows any bytes in a file name; Python keeps undecodable ones as lone surrogates,
-    which UTF-8 writers (HTML, CSV, matplotlib, the terminal) refuse. Use this to show a path,
-    and the Path itself to open the file.
-    """
-    return os.fsencode(os.fspath(path)).decode("utf-8", errors="replace")
-
-
-class ImageReadError(ValueError):
-    """A file that should be an X-ray could not be read."""
-
-    def __init__(self, path: Path | str, reason: str) -> None:
-        super().__init__(f"{display_name(path)}: {reason}")
-        self.path = Path(path)
-        self.reason = reason
-
-
-class NotChestRadiograph(ImageReadError):
-    """A readable DICOM object whose tags say it is not a chest radiograph (another modality, body
-    part, or no image at all). A model trained on chest films must not diagnose it."""
 
 
 def _file_kind(mode: int) -> str:
@@ -491,7 +469,7 @@ def scan_inputs(folder: Path) -> tuple[list[Path], list[ImageReadError]]:
     """
     folder = Path(folder).expanduser()
     if not folder.is_dir():
-        raise FileNotFoundError(f"input={display_name(folder)} does not exist or is not a folder")
+        raise MissingInputError(f"input={display_name(folder)} does not exist or is not a folder")
     root = folder.resolve()
     files: list[Path] = []
     problems: list[ImageReadError] = []

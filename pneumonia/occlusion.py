@@ -39,6 +39,8 @@ from timm.layers.norm_act import FrozenBatchNormAct2d
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
+from pneumonia.errors import ConfigError
+
 MODES = ("exact", "approximate")
 APPROXIMATE_REFINE = 0.25  # chosen on validation X-rays (docs/options.md)
 # A full pass must cost at least this many times a copy, by the engine's own count, for the
@@ -96,7 +98,7 @@ def window_starts(size: int, window: int, stride: int) -> list[int]:
     """Captum's window positions along one axis: ceil((size - window) / stride) + 1 windows at
     multiples of `stride`; the last one may cross the border and is clipped there."""
     if not 0 < window <= size:
-        raise ValueError(f"window={window} must be between 1 and the input size {size}")
+        raise ConfigError(f"window={window} must be between 1 and the input size {size}")
     return [i * stride for i in range(math.ceil((size - window) / stride) + 1)]
 
 
@@ -558,9 +560,9 @@ def incremental_occlusion_map(model: nn.Module, images: torch.Tensor, target: to
     mean is largest.
     """
     if mode not in MODES:
-        raise ValueError(f"mode={mode!r} is not one of: {', '.join(MODES)}")
+        raise ConfigError(f"mode={mode!r} is not one of: {', '.join(MODES)}")
     if not 0 <= refine <= 1:
-        raise ValueError(f"refine={refine} must be between 0 and 1")
+        raise ConfigError(f"refine={refine} must be between 0 and 1")
     graph = trace(model)
     if graph is None:
         return None

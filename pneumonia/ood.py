@@ -25,6 +25,8 @@ from sklearn.covariance import ledoit_wolf
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from pneumonia.errors import ConfigError
+
 # Training images the Gaussians are fitted on, at most (evenly spaced through the split).
 MAX_FIT_IMAGES = 4096
 # Dimensions of one stage's description at most: a precision matrix of 2,048^2 floats is 16 MB.
@@ -65,8 +67,8 @@ def watching(backbone: nn.Module, stages: list[str] | None = None) -> Iterator[d
 
 def check_fraction(fraction: float) -> None:
     if not 0 < fraction < 0.5:
-        raise ValueError(f"ood_fraction={fraction} must lie in (0, 0.5): the fraction of validation "
-                         "images the out-of-distribution gate flags")
+        raise ConfigError(f"ood_fraction={fraction} must lie in (0, 0.5): the fraction of validation "
+                          "images the out-of-distribution gate flags")
 
 
 @dataclass

@@ -19,12 +19,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from pneumonia.errors import OutputError
+
 _held: dict[Path, int] = {}  # folder -> its open, flocked descriptor, held for the process's life
 _created_by_hydra: list[Path] = []  # the first missing ancestor of the run folder, before Hydra
-
-
-class OutputError(ValueError):
-    """An output folder that a run may not use."""
 
 
 def _overlap(output: Path, source: Path) -> bool:

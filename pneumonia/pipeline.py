@@ -17,11 +17,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from pneumonia.checkpoints import CheckpointError, load_stage, resolve_all
+from pneumonia.checkpoints import load_stage, resolve_all
 from pneumonia.data.datamodule import XrayDataset
-from pneumonia.data.kermany import DataError, Record, scan_kermany, split_records
+from pneumonia.data.kermany import Record, scan_kermany, split_records
 from pneumonia.data.transforms import Preprocessing
-from pneumonia.io import ImageReadError
+from pneumonia.errors import CheckpointError, ConfigError, DataError, ImageReadError
 from pneumonia.metrics import threshold_for_sensitivity, youden_threshold
 from pneumonia.models import StageClassifier
 from pneumonia.stages import stage_targets
@@ -266,7 +266,7 @@ class TwoStagePipeline:
         """Fit temperatures and thresholds on labelled images: the validation split, or a
         site's own (`source` names them); never on the test split."""
         if operating_point not in OPERATING_POINTS:
-            raise ValueError(f"operating_point={operating_point!r} is not one of {OPERATING_POINTS}")
+            raise ConfigError(f"operating_point={operating_point!r} is not one of {OPERATING_POINTS}")
         if any(r.split == "test" for r in val):
             raise DataError("calibration was given test images; it must only see validation data")
         logits, _ = self.outputs(val, **loader)

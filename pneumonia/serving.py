@@ -32,7 +32,8 @@ from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, Schema
 from PIL import Image
 
-from pneumonia.io import ImageReadError, read_grayscale
+from pneumonia.errors import CheckpointError, ImageReadError
+from pneumonia.io import read_grayscale
 from pneumonia.models.weights import NOT_RECORDED
 from pneumonia.pipeline import Calibration, TwoStagePipeline
 from pneumonia.stages import CLASSES, STAGE_CLASSES
@@ -121,7 +122,7 @@ def pipeline_from_artifacts(artifacts: dict[str, str]) -> TwoStagePipeline:
     """The pipeline a model folder's artifacts describe (paths as MLflow resolved them)."""
     spec = json.loads(Path(artifacts["pipeline"]).read_text())
     if tuple(spec["classes"]) != CLASSES:
-        raise ValueError(f"the model's classes {spec['classes']} are not {CLASSES}")
+        raise CheckpointError(f"the model's classes {spec['classes']} are not {CLASSES}")
     paths = {stage: [artifacts[key] for key in keys] for stage, keys in spec["checkpoints"].items()}
     pipeline = TwoStagePipeline.from_checkpoints(paths["binary"], paths["subtype"], tta=spec["tta"])
     pipeline.calibration = Calibration(**spec["calibration"])

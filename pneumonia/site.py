@@ -26,8 +26,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from pneumonia.data.datamodule import XrayDataset
-from pneumonia.data.kermany import CLASS_FOLDERS, DataError, Record, parse_name
+from pneumonia.data.kermany import CLASS_FOLDERS, Record, parse_name
 from pneumonia.data.transforms import Preprocessing
+from pneumonia.errors import ConfigError, DataError
 from pneumonia.io import display_name, scan_inputs
 
 ADAPT_METHODS = ("batchnorm", "prior", "both")
@@ -87,7 +88,7 @@ def adapt_batchnorm(module: nn.Module, records: list[Record], batch_size: int = 
     adapted = copy.deepcopy(module).to(device).eval()
     norms = [m for m in adapted.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
-        raise ValueError("the network has no BatchNorm layer to adapt")
+        raise ConfigError("the network has no BatchNorm layer to adapt")
     for bn in norms:
         bn.reset_running_stats()
         bn.momentum = None  # a cumulative average over the batches
@@ -151,7 +152,7 @@ def adapt_to_site(pipeline, records: list[Record], method: str, folder: Path, **
     from pneumonia.pipeline import softmax_positive, stage_outputs
 
     if method not in ADAPT_METHODS:
-        raise ValueError(f"adapt_method={method!r} is not one of: {', '.join(ADAPT_METHODS)}")
+        raise ConfigError(f"adapt_method={method!r} is not one of: {', '.join(ADAPT_METHODS)}")
     done: dict = {"images": len(records), "method": method}
     stages, cal = pipeline.stages, pipeline.calibration
     if method in ("batchnorm", "both"):
@@ -182,8 +183,8 @@ def adapt_prior(cal, logits: np.ndarray) -> dict[str, dict[str, float]]:
     from pneumonia.pipeline import softmax_positive
 
     if "binary" not in cal.priors:
-        raise ValueError("this pipeline's calibration does not record its class priors (made "
-                         "before prior re-estimation existed); calibrate it again to adapt priors")
+        raise ConfigError("this pipeline's calibration does not record its class priors (made "
+                          "before prior re-estimation existed); calibrate it again to adapt priors")
     estimate = estimate_prior(softmax_positive(logits, cal.temperature["binary"]), cal.priors["binary"])
     cal.prior_shift = {**cal.prior_shift, "binary": logit_shift(cal.priors["binary"], estimate)}
     return {"binary": {"calibration": cal.priors["binary"], "site": estimate,

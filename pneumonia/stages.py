@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pneumonia.errors import ConfigError
+
 # The pipeline's three classes, in its output order.
 CLASSES = ("normal", "bacterial", "viral")
 # Class order is the output order of each stage's network; index 1 is the "positive" class.
@@ -17,7 +19,7 @@ _TARGETS: dict[str, dict[str, int]] = {
 
 def check_stage(stage: str) -> str:
     if stage not in STAGE_CLASSES:
-        raise ValueError(f"stage={stage!r} is not one of: {', '.join(STAGE_CLASSES)}")
+        raise ConfigError(f"stage={stage!r} is not one of: {', '.join(STAGE_CLASSES)}")
     return stage
 
 

@@ -20,6 +20,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from pneumonia.compare import format_table
+from pneumonia.errors import ConfigError, MissingInputError
 from pneumonia.report import write_csv
 
 log = logging.getLogger(__name__)
@@ -61,11 +62,11 @@ def sweep_checkpoints(sweep_dir: Path) -> dict[str, list[str]]:
     """Each stage's best checkpoints from a finished sweep (e.g. several seeds, to average)."""
     rows = collect(sweep_dir)
     if not rows:
-        raise FileNotFoundError(f"sweep={sweep_dir}: no {RESULT_FILE} in its job folders")
+        raise MissingInputError(f"sweep={sweep_dir}: no {RESULT_FILE} in its job folders")
     failed = [str(r["job"]) for r in rows if r["status"] != "COMPLETED"]
     if failed:
-        raise ValueError(f"sweep={sweep_dir}: job(s) {', '.join(failed)} failed; an ensemble "
-                         "would silently miss them (evaluate the checkpoints by hand instead)")
+        raise ConfigError(f"sweep={sweep_dir}: job(s) {', '.join(failed)} failed; an ensemble "
+                          "would silently miss them (evaluate the checkpoints by hand instead)")
     found: dict[str, list[str]] = {}
     for r in rows:
         found.setdefault(r.get("stage", "?"), []).append(r.get("best_checkpoint") or r["run_id"])

@@ -1,4 +1,6 @@
-"""MLflow helpers: what goes into a training run besides Lightning's per-epoch metrics."""
+"""The MLflow store and what a run records besides Lightning's per-epoch metrics: run ids, the
+tracking database and its lock, the server check, the environment, experiments, run inputs.
+A leaf: it imports nothing of the project but its errors."""
 
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.tracking import MlflowClient
 from sqlalchemy.exc import SQLAlchemyError
+
+from pneumonia.errors import TrackingError
 
 if TYPE_CHECKING:  # annotations only: tracking.py loads without Lightning
     from lightning.pytorch.loggers import MLFlowLogger
@@ -71,10 +75,6 @@ def is_run_id(ref: object) -> bool:
     return bool(_RUN_ID.match(str(ref)))
 
 
-class TrackingServerError(RuntimeError):
-    """The MLflow tracking server does not answer."""
-
-
 def check_server(uri: str, timeout: float = 5.0) -> None:
     """Fail fast when an http(s) tracking server is not reachable (other URIs pass)."""
     if not uri.startswith(("http://", "https://")):
@@ -89,7 +89,7 @@ def check_server(uri: str, timeout: float = 5.0) -> None:
             reason = f"HTTP {response.status}"
     except (urllib.error.URLError, OSError) as err:
         reason = str(getattr(err, "reason", err))
-    raise TrackingServerError(
+    raise TrackingError(
         f"MLflow tracking server {uri} is not reachable ({reason}). Start it (make mlflow-server), "
         "fix logger.tracking_uri, or pass mlflow_fallback_to_local=true to log locally."
     )
@@ -117,7 +117,7 @@ def ensure_tracking_store(uri: str) -> None:
         try:
             MlflowClient(uri).search_experiments(max_results=1)
         except (MlflowException, SQLAlchemyError, CommandError) as err:  # the migration's errors
-            raise RuntimeError(
+            raise TrackingError(
                 f"could not create or upgrade the MLflow database {database} "
                 f"({type(err).__name__}; another program may be creating it without the lock): "
                 "retry, or create it first "
@@ -181,48 +181,6 @@ def experiment_id(client: MlflowClient, name: str, artifact_dir: str) -> str:
             found = client.get_experiment_by_name(name)
     tag_experiment_kind(client, found.experiment_id)
     return found.experiment_id
-
-
-def _evaluation_tags(metrics: dict, pipeline) -> dict[str, str]:
-    """An evaluation run's name, split, and the checkpoints and training runs it evaluates."""
-    models = {k: m.hparams.model.get("name", m.hparams.model["backbone"]) for k, m in pipeline.stages.items()}
-    tags = {"mlflow.runName": f"evaluate/{models['binary']}+{models['subtype']}/{metrics['split']}",
-            "split": metrics["split"]}
-    for stage, module in pipeline.stages.items():
-        checkpoint = pipeline.checkpoints[stage]
-        tags[f"{stage}_checkpoint"] = ",".join(checkpoint) if isinstance(checkpoint, list) else checkpoint
-        if module.mlflow_run_id:
-            tags[f"{stage}_run_id"] = module.mlflow_run_id
-    return tags
-
-
-def log_evaluation(tracking_uri: str, artifact_dir: str, experiment: str, metrics: dict,
-                   files: list[Path], pipeline, register: str | None = None,
-                   alias: str | None = None) -> dict[str, str | None]:
-    """One MLflow run for an evaluation, tagged with the training runs it evaluates, holding the
-    pipeline as a logged model (`pneumonia.serving`) that the metrics are linked to; with
-    `register`, a new version of that registered model (with `alias`). Returns the run id, the
-    model's URI and the registered version."""
-    from pneumonia.serving import log_pipeline_model, register_model
-
-    ensure_tracking_store(tracking_uri)
-    client = MlflowClient(tracking_uri)
-    run = client.create_run(experiment_id(client, experiment, artifact_dir),
-                            tags=_evaluation_tags(metrics, pipeline))
-    run_id = run.info.run_id
-    model = log_pipeline_model(pipeline, run_id, tracking_uri)
-    values = {f"{section}/{k}": float(v) for section in ("binary", "subtype", "pipeline")
-              for k, v in metrics[section]["metrics"].items()}
-    values.update({f"calibration/ece_{k}": v for k, v in metrics["calibration"]["ece"].items()})
-    if metrics["ood"]["gate"] is not None:
-        values["ood/flagged_fraction"] = metrics["ood"]["flagged_fraction"]
-    for key, value in values.items():
-        client.log_metric(run_id, key, value, model_id=model.model_id)
-    for path in files:
-        client.log_artifact(run_id, str(path))
-    client.set_terminated(run_id)
-    version = register_model(model.model_uri, register, alias, tracking_uri) if register else None
-    return {"run_id": run_id, "model_uri": model.model_uri, "model_version": version}
 
 
 def log_folder_run(tracking_uri: str, artifact_dir: str, experiment: str, folder: Path,

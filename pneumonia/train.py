@@ -22,6 +22,7 @@ from pneumonia.data import KermanyDataModule
 from pneumonia.data.datamodule import XrayDataset
 from pneumonia.data.features import FrozenFeatures
 from pneumonia.data.synthetic import make_synthetic_dataset
+from pneumonia.errors import ConfigError
 from pneumonia.models import StageClassifier, normalization_stats
 from pneumonia.models.weights import resolve_weights
 from pneumonia.ood import MAX_FIT_IMAGES, OODGate, stage_descriptions
@@ -29,7 +30,7 @@ from pneumonia.outputs import claim_output
 from pneumonia.stages import STAGE_CLASSES, check_stage
 from pneumonia.sweep import in_multirun
 from pneumonia.tracking import (
-    TrackingServerError,
+    TrackingError,
     check_server,
     ensure_tracking_store,
     log_results,
@@ -79,7 +80,7 @@ def class_weights(setting: Any, datamodule: KermanyDataModule) -> list[float] | 
         return datamodule.class_weights()
     weights = [float(w) for w in setting]
     if len(weights) != 2 or min(weights) <= 0:
-        raise ValueError(f"loss.class_weights={setting} must be auto, null or two positive numbers")
+        raise ConfigError(f"loss.class_weights={setting} must be auto, null or two positive numbers")
     return weights
 
 
@@ -130,7 +131,7 @@ def build_logger(cfg: DictConfig, run_id: str | None = None) -> tuple[MLFlowLogg
     overrides: dict[str, Any] = {"run_id": run_id} if run_id else {}
     try:
         check_server(uri)
-    except TrackingServerError:
+    except TrackingError:
         if not cfg.mlflow_fallback_to_local:
             raise
         log.warning("MLflow server %s not reachable: logging to %s instead", uri, cfg.paths.tracking_uri)

@@ -40,7 +40,8 @@ VARIANTS: dict[str, list[str]] = {
     "tta": [],
     "affine": AFFINE,
     # on top of affine: larger zooms, turns and shifts; stronger weight decay; 96 px
-    "affine_strong": ["data.augment.scale=[0.75,1.3]", "data.augment.rotate=15", "data.augment.translate=0.1"],
+    "affine_strong": ["data.augment.scale=[0.75,1.3]", "data.augment.rotate=15",
+                      "data.augment.translate=0.1"],
     "affine_wd": [*AFFINE, "optimizer.weight_decay=0.05"],
     "affine_96": [*AFFINE, "model.input_size=96"],
     "densenet121": DENSENET,
@@ -52,7 +53,8 @@ VARIANTS: dict[str, list[str]] = {
     "densenet121_96": [*DENSENET, "model.input_size=96"],
     # weights averaged over the last steps (EMA, half-life about one epoch): flatter minima
     # generalise better to new domains (SWAD, Cha et al. 2021)
-    "densenet121_ema": [*DENSENET, "+callbacks.ema._target_=lightning.pytorch.callbacks.EMAWeightAveraging",
+    "densenet121_ema": [*DENSENET,
+                        "+callbacks.ema._target_=lightning.pytorch.callbacks.EMAWeightAveraging",
                         "+callbacks.ema.decay=0.995"],
     "densenet121_val_loss": [*DENSENET, "callbacks.model_checkpoint.monitor=val/loss",
                              "callbacks.model_checkpoint.mode=min"],
@@ -61,12 +63,13 @@ VARIANTS: dict[str, list[str]] = {
     "no_class_weights": ["loss.class_weights=null"],
 }
 TTA_VARIANTS = {"tta"}
-FIELDS = ["variant", "seed", "stage", "epochs", "train_seconds", "best_epoch", "val_auroc", "val_acc",
-          "threshold", "test_auroc", "test_acc", "test_acc_at_0.5", "test_sensitivity",
+FIELDS = ["variant", "seed", "stage", "epochs", "train_seconds", "best_epoch", "val_auroc",
+          "val_acc", "threshold", "test_auroc", "test_acc", "test_acc_at_0.5", "test_sensitivity",
           "test_specificity", "run_id", "checkpoint"]
 
 
-def stage_splits(module, stage: str, splits=("val", "test")) -> dict[str, tuple[list[Record], np.ndarray]]:
+def stage_splits(module, stage: str,
+                 splits=("val", "test")) -> dict[str, tuple[list[Record], np.ndarray]]:
     """For each split: the images of a loaded stage's own split that the stage classifies
     (subtype: pneumonia only) and their targets. The folder is scanned once."""
     records = recorded_split(module.hparams.data)
@@ -106,11 +109,11 @@ def run(variant: str, seed: int, stage: str, epochs: int, data: str, out: Path,
     trained = run_dir(out, base, seed, stage, epochs).resolve()
     start = time.perf_counter()
     if not any((trained / "checkpoints").glob("best-*.ckpt")):
-        cmd = [sys.executable, "train.py", "experiment=scratch_cpu", f"stage={stage}", f"seed={seed}",
-               f"data.root={data}", f"trainer.max_epochs={epochs}", f"hydra.run.dir={trained}",
-               f"logger.experiment_name=ablation-{stage}", f"+logger.tags.variant={base}",
-               f"logger.run_name='{base}/seed={seed}'", "log_best_checkpoint=false",
-               *BASE, *extra, *VARIANTS[base]]
+        cmd = [sys.executable, "train.py", "experiment=scratch_cpu", f"stage={stage}",
+               f"seed={seed}", f"data.root={data}", f"trainer.max_epochs={epochs}",
+               f"hydra.run.dir={trained}", f"logger.experiment_name=ablation-{stage}",
+               f"+logger.tags.variant={base}", f"logger.run_name='{base}/seed={seed}'",
+               "log_best_checkpoint=false", *BASE, *extra, *VARIANTS[base]]
         print("$", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
     seconds = time.perf_counter() - start
@@ -139,15 +142,16 @@ def run_dir(out: Path, variant: str, seed: int, stage: str, epochs: int) -> Path
 
 
 def best_checkpoint(out: Path, variant: str, seed: int, stage: str, epochs: int) -> Path:
-    return sorted((run_dir(out, variant, seed, stage, epochs) / "checkpoints").glob("best-*.ckpt"))[-1]
+    return sorted((run_dir(out, variant, seed, stage, epochs) / "checkpoints")
+                  .glob("best-*.ckpt"))[-1]
 
 
 def ensemble_row(variants: list[str], seeds: list[int], stage: str, epochs: int, out: Path) -> dict:
     """The mean of the logits of the variants' seeds, scored like a single run."""
     checkpoints = [best_checkpoint(out, v, s, stage, epochs) for v in variants for s in seeds]
     result = score(load_stages(checkpoints, stage), stage, tta=False)
-    return {"variant": "+".join(variants) + "_ensemble", "seed": "+".join(map(str, seeds)), "stage": stage,
-            "epochs": epochs, **{k: round(v, 4) for k, v in result.items()},
+    return {"variant": "+".join(variants) + "_ensemble", "seed": "+".join(map(str, seeds)),
+            "stage": stage, "epochs": epochs, **{k: round(v, 4) for k, v in result.items()},
             "checkpoint": " ".join(map(str, checkpoints))}
 
 
@@ -158,8 +162,9 @@ def read_rows(path: Path) -> list[dict]:
 def table(rows: list[dict]) -> str:
     """Markdown: mean over seeds per (stage, variant, epochs), with the spread (min-max) of test
     accuracy."""
-    lines = ["| stage | variant | epochs | seeds | val AUROC | val acc | test AUROC | test acc (min-max) | "
-             "test sens | test spec |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| stage | variant | epochs | seeds | val AUROC | val acc | test AUROC | "
+             "test acc (min-max) | test sens | test spec |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     groups: dict[tuple[str, str, str], list[dict]] = {}
     for r in rows:
         groups.setdefault((r["stage"], r["variant"], r["epochs"]), []).append(r)
@@ -167,8 +172,9 @@ def table(rows: list[dict]) -> str:
         def mean(key: str) -> float:
             return float(np.mean([float(r[key]) for r in rs]))
         accs = [float(r["test_acc"]) for r in rs]
-        lines.append(f"| {stage} | {variant} | {epochs} | {len(rs)} | {mean('val_auroc'):.4f} | {mean('val_acc'):.4f} | "
-                     f"{mean('test_auroc'):.4f} | {mean('test_acc'):.4f} ({min(accs):.3f}-{max(accs):.3f}) | "
+        lines.append(f"| {stage} | {variant} | {epochs} | {len(rs)} | {mean('val_auroc'):.4f} | "
+                     f"{mean('val_acc'):.4f} | {mean('test_auroc'):.4f} | {mean('test_acc'):.4f} "
+                     f"({min(accs):.3f}-{max(accs):.3f}) | "
                      f"{mean('test_sensitivity'):.3f} | {mean('test_specificity'):.3f} |")
     return "\n".join(lines)
 
@@ -179,14 +185,16 @@ def append(scores: Path, row: dict) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--stage", default="binary", choices=("binary", "subtype"))
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--out", type=Path, default=Path("outputs/ablation"))
-    parser.add_argument("--table", action="store_true", help="only print the table of finished rows")
+    parser.add_argument("--table", action="store_true",
+                        help="only print the table of finished rows")
     parser.add_argument("--ensemble", metavar="VARIANT", nargs="+",
                         help="score the mean of these finished variants' seeds as one more row")
     parser.add_argument("overrides", nargs="*",
@@ -200,7 +208,8 @@ def main() -> None:
     if not args.table:
         for variant in args.variants:
             for seed in args.seeds:
-                done = {(r["variant"], r["seed"], r["stage"], r["epochs"]) for r in read_rows(scores)}
+                done = {(r["variant"], r["seed"], r["stage"], r["epochs"])
+                        for r in read_rows(scores)}
                 if (variant, str(seed), args.stage, str(args.epochs)) in done:
                     continue
                 append(scores, run(variant, seed, args.stage, args.epochs, args.data, args.out,

@@ -24,17 +24,20 @@ from research.ablation import figures, probabilities, stage_splits
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoints", nargs="+", type=Path)
     parser.add_argument("--stage", default="binary", choices=("binary", "subtype"))
     args = parser.parse_args()
     module = load_stages(args.checkpoints, args.stage)
     splits = stage_splits(module, args.stage, ("train", "val", "test"))
-    print("| scoring | threshold | val acc | test AUROC | test acc | test sensitivity | test specificity |")
+    print("| scoring | threshold | val acc | test AUROC | test acc | test sensitivity | "
+          "test specificity |")
     print("|---|---|---|---|---|---|---|")
     clean = adapt_batchnorm(module, splits["train"][0])
+    # the network scoring `images`
     networks = {"plain": lambda images: module, "train BN": lambda images: clean,
-                "AdaBN": lambda images: adapt_batchnorm(module, images)}  # the network scoring `images`
+                "AdaBN": lambda images: adapt_batchnorm(module, images)}
     (val, yv), (test, yt) = splits["val"], splits["test"]
     for name, network in networks.items():
         f = figures(yv, probabilities(network(val), val), yt, probabilities(network(test), test))

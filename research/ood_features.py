@@ -1,6 +1,7 @@
 """Which stage-1 features make the out-of-distribution gate work? (docs/formats.md)
 
-python -m research.ood_features multirun/scratch_cpu/<time>/0_binary_densenet121/checkpoints/best-*.ckpt
+python -m research.ood_features \
+multirun/scratch_cpu/<time>/0_binary_densenet121/checkpoints/best-*.ckpt
        [--data ../shared/data/kermany224] [--train-images 2000]
 
 For one binary checkpoint, fits a Mahalanobis gate (pneumonia.ood.OODGate: Ledoit-Wolf Gaussian
@@ -40,11 +41,13 @@ def stage_maps(module, images: list[np.ndarray], batch: int = 64) -> dict[str, t
             _, x = stage_inputs(module, images[start:start + batch])
             last.append(module.net.features(x).float())
     last = torch.cat(last)
-    return {"last mean": last.mean((2, 3)), "last": describe(last), **{n: torch.cat(v) for n, v in seen.items()}}
+    return {"last mean": last.mean((2, 3)), "last": describe(last),
+            **{n: torch.cat(v) for n, v in seen.items()}}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("--data", type=Path, default=SHARED_DATA / "kermany224")
     parser.add_argument("--train-images", type=int, default=2000)
@@ -53,10 +56,12 @@ def main() -> None:
     module = load_stage(args.checkpoint, "binary")
     records = recorded_split(module.hparams.data)
     train = [r for r in records if r.split == "train"]
-    train = [train[i] for i in np.linspace(0, len(train) - 1, args.train_images).round().astype(int)]
+    train = [train[i]
+             for i in np.linspace(0, len(train) - 1, args.train_images).round().astype(int)]
     sets = {"train": [read_grayscale(r.path) for r in train],
             "validation": [read_grayscale(r.path) for r in records if r.split == "val"],
-            "local test": [read_grayscale(r.path) for r in scan_kermany(args.data) if r.folder == "test"],
+            "local test": [read_grayscale(r.path) for r in scan_kermany(args.data)
+                           if r.folder == "test"],
             "CT/MR slices": dicom_slices(), "shipped images": shipped_pictures(),
             "noise, blank": synthetic_images()}
     maps = {name: stage_maps(module, images) for name, images in sets.items()}
@@ -68,13 +73,16 @@ def main() -> None:
         return {name: fitted.score({n: m[n][:, c] for n, c in columns.items()}).numpy()
                 for name, m in maps.items()}
 
-    choices = {"last mean": gate({"last mean": slice(None)}), "last mean+std": gate({"last": slice(None)}),
+    choices = {"last mean": gate({"last mean": slice(None)}),
+               "last mean+std": gate({"last": slice(None)}),
                "all stages mean+std (the gate)": gate({n: slice(None) for n in stages})}
     print(f"stages: {', '.join(stages)}\n")
-    print("| features | " + " | ".join(f"{n} ({len(sets[n])})" for n in sets if n != "train") + " |")
+    print("| features | " + " | ".join(f"{n} ({len(sets[n])})" for n in sets if n != "train")
+          + " |")
     print("|---|" + "---|" * (len(sets) - 1))
     for choice, scores in choices.items():
-        print(f"| {choice} | " + " | ".join(f"{100 * np.mean(scores[n] > 1):.1f} %" for n in sets if n != "train")
+        print(f"| {choice} | " + " | ".join(f"{100 * np.mean(scores[n] > 1):.1f} %"
+                                            for n in sets if n != "train")
               + " |")
 
 

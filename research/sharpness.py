@@ -26,7 +26,8 @@ def sharpness(image: np.ndarray) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("root")
     parser.add_argument("--size", type=int, default=64)
     args = parser.parse_args()
@@ -39,7 +40,8 @@ def main() -> None:
     print("| folder | normal | bacterial | viral |")
     print("|---|---|---|---|")
     for folder in sorted({f for f, _ in values}, key=("train", "val", "test").index):
-        cells = [f"{np.mean(v):.4f} ({np.std(v):.4f}, {len(v)})" if (v := values.get((folder, label))) else "-"
+        cells = [f"{np.mean(v):.4f} ({np.std(v):.4f}, {len(v)})"
+                 if (v := values.get((folder, label))) else "-"
                  for label in ("normal", "bacterial", "viral")]
         print(f"| {folder} | " + " | ".join(cells) + " |")
 

@@ -77,7 +77,8 @@ def half_figures(metrics: dict, rows: list[dict]) -> dict[str, np.ndarray]:
     p = 1 - np.array([float(r["p_normal"]) for r in rows])
     viral = np.array([float(r["p_viral"]) for r in rows])
     r = np.divide(viral, p, out=np.zeros_like(p), where=p > 0)
-    return {"truth": truth, "p": p, "r": r, "decision": np.array([CLASSES.index(r["decision"]) for r in rows]),
+    return {"truth": truth, "p": p, "r": r,
+            "decision": np.array([CLASSES.index(r["decision"]) for r in rows]),
             "t1": metrics["binary"]["threshold"], "t2": metrics["subtype"]["threshold"]}
 
 
@@ -85,12 +86,14 @@ def scores(h: dict[str, np.ndarray], index: np.ndarray | None = None) -> dict[st
     index = np.arange(len(h["truth"])) if index is None else index
     truth, p, r, decision = (h[k][index] for k in ("truth", "p", "r", "decision"))
     pneumonia = truth > 0
-    return dict(zip(FIGURES, (float(np.mean((p >= h["t1"]) == pneumonia)), auroc(pneumonia.astype(int), p),
+    return dict(zip(FIGURES, (float(np.mean((p >= h["t1"]) == pneumonia)),
+                              auroc(pneumonia.astype(int), p),
                               float(np.mean((r[pneumonia] >= h["t2"]) == (truth[pneumonia] == 2))),
                               float(np.mean(decision == truth)))))
 
 
-def averaged(halves: list[dict], samples: int = 1000, seed: int = 0) -> dict[str, tuple[float, float, float]]:
+def averaged(halves: list[dict], samples: int = 1000,
+             seed: int = 0) -> dict[str, tuple[float, float, float]]:
     """Each figure's mean over the halves and its 95 % bootstrap interval."""
     rng = np.random.default_rng(seed)
     point = {k: np.mean([scores(h)[k] for h in halves]) for k in scores(halves[0])}
@@ -103,17 +106,22 @@ def averaged(halves: list[dict], samples: int = 1000, seed: int = 0) -> dict[str
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep", type=Path)
-    parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data" / "kermany224")
+    parser.add_argument("--data", type=Path,
+                        default=(Path(__file__).resolve().parents[2] / "shared" / "data"
+                                 / "kermany224"))
     parser.add_argument("--out", type=Path, default=Path("outputs/site_adaptation"))
-    parser.add_argument("--overwrite", action="store_true", help="replace the reports of an earlier run in --out")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the reports of an earlier run in --out")
     args = parser.parse_args()
     test = [r for r in scan_kermany(args.data) if r.folder == "test"]
     halves = patient_halves(test)
     assert not {r.patient for r in halves[0]} & {r.patient for r in halves[1]}
     sites = [_copy(h, args.out / "sites" / f"half{i}") for i, h in enumerate(halves)]
-    roots = [scored_root(args.data, h, args.out / "roots" / f"half{i}") for i, h in enumerate(halves)]
+    roots = [scored_root(args.data, h, args.out / "roots" / f"half{i}")
+             for i, h in enumerate(halves)]
     print(f"halves: {[len(h) for h in halves]} images; classes per half: "
           f"{[{c: sum(r.label == c for r in h) for c in CLASSES} for h in halves]}")
     print("\n| method | " + " | ".join(FIGURES) + " |\n|---|---|---|---|---|")
@@ -121,8 +129,8 @@ def main() -> None:
         per_half = []
         for i in (0, 1):
             with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-                cfg = compose("evaluate", overrides=[f"sweep={args.sweep}", "tta=true", "log_to_mlflow=false",
-                                                     "bootstrap.samples=1"])
+                cfg = compose("evaluate", overrides=[f"sweep={args.sweep}", "tta=true",
+                                                     "log_to_mlflow=false", "bootstrap.samples=1"])
             out = args.out / "eval" / method.replace(" + ", "+") / f"half{i}"
             with open_dict(cfg):
                 cfg.paths.work_dir = str(Path.cwd())  # what Hydra's runtime would give
@@ -134,7 +142,8 @@ def main() -> None:
             result = evaluate(cfg)
             per_half.append(half_figures(result["metrics"], read_csv(out / "predictions.csv")))
         figures = averaged(per_half)
-        print(f"| {method} | " + " | ".join(f"{v:.3f} ({lo:.3f}-{hi:.3f})" for v, lo, hi in figures.values())
+        print(f"| {method} | " + " | ".join(f"{v:.3f} ({lo:.3f}-{hi:.3f})"
+                                            for v, lo, hi in figures.values())
               + " |", flush=True)
 
 

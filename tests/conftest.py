@@ -62,7 +62,8 @@ def tree_hashes(root: Path) -> dict[str, str]:
     """sha256 of every file under root (follows symlinks) and every folder, to show inputs are
     untouched: no byte changed, nothing added or removed."""
     return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "folder"
+        str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file()
+                                   else "folder")
         for p in sorted(root.rglob("*")) if p.is_file() or p.is_dir()
     }
 
@@ -111,8 +112,9 @@ def trained(synthetic_root, tmp_path_factory) -> tuple[Path, dict]:
     work = tmp_path_factory.mktemp("work")
     runs = {}
     for stage in ("binary", "subtype"):
-        cfg = compose_train(work, ["experiment=demo", f"stage={stage}", f"data.root={synthetic_root}",
-                                   "data.synthetic=null", "data.num_workers=0", "model.input_size=64",
+        cfg = compose_train(work, ["experiment=demo", f"stage={stage}",
+                                   f"data.root={synthetic_root}", "data.synthetic=null",
+                                   "data.num_workers=0", "model.input_size=64",
                                    "trainer.max_epochs=3", "trainer.limit_train_batches=6"])
         with open_dict(cfg):
             cfg.paths.output_dir = str(work / stage)

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from pneumonia.data.kermany import DataError, scan_kermany
+from pneumonia.data.kermany import scan_kermany
+from pneumonia.errors import DataError, OutputError
 from pneumonia.train import build_datamodule, train
 from tests.conftest import compose_train, corrupt_pixels, tree_hashes
 
@@ -78,7 +79,8 @@ def test_system_and_non_image_files_are_ignored(data, tmp_path):
 def test_subtype_stage_without_viral_images(data, tmp_path):
     for path in data.rglob("*_virus_*.jpeg"):
         path.unlink()
-    with pytest.raises(DataError, match=r"stage=subtype needs bacterial and viral.*none for: viral"):
+    with pytest.raises(DataError,
+                       match=r"stage=subtype needs bacterial and viral.*none for: viral"):
         _datamodule(data, tmp_path, "stage=subtype")
     _datamodule(data, tmp_path, "stage=binary")  # stage 1 does not need the subtype
 
@@ -110,7 +112,7 @@ def test_synthetic_generator_never_writes_into_a_foreign_folder(tmp_path):
     foreign = tmp_path / "my_xrays"
     foreign.mkdir()
     (foreign / "scan.jpeg").write_bytes(b"mine")
-    with pytest.raises(FileExistsError, match="not a synthetic data set"):
+    with pytest.raises(OutputError, match="not a synthetic data set"):
         make_synthetic_dataset(foreign)
     assert [p.name for p in foreign.iterdir()] == ["scan.jpeg"]
 
@@ -127,7 +129,8 @@ def test_synthetic_generator_is_deterministic(tmp_path):
 def test_decompression_bomb_is_refused_from_its_header(tmp_path):
     from PIL import Image
 
-    from pneumonia.io import ImageReadError, image_size, read_grayscale
+    from pneumonia.errors import ImageReadError
+    from pneumonia.io import image_size, read_grayscale
 
     bomb = tmp_path / "bomb.png"
     Image.new("1", (12000, 12000)).save(bomb)  # 144 megapixels, a few kB on disk
@@ -155,7 +158,8 @@ def test_checkpoint_that_would_run_code_is_refused(tmp_path):
 
     import torch
 
-    from pneumonia.checkpoints import CheckpointError, load_stage
+    from pneumonia.checkpoints import load_stage
+    from pneumonia.errors import CheckpointError
 
     marker = tmp_path / "pwned"
 

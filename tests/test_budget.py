@@ -20,7 +20,8 @@ BASE_LR = 0.1
 class CosineModel(BoringModel):
     def configure_optimizers(self):
         optimizer = torch.optim.SGD(self.parameters(), lr=BASE_LR)
-        return [optimizer], [torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.trainer.max_epochs)]
+        return [optimizer], [torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=self.trainer.max_epochs)]
 
 
 class LearningRates(L.Callback):
@@ -38,10 +39,12 @@ def _fake_clock(monkeypatch, epoch_seconds: float) -> None:
 
 
 def _fit(tmp_path, minutes: float, max_epochs: int = 6, ckpt_path=None):
-    rates, every_epoch = LearningRates(), ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1)
+    rates, every_epoch = LearningRates(), ModelCheckpoint(dirpath=tmp_path, filename="{epoch}",
+                                                          save_top_k=-1)
     trainer = L.Trainer(max_epochs=max_epochs, callbacks=[TimeBudget(minutes), rates, every_epoch],
-                        limit_train_batches=2, limit_val_batches=1, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=tmp_path)
+                        limit_train_batches=2, limit_val_batches=1, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path)
     trainer.fit(CosineModel(), ckpt_path=ckpt_path)
     return trainer, rates.seen
 
@@ -59,7 +62,8 @@ def test_epochs_fit_the_budget_and_the_schedule_ends_with_them(monkeypatch, tmp_
 
 
 @pytest.mark.parametrize("epoch_seconds, epochs", [(1, 6), (600, 1)])
-def test_never_more_than_configured_and_at_least_one_epoch(monkeypatch, tmp_path, epoch_seconds, epochs):
+def test_never_more_than_configured_and_at_least_one_epoch(monkeypatch, tmp_path, epoch_seconds,
+                                                          epochs):
     _fake_clock(monkeypatch, epoch_seconds)
     trainer, _ = _fit(tmp_path, minutes=1.5)
     assert trainer.current_epoch == epochs
@@ -79,10 +83,12 @@ def test_a_resumed_run_keeps_the_epochs_chosen(monkeypatch, tmp_path):
 def test_a_budget_must_be_positive(synthetic_root, tmp_path):
     from pneumonia.train import train
 
-    cfg = compose_train(tmp_path, [f"data.root={synthetic_root}", "model=resnet18", "model.pretrained=false",
-                                   "logger=none", "+callbacks.time_budget._target_=pneumonia.budget.TimeBudget",
+    cfg = compose_train(tmp_path, [f"data.root={synthetic_root}", "model=resnet18",
+                                   "model.pretrained=false", "logger=none",
+                                   "+callbacks.time_budget._target_=pneumonia.budget.TimeBudget",
                                    "+callbacks.time_budget.minutes=0"])
-    with pytest.raises(ValueError, match="time_budget.minutes=0 must be positive"):  # not Hydra's wrapper
+    # not Hydra's wrapper
+    with pytest.raises(ValueError, match="time_budget.minutes=0 must be positive"):
         train(cfg)
 
 

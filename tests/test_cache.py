@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from pneumonia.data.cache import build_cache, cache_key, decode_preprocessed
-from pneumonia.data.kermany import DataError, scan_kermany
+from pneumonia.data.kermany import scan_kermany
 from pneumonia.data.transforms import Preprocessing
+from pneumonia.errors import DataError
 from pneumonia.io import read_grayscale
 from tests.conftest import SHARED_DATA, compose_train, corrupt_pixels, needs_real_data
 
@@ -21,7 +22,8 @@ def _check_close(path, pre):
     plain = pre(read_grayscale(path)).astype(int)
     cached = decode_preprocessed(path, pre).astype(int)
     diff = np.abs(plain - cached)
-    assert diff.mean() <= DRAFT_MEAN_TOLERANCE and np.percentile(diff, 99) <= DRAFT_P99_TOLERANCE, path
+    assert (diff.mean() <= DRAFT_MEAN_TOLERANCE
+            and np.percentile(diff, 99) <= DRAFT_P99_TOLERANCE), path
 
 
 @needs_real_data
@@ -36,13 +38,15 @@ def test_draft_decode_matches_full_decode_on_full_size_xrays(size):
 def test_cached_images_equal_decoded_images(synthetic_root, tmp_path):
     from pneumonia.train import build_datamodule
 
-    plain = build_datamodule(compose_train(tmp_path, [f"data.root={synthetic_root}", "data.cache=false",
-                                                      "model.input_size=96"]))
-    cached = build_datamodule(compose_train(tmp_path, [f"data.root={synthetic_root}", "data.cache=true",
-                                                       "model.input_size=96"]))
+    plain = build_datamodule(compose_train(tmp_path, [f"data.root={synthetic_root}",
+                                                      "data.cache=false", "model.input_size=96"]))
+    cached = build_datamodule(compose_train(tmp_path, [f"data.root={synthetic_root}",
+                                                       "data.cache=true", "model.input_size=96"]))
     pre = cached.preprocessing
-    plain_images = torch.stack([plain.dataset("val")[i][0] for i in range(len(plain.splits["val"]))])
-    normalised = torch.stack([cached.dataset("val")[i][0] for i in range(len(cached.splits["val"]))])
+    plain_images = torch.stack([plain.dataset("val")[i][0]
+                                for i in range(len(plain.splits["val"]))])
+    normalised = torch.stack([cached.dataset("val")[i][0]
+                              for i in range(len(cached.splits["val"]))])
     assert normalised.dtype == torch.float32 and normalised.shape == plain_images.shape
     diff = (normalised - plain_images).abs() * pre.std * 255  # in grey levels
     assert diff.mean() <= DRAFT_MEAN_TOLERANCE
@@ -66,7 +70,8 @@ def test_cache_is_reused_and_rebuilt_when_a_file_or_setting_changes(data, tmp_pa
     assert sorted(cache.glob("*.u8")) == files and files[0].stat().st_mtime_ns == mtime  # reused
     np.testing.assert_array_equal(first, again)
     assert cache_key(records, Preprocessing(96, 0.5, 0.25)) != cache_key(records, pre)
-    assert cache_key(records, Preprocessing(64, 0.5, 0.25, crop=dict(max_width=300, max_height=300))) \
+    assert cache_key(records, Preprocessing(64, 0.5, 0.25,
+                                            crop=dict(max_width=300, max_height=300))) \
         != cache_key(records, pre)
     # a file rewritten with other pixels
     target = records[3].path
@@ -120,11 +125,13 @@ def file_size_limit():
     signal.signal(signal.SIGXFSZ, handler)
 
 
-def test_a_cache_that_does_not_fit_is_a_clear_error_before_any_write(data, tmp_path, file_size_limit):
+def test_a_cache_that_does_not_fit_is_a_clear_error_before_any_write(data, tmp_path,
+                                                                     file_size_limit):
     records = [r for r in scan_kermany(data) if r.folder == "train"][:10]
     cache = tmp_path / "cache"
     file_size_limit(10 * 64 * 64 - 1)  # one byte short of the (10, 64, 64) uint8 array
-    with pytest.raises(OSError, match=r"cannot reserve 40,960 bytes for the cache file .*\.tmp\d+ .*paths\.cache_dir"):
+    with pytest.raises(OSError, match=r"cannot reserve 40,960 bytes for the cache file .*\.tmp\d+ "
+                                      r".*paths\.cache_dir"):
         build_cache(records, Preprocessing(64, 0.5, 0.25), cache)
     assert not list(cache.iterdir())  # no temporary file is left behind
     file_size_limit(10 * 64 * 64)

@@ -44,16 +44,18 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 def test_kill_while_overwriting_last_ckpt_keeps_the_old_one(synthetic_root, tmp_path):
     marker = tmp_path / "old_last.sha256"
     args = ["experiment=demo", "data.synthetic=null", f"data.root={synthetic_root}", "debug=short",
-            "model.input_size=64", "data.batch_size=4", "callbacks.early_stopping=null", "logger=none",
-            f"paths.cache_dir={tmp_path}/cache", f"hydra.run.dir={tmp_path}/run"]
+            "model.input_size=64", "data.batch_size=4", "callbacks.early_stopping=null",
+            "logger=none", f"paths.cache_dir={tmp_path}/cache", f"hydra.run.dir={tmp_path}/run"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-c", RUNNER, str(marker), *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
-    assert proc.returncode == -9, f"not killed while rewriting last.ckpt (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
+    assert proc.returncode == -9, (f"not killed while rewriting last.ckpt "
+                                   f"(exit {proc.returncode}):\n{proc.stderr[-3000:]}")
 
     checkpoints = tmp_path / "run" / "checkpoints"
     last = checkpoints / "last.ckpt"
-    assert hashlib.sha256(last.read_bytes()).hexdigest() == marker.read_text()  # the old file, whole
+    # the old file, whole
+    assert hashlib.sha256(last.read_bytes()).hexdigest() == marker.read_text()
     saved = torch.load(last, map_location="cpu", weights_only=True)
     assert saved["epoch"] == 0 and saved["state_dict"]  # written at the end of the first epoch
     # the interrupted write went to a temporary file beside it, which is half a checkpoint
@@ -76,7 +78,8 @@ def test_a_save_removes_the_leftovers_of_dead_writers_only(tmp_path):
     try:
         dead = tmp_path / f".last.ckpt.tmp-{finished.pid}"
         alive = tmp_path / f".last.ckpt.tmp-{running.pid}"
-        other = tmp_path / f".best.ckpt.tmp-{finished.pid}"  # another checkpoint's: not ours to touch
+        # another checkpoint's: not ours to touch
+        other = tmp_path / f".best.ckpt.tmp-{finished.pid}"
         for leftover in (dead, alive, other):
             leftover.write_bytes(b"half a checkpoint")
         AtomicCheckpointIO().save_checkpoint({"epoch": 3}, tmp_path / "last.ckpt")

@@ -36,10 +36,12 @@ def _crafted(tmp_path: Path) -> tuple[Path, Path]:
     return path, marker
 
 
-def test_a_crafted_checkpoint_runs_no_code_even_when_the_environment_allows_it(tmp_path, monkeypatch):
+def test_a_crafted_checkpoint_runs_no_code_even_when_the_environment_allows_it(tmp_path,
+                                                                               monkeypatch):
     evil, marker = _crafted(tmp_path)
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
-    for load in (lambda: load_stage(evil, "binary"), lambda: AtomicCheckpointIO().load_checkpoint(evil)):
+    for load in (lambda: load_stage(evil, "binary"),
+                 lambda: AtomicCheckpointIO().load_checkpoint(evil)):
         with pytest.raises(CheckpointError, match="evil.ckpt: not a loadable checkpoint"):
             load()
     assert not marker.exists()
@@ -50,7 +52,8 @@ def test_a_crafted_checkpoint_runs_no_code_even_when_the_environment_allows_it(t
 
 def _module(stage: str = "binary") -> StageClassifier:
     return StageClassifier(
-        model={"name": "resnet18", "backbone": "resnet18", "input_size": 32}, classes=["normal", "pneumonia"],
+        model={"name": "resnet18", "backbone": "resnet18", "input_size": 32},
+        classes=["normal", "pneumonia"],
         stage=stage, preprocessing={"image_size": 32, "mean": 0.5, "std": 0.25},
         optimizer={"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1})
 
@@ -91,19 +94,22 @@ def test_references_resolve_to_local_files_and_never_to_urls(tmp_path, monkeypat
     last = _save(_module(), tmp_path / "httpdir" / "checkpoints" / "last.ckpt")
     # a relative path that merely starts with "http" is a file (Lightning took it for a URL)
     assert resolve("httpdir/checkpoints/last.ckpt", "binary", None, tmp_path) == last
-    assert AtomicCheckpointIO().load_checkpoint("httpdir/checkpoints/last.ckpt")["mlflow_run_id"] == "abc"
+    assert AtomicCheckpointIO().load_checkpoint(
+        "httpdir/checkpoints/last.ckpt")["mlflow_run_id"] == "abc"
     assert resolve("httpdir", "binary", None, tmp_path) == best
     assert resolve("httpdir", "resume", None, tmp_path, last=True) == last
     with pytest.raises(CheckpointError, match="not fetched from URLs"):
         resolve("https://example.org/b.ckpt", "binary", None, tmp_path)
     with pytest.raises(CheckpointError, match="no last.ckpt"):
         resolve(tmp_path, "resume", None, tmp_path, last=True)
-    assert local_references(["httpdir", "0123456789abcdef0123456789abcdef", None]) == [Path("httpdir")]
+    assert local_references(["httpdir", "0123456789abcdef0123456789abcdef", None]) \
+        == [Path("httpdir")]
 
 
 def test_a_non_finite_output_never_becomes_a_diagnosis():
     pipeline = TwoStagePipeline(None, None, Calibration({"binary": 1.0, "subtype": 1.0},
-                                                        {"binary": {"youden": 0.5}, "subtype": {"youden": 0.5}},
+                                                        {"binary": {"youden": 0.5},
+                                                         "subtype": {"youden": 0.5}},
                                                         0.99))
     logits = {"binary": np.array([[0.0, 2.0], [np.nan, np.nan], [0.0, np.inf]]),
               "subtype": np.array([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])}
@@ -119,15 +125,18 @@ def test_sigterm_and_ctrl_c_exit_non_zero_and_say_how_to_go_on(synthetic_root, t
     from tests.conftest import REPO
 
     args = ["experiment=demo", "data.synthetic=null", f"data.root={synthetic_root}", "logger=none",
-            "model.input_size=64", "data.batch_size=4", "data.num_workers=0", "trainer.max_epochs=50",
-            f"paths.cache_dir={tmp_path}/cache", "callbacks.early_stopping=null"]
+            "model.input_size=64", "data.batch_size=4", "data.num_workers=0",
+            "trainer.max_epochs=50", f"paths.cache_dir={tmp_path}/cache",
+            "callbacks.early_stopping=null"]
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     for sig, code, wait_for, says in ((signal.SIGINT, 130, None, "no checkpoint was written yet"),
-                                      (signal.SIGTERM, 143, "last.ckpt", "resume with: python train.py resume=")):
+                                      (signal.SIGTERM, 143, "last.ckpt",
+                                       "resume with: python train.py resume=")):
         run = tmp_path / f"run-{code}"
-        proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *args, f"hydra.run.dir={run}"],
-                                cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True)
+        proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *args,
+                                 f"hydra.run.dir={run}"],
+                                cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
         for line in proc.stdout:  # the line logged just before fit starts
             if "Training binary/" in line:
                 break

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from pneumonia.compare import COLUMNS as COMPARE_COLUMNS
 from pneumonia.compare import write_table
 from pneumonia.data.kermany import Record, read_manifest, write_manifest, write_skipped
-from pneumonia.io import ImageReadError
+from pneumonia.errors import ImageReadError
 from pneumonia.report import read_csv, write_csv, write_predictions
 from pneumonia.sweep import SweepSummary
 

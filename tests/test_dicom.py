@@ -17,7 +17,8 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 
-from pneumonia.io import ImageReadError, NotChestRadiograph, image_size, read_dicom, read_grayscale
+from pneumonia.errors import ImageReadError, NotChestRadiograph
+from pneumonia.io import image_size, read_dicom, read_grayscale
 
 PATIENT_NAME, PATIENT_ID = "Doe^Jane", "PID-998877"
 
@@ -51,7 +52,8 @@ def _dataset(pixels: np.ndarray, modality: str | None = "DX", **elements) -> Dat
     if pixels.ndim == 3:
         ds.PlanarConfiguration = 0
     stored = elements.pop("BitsStored", bits)
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, stored, stored - 1, 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = (bits, stored,
+                                                                           stored - 1, 0)
     ds.PixelData = pixels.tobytes()
     for key, value in elements.items():
         setattr(ds, key, value)

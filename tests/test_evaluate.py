@@ -9,12 +9,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
-from pneumonia.checkpoints import CheckpointError
 from pneumonia.compare import compare_runs
-from pneumonia.data.kermany import DataError
+from pneumonia.errors import CheckpointError, DataError, OutputError
 from pneumonia.evaluate import evaluate
 from pneumonia.metrics import youden_threshold
-from pneumonia.outputs import OutputError
 from pneumonia.pipeline import TwoStagePipeline, combine, softmax_positive
 from tests.conftest import CONF, tree_hashes
 
@@ -25,7 +23,8 @@ def test_composed_probabilities_sum_to_one_and_reduce_to_each_stage():
     probs = combine(p, r)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0)
     np.testing.assert_allclose(1 - probs[:, 0], p)  # stage 1 is P(not normal)
-    np.testing.assert_allclose(probs[:, 2] / (probs[:, 1] + probs[:, 2]), r)  # stage 2 given pneumonia
+    # stage 2 given pneumonia
+    np.testing.assert_allclose(probs[:, 2] / (probs[:, 1] + probs[:, 2]), r)
     assert (probs >= 0).all()
 
 
@@ -64,9 +63,9 @@ def test_evaluation_report_end_to_end(trained, tmp_path, read_only_data):
     result = evaluate(cfg)
     assert tree_hashes(read_only_data) == before  # only ever read
     out = tmp_path / "report"
-    for name in ("metrics.json", "predictions.csv", "report.md", "pipeline.json", "confusion_binary.png",
-                 "confusion_subtype.png", "confusion_pipeline.png", "roc_binary.png", "roc_subtype.png",
-                 "reliability.png"):
+    for name in ("metrics.json", "predictions.csv", "report.md", "pipeline.json",
+                 "confusion_binary.png", "confusion_subtype.png", "confusion_pipeline.png",
+                 "roc_binary.png", "roc_subtype.png", "reliability.png"):
         assert (out / name).stat().st_size > 0, name
     metrics = json.loads((out / "metrics.json").read_text())
     pipeline = TwoStagePipeline.load(out / "pipeline.json")
@@ -100,7 +99,8 @@ def test_evaluation_report_end_to_end(trained, tmp_path, read_only_data):
     assert run.data.tags["binary_run_id"] == runs["binary"]["run_id"]
     assert run.data.tags["subtype_run_id"] == runs["subtype"]["run_id"]
     assert "report.md" in {a.path for a in client.list_artifacts(result["run_id"])}
-    assert run.data.metrics["pipeline/accuracy"] == pytest.approx(metrics["pipeline"]["metrics"]["accuracy"])
+    assert run.data.metrics["pipeline/accuracy"] \
+        == pytest.approx(metrics["pipeline"]["metrics"]["accuracy"])
 
     # an earlier report is never overwritten unless asked
     before = (out / "metrics.json").read_bytes()
@@ -113,7 +113,8 @@ def test_evaluation_report_end_to_end(trained, tmp_path, read_only_data):
     assert [r["stage"] for r in rows] == ["binary", "subtype"]
     by_stage = {r["stage"]: r for r in rows}
     assert by_stage["binary"]["test_auroc"] == pytest.approx(metrics["binary"]["metrics"]["auroc"])
-    assert by_stage["subtype"]["test_acc"] == pytest.approx(metrics["subtype"]["metrics"]["accuracy"])
+    assert by_stage["subtype"]["test_acc"] \
+        == pytest.approx(metrics["subtype"]["metrics"]["accuracy"])
     assert by_stage["binary"]["val_auroc"] == pytest.approx(runs["binary"]["metrics"]["val/auroc"])
 
 
@@ -124,11 +125,14 @@ def test_bad_evaluation_inputs(trained, tmp_path, synthetic_root):
     swapped = _evaluate_cfg(work, tmp_path / "a", binary=subtype, subtype=binary)
     with pytest.raises(CheckpointError, match="is a 'subtype' checkpoint; pass it as subtype="):
         evaluate(swapped)
-    missing = _evaluate_cfg(work, tmp_path / "b", binary="0123456789abcdef0123456789abcdef", subtype=subtype)
-    with pytest.raises(CheckpointError, match="binary=0123456789abcdef0123456789abcdef: MLflow run not found"):
+    missing = _evaluate_cfg(work, tmp_path / "b", binary="0123456789abcdef0123456789abcdef",
+                            subtype=subtype)
+    with pytest.raises(CheckpointError,
+                       match="binary=0123456789abcdef0123456789abcdef: MLflow run not found"):
         evaluate(missing)
     elsewhere = _evaluate_cfg(tmp_path, tmp_path / "b2", binary="latest", subtype="latest")
-    with pytest.raises(CheckpointError, match="binary=latest: no finished run in MLflow experiment"):
+    with pytest.raises(CheckpointError,
+                       match="binary=latest: no finished run in MLflow experiment"):
         evaluate(elsewhere)
     with pytest.raises(CheckpointError, match="no such checkpoint file or run folder"):
         evaluate(_evaluate_cfg(work, tmp_path / "c", binary="/nowhere/x.ckpt", subtype=subtype))
@@ -156,7 +160,8 @@ def test_bad_evaluation_inputs(trained, tmp_path, synthetic_root):
 
 
 @pytest.mark.slow
-def test_an_unreadable_test_image_is_reported_and_the_rest_scored(trained, synthetic_root, tmp_path):
+def test_an_unreadable_test_image_is_reported_and_the_rest_scored(trained, synthetic_root,
+                                                                   tmp_path):
     from tests.conftest import corrupt_pixels
 
     work, runs = trained
@@ -171,6 +176,7 @@ def test_an_unreadable_test_image_is_reported_and_the_rest_scored(trained, synth
     metrics = evaluate(cfg)["metrics"]
     total = len(list((data / "test").rglob("*.jpeg")))
     assert metrics["unscored_images"] == [
-        {"path": str(broken), "reason": "cannot decode image (broken data stream when reading image file)"}]
+        {"path": str(broken),
+         "reason": "cannot decode image (broken data stream when reading image file)"}]
     assert metrics["n_images"] == metrics["pipeline"]["images"] == total - 1
     assert str(broken) in (tmp_path / "out" / "report.md").read_text()

@@ -15,10 +15,10 @@ from PIL import Image
 from torch import nn
 
 from pneumonia.attribution import Probabilities, attribution_map, occlusion_map
+from pneumonia.errors import ImageReadError, OutputError
 from pneumonia.explain import explain
-from pneumonia.io import ImageReadError, read_grayscale
+from pneumonia.io import read_grayscale
 from pneumonia.models import build_network
-from pneumonia.outputs import OutputError
 from tests.conftest import CONF, read_only, tree_hashes
 
 
@@ -80,7 +80,8 @@ def _write_dicom(path: Path, pixels16: np.ndarray, photometric: str) -> Path:
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.SOPClassUID, ds.SOPInstanceUID = (meta.MediaStorageSOPClassUID,
+                                         meta.MediaStorageSOPInstanceUID)
     ds.PatientName, ds.PatientID = "Doe^Jane", "PID-998877"
     ds.Modality = "CR"
     ds.Rows, ds.Columns = pixels16.shape
@@ -179,7 +180,8 @@ def test_explain_a_folder(trained, xray_folder, tmp_path):
         "truncated.jpeg": failed.get("truncated.jpeg"),
         "text.jpeg": failed.get("text.jpeg"),
     }
-    assert failed["truncated.jpeg"].startswith("cannot decode") and failed["text.jpeg"].startswith("cannot decode")
+    assert failed["truncated.jpeg"].startswith("cannot decode") \
+        and failed["text.jpeg"].startswith("cannot decode")
     assert result["failed"] == 5
     ok = {f: r for f, r in rows.items() if r["status"] == "ok"}
     assert len(ok) == 5
@@ -191,7 +193,8 @@ def test_explain_a_folder(trained, xray_folder, tmp_path):
     # the same pixels as DICOM, 16-bit PNG and 8-bit PNG give the same probabilities
     for name in ("same.dcm", "deep16.png"):
         for c in ("normal", "bacterial", "viral"):
-            assert float(ok[name][f"p_{c}"]) == pytest.approx(float(ok["same.png"][f"p_{c}"]), abs=1e-6)
+            assert float(ok[name][f"p_{c}"]) == pytest.approx(float(ok["same.png"][f"p_{c}"]),
+                                                              abs=1e-6)
     index = (out / "index.html").read_text()
     assert all(row["report"] in index for row in ok.values()) and "nopixels.dcm" in index
     # DICOM patient identifiers never reach any output
@@ -217,16 +220,19 @@ def test_explain_a_folder(trained, xray_folder, tmp_path):
 @pytest.mark.parametrize("options, stage", [({"method": "gradcam"}, "binary"),
                                             ({"method": "integrated_gradients"}, "subtype"),
                                             ({"occlusion_mode": "approximate"}, "binary")])
-def test_other_methods_give_the_same_report_layout(trained, synthetic_root, tmp_path, options, stage):
+def test_other_methods_give_the_same_report_layout(trained, synthetic_root, tmp_path, options,
+                                                   stage):
     work, runs = trained
     folder = tmp_path / "in"
     folder.mkdir()
     for src in sorted((synthetic_root / "test" / "NORMAL").glob("*.jpeg"))[:2]:
         shutil.copy(src, folder / src.name)
     out = tmp_path / "out"
-    result = explain(_explain_cfg(work, folder, out, runs, **options, explain_stage=stage, log_to_mlflow=False))
+    result = explain(_explain_cfg(work, folder, out, runs, **options, explain_stage=stage,
+                                  log_to_mlflow=False))
     assert result["failed"] == 0 and len(result["rows"]) == 2
-    assert {r["explained_class"] for r in result["rows"]} <= ({"normal", "pneumonia"} if stage == "binary"
+    assert {r["explained_class"] for r in result["rows"]} <= ({"normal", "pneumonia"}
+                                                             if stage == "binary"
                                                              else {"bacterial", "viral"})
     assert all((out / r["report"]).is_file() for r in result["rows"])
 
@@ -239,7 +245,8 @@ def test_awkward_names_and_entries_each_get_their_own_row(trained, synthetic_roo
     pixels = read_grayscale(next((synthetic_root / "test" / "NORMAL").glob("*.jpeg")))
     names = ["x.png", "x.jpeg", "X.PNG", "=HYPERLINK(1).png", "a#b?%.png"]
     for name in names:
-        Image.fromarray(pixels).save(folder / name, format="JPEG" if name.endswith("jpeg") else "PNG")
+        Image.fromarray(pixels).save(folder / name,
+                                     format="JPEG" if name.endswith("jpeg") else "PNG")
     undecodable = os.fsencode(str(folder)) + b"/bad\xff.png"
     shutil.copy(folder / "x.png", os.fsdecode(undecodable))
     outside = tmp_path / "outside.png"
@@ -253,7 +260,8 @@ def test_awkward_names_and_entries_each_get_their_own_row(trained, synthetic_roo
     assert sorted(os.listdir(folder)) == before
     ok = {f for f, r in rows.items() if r["status"] == "ok"}
     assert ok == {*names, "bad\ufffd.png"}
-    assert rows["link.png"]["reason"] == "symbolic link to a file outside the input folder; not followed"
+    assert rows["link.png"]["reason"] == ("symbolic link to a file outside the input folder; "
+                                          "not followed")
     assert rows["pipe.png"]["reason"].startswith("a named pipe (FIFO)")
     reports = [rows[f]["report"] for f in ok]
     assert len({r.lower() for r in reports}) == len(reports)  # no report replaces another
@@ -268,7 +276,8 @@ def test_a_window_larger_than_the_input_is_refused(trained, tmp_path):
     work, runs = trained
     folder = tmp_path / "in"
     folder.mkdir()
-    with pytest.raises(ValueError, match="window=65 is larger than the binary stage's input .64 px"):
+    with pytest.raises(ValueError,
+                       match="window=65 is larger than the binary stage's input .64 px"):
         explain(_explain_cfg(work, folder, tmp_path / "out", runs, window=65, log_to_mlflow=False))
 
 

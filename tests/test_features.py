@@ -47,7 +47,8 @@ def _normalised(images: np.ndarray) -> torch.Tensor:
 def test_head_on_cached_features_equals_the_full_network(backbone, head, tmp_path):
     images = _images(6, 64)
     net = _frozen(backbone, head, size=64)
-    features = build_feature_cache(images, "images", net, MEAN, STD, cache_dir=tmp_path, batch_size=4)
+    features = build_feature_cache(images, "images", net, MEAN, STD, cache_dir=tmp_path,
+                                   batch_size=4)
     assert features.dtype == np.float32 and features.shape[0] == 6 and features.ndim == 4
     assert net.training  # built in eval mode, the mode given back
     net.eval()
@@ -86,7 +87,8 @@ def _normalised_with(images: np.ndarray, pre) -> torch.Tensor:
     return torch.from_numpy(np.stack([pre.normalize(image) for image in images]))
 
 
-def _weighted_val_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, batch: int) -> float:
+def _weighted_val_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
+                       batch: int) -> float:
     """Lightning's epoch val/loss: per-batch weighted cross-entropy, averaged by batch size."""
     total = sum(F.cross_entropy(logits[i:i + batch], targets[i:i + batch], weight=weights).item()
                 * len(targets[i:i + batch]) for i in range(0, len(targets), batch))
@@ -122,8 +124,10 @@ def test_training_on_cached_features_writes_a_normal_checkpoint(synthetic_root, 
     metrics = result["metrics"]
     assert _weighted_val_loss(logits, targets, module.class_weights, 4) == pytest.approx(
         metrics["val/loss"], abs=1e-5)
-    assert binary_auroc(logits.softmax(1)[:, 1], targets).item() == pytest.approx(metrics["val/auroc"], abs=1e-6)
-    assert (logits.argmax(1) == targets).float().mean().item() == pytest.approx(metrics["val/acc"], abs=1e-6)
+    assert binary_auroc(logits.softmax(1)[:, 1], targets).item() == pytest.approx(
+        metrics["val/auroc"], abs=1e-6)
+    assert (logits.argmax(1) == targets).float().mean().item() == pytest.approx(
+        metrics["val/acc"], abs=1e-6)
 
 
 def test_feature_cache_is_reused_and_rebuilt_when_weights_or_settings_change(tmp_path):
@@ -150,7 +154,8 @@ def test_feature_cache_is_reused_and_rebuilt_when_weights_or_settings_change(tmp
     save_file({k: v for k, v in reference.items() if not k.startswith("fc.")}, str(weights))
     from_file = build(_frozen("resnet18", seed=2, pretrained=str(weights)))
     assert len(files()) == 3
-    np.testing.assert_array_equal(build(_frozen("resnet18", seed=3, pretrained=str(weights))), from_file)
+    np.testing.assert_array_equal(build(_frozen("resnet18", seed=3, pretrained=str(weights))),
+                                  from_file)
     assert len(files()) == 3
     # another weights file, other preprocessed images: rebuilt
     save_file({k: v * 1.01 for k, v in reference.items() if not k.startswith("fc.")}, str(weights))
@@ -170,9 +175,11 @@ def test_damaged_feature_file_is_detected_and_rebuilt(tmp_path):
     raw = bytearray(array_file.read_bytes())
     raw[1000:1400] = bytes(400)  # silently damaged bytes, same size
     array_file.write_bytes(bytes(raw))
-    np.testing.assert_array_equal(build_feature_cache(images, "images", net, MEAN, STD, tmp_path), good)
+    np.testing.assert_array_equal(build_feature_cache(images, "images", net, MEAN, STD, tmp_path),
+                                  good)
     array_file.write_bytes(bytes(raw[:4000]))  # truncated
-    np.testing.assert_array_equal(build_feature_cache(images, "images", net, MEAN, STD, tmp_path), good)
+    np.testing.assert_array_equal(build_feature_cache(images, "images", net, MEAN, STD, tmp_path),
+                                  good)
     assert len(list(tmp_path.glob("*.f32"))) == 1 and not list(tmp_path.glob("*.tmp*"))
 
 
@@ -186,13 +193,15 @@ VALID = [*FEATURES, "data.augment=null", "data.root=/nonexistent"]
     ([*FEATURES, "data.root=/nonexistent"], r"data.augment=null \(now augmenting: \{'hflip': 0.5"),
     ([*VALID, "data.cache=false"], r"data.cache=true"),
 ])
-def test_feature_cache_where_something_before_the_head_changes_fails_naming_the_keys(tmp_path, overrides,
+def test_feature_cache_where_something_before_the_head_changes_fails_naming_the_keys(tmp_path,
+                                                                                     overrides,
                                                                                      message):
     from pneumonia.train import train
 
     validate(compose_train(tmp_path, VALID))  # the valid combination passes
     cfg = compose_train(tmp_path, overrides)
-    with pytest.raises(ValueError, match=r"data.feature_cache=true .*" + message + r".*data.feature_cache=false"):
+    with pytest.raises(ValueError, match=r"data.feature_cache=true .*" + message
+                                         + r".*data.feature_cache=false"):
         validate(cfg)
     with pytest.raises(ValueError, match="data.feature_cache=true"):
         train(cfg)  # at start-up, before the (missing) data folder is looked at
@@ -200,7 +209,8 @@ def test_feature_cache_where_something_before_the_head_changes_fails_naming_the_
 
 
 def test_study_a_with_the_feature_cache_names_every_key_to_change(tmp_path):
-    cfg = compose_train(tmp_path, ["experiment=study_a", "data.root=/data", "data.feature_cache=true"])
+    cfg = compose_train(tmp_path, ["experiment=study_a", "data.root=/data",
+                                   "data.feature_cache=true"])
     with pytest.raises(ValueError) as err:
         validate(cfg)
     for key in ("model.adapter=none", "data.augment=null"):
@@ -211,4 +221,5 @@ def test_study_b_recipes_use_the_feature_cache(tmp_path):
     for backbone in ("mobilenet", "xception", "inception_v3"):
         cfg = compose_train(tmp_path, [f"experiment=study_b_{backbone}", "data.root=/data"])
         validate(cfg)
-        assert cfg.data.feature_cache and cfg.data.augment is None and cfg.model.freeze == "features"
+        assert cfg.data.feature_cache and cfg.data.augment is None \
+            and cfg.model.freeze == "features"

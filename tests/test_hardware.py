@@ -116,7 +116,8 @@ def test_a_chosen_ddp_inside_a_local_multirun_is_spawned(monkeypatch, multirun, 
     _machine(monkeypatch, gpus=4)
     monkeypatch.setattr(train, "in_multirun", lambda: multirun)
     monkeypatch.setattr(train.HydraConfig, "get",
-                        staticmethod(lambda: OmegaConf.create({"launcher": {"_target_": launcher}})))
+                        staticmethod(lambda: OmegaConf.create(
+                            {"launcher": {"_target_": launcher}})))
     overrides = train._trainer_overrides(hardware.choose())
     assert overrides == {"accelerator": "gpu", "devices": 4, "strategy": strategy,
                          "precision": "bf16-mixed"}

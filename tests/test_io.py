@@ -226,7 +226,8 @@ def test_tiny_dicom_is_refused(tmp_path):
 
 
 def test_training_scan_names_a_tiny_image(tmp_path):
-    from pneumonia.data.kermany import DataError, scan_kermany
+    from pneumonia.data.kermany import scan_kermany
+    from pneumonia.errors import DataError
 
     for folder, name in (("NORMAL", "IM-0001-0001.jpeg"), ("PNEUMONIA", "person1_virus_1.jpeg")):
         (tmp_path / "train" / folder).mkdir(parents=True)

@@ -2,8 +2,9 @@ from collections import defaultdict
 
 import pytest
 
-from pneumonia.data.kermany import DataError, parse_name, read_manifest, scan_kermany, split_records
+from pneumonia.data.kermany import parse_name, read_manifest, scan_kermany, split_records
 from pneumonia.data.transforms import ProportionalCrop
+from pneumonia.errors import DataError
 from tests.conftest import KERMANY224, SHARED_DATA, needs_real_data
 
 
@@ -45,7 +46,8 @@ def test_synthetic_splits_keep_patients_together(synthetic_root):
 def test_real_data_labels_match_the_data_readme():
     records = scan_kermany(KERMANY224)
     train = [r for r in records if r.folder == "train"]
-    counts = {label: sum(r.label == label for r in train) for label in ("normal", "bacterial", "viral")}
+    counts = {label: sum(r.label == label for r in train)
+              for label in ("normal", "bacterial", "viral")}
     assert counts == {"normal": 1341, "bacterial": 2530, "viral": 1345}
     test = [r for r in records if r.folder == "test"]
     assert len(test) == 322
@@ -54,7 +56,8 @@ def test_real_data_labels_match_the_data_readme():
 @needs_real_data
 @pytest.mark.parametrize("mode", ["official", "random"])
 def test_no_patient_in_two_splits_on_real_data(mode, tmp_path):
-    records = split_records(scan_kermany(KERMANY224), mode, val_fraction=0.15, test_fraction=0.2, seed=0)
+    records = split_records(scan_kermany(KERMANY224), mode, val_fraction=0.15, test_fraction=0.2,
+                            seed=0)
     # The official test folder is kept as published, although 87 of its patient ids also
     # occur in the train folder; our own cuts (val, and random's test) never split a patient.
     checked = [r for r in records if mode == "random" or r.split != "test"]

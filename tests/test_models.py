@@ -1,7 +1,4 @@
 import itertools
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,8 +8,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 from pneumonia.models import StageClassifier, build_network
-from pneumonia.models.weights import PretrainedWeightsError
-from tests.conftest import MODELS, REPO, compose_train
+from tests.conftest import MODELS, compose_train
 
 
 def _options(cfg) -> dict:
@@ -22,10 +18,12 @@ def _options(cfg) -> dict:
 
 
 def test_every_model_stage_adapter_head_composes(tmp_path):
-    combos = list(itertools.product(MODELS, ["binary", "subtype"], ["conv", "none"], ["linear", "deep_mlp"]))
+    combos = list(itertools.product(MODELS, ["binary", "subtype"], ["conv", "none"],
+                                    ["linear", "deep_mlp"]))
     for model, stage, adapter, head in combos:
-        cfg = compose_train(tmp_path, [f"model={model}", f"stage={stage}", f"model.adapter={adapter}",
-                                       f"model.head={head}", "data.root=/data"])
+        cfg = compose_train(tmp_path, [f"model={model}", f"stage={stage}",
+                                       f"model.adapter={adapter}", f"model.head={head}",
+                                       "data.root=/data"])
         assert cfg.model.name == model and cfg.stage.name == stage
         assert timm.is_model(cfg.model.backbone)
         OmegaConf.to_container(cfg.model, resolve=True)
@@ -58,7 +56,8 @@ def test_frozen_features_train_only_the_classifier_and_the_adapter():
 
 
 def test_frozen_batchnorm_keeps_its_statistics_in_train_mode():
-    net = build_network("resnet18", adapter="none", head="deep_mlp", freeze="features", input_size=64)
+    net = build_network("resnet18", adapter="none", head="deep_mlp", freeze="features",
+                        input_size=64)
     assert not any(n.startswith("backbone.") for n in _trainable(net))
     assert any(n.startswith("head.") for n in _trainable(net))
     before = {k: v.clone() for k, v in net.backbone.state_dict().items()}
@@ -86,8 +85,10 @@ def test_local_weights_file_is_loaded_and_folded_to_one_channel(tmp_path):
     save_file(reference.state_dict(), str(weights))
     net = build_network("resnet18", pretrained=str(weights), adapter="none", head="linear")
     # in_chans=1: timm sums the RGB filters of the first convolution
-    torch.testing.assert_close(net.backbone.conv1.weight, reference.conv1.weight.sum(dim=1, keepdim=True))
-    torch.testing.assert_close(net.backbone.layer4[1].conv2.weight, reference.layer4[1].conv2.weight)
+    torch.testing.assert_close(net.backbone.conv1.weight,
+                               reference.conv1.weight.sum(dim=1, keepdim=True))
+    torch.testing.assert_close(net.backbone.layer4[1].conv2.weight,
+                               reference.layer4[1].conv2.weight)
     assert net.backbone.fc.out_features == 2  # the 1000-class layer was dropped
     with_adapter = build_network("resnet18", pretrained=str(weights), adapter="conv", head="linear")
     torch.testing.assert_close(with_adapter.backbone.conv1.weight, reference.conv1.weight)
@@ -136,7 +137,8 @@ def _saved_module(tmp_path) -> Path:
     module = StageClassifier(
         model=dict(name="r18", backbone="resnet18", input_size=64), classes=["normal", "pneumonia"],
         stage="binary", preprocessing=dict(image_size=64, mean=0.45, std=0.22, crop=None),
-        optimizer={"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-3}, pretrained=False)
+        optimizer={"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-3},
+        pretrained=False)
     trainer = L.Trainer(logger=False, enable_checkpointing=False, max_epochs=0)
     trainer.strategy.connect(module)
     trainer.save_checkpoint(tmp_path / "m.ckpt")
@@ -149,8 +151,9 @@ def _saved_module(tmp_path) -> Path:
     ("preprocessing", "equalize", False, True),
     (None, "mixup", 0.0, 0.4),
 ])
-def test_checkpoints_with_retired_options_load_when_off_and_are_refused_when_on(tmp_path, group, key,
-                                                                                 neutral, other):
+def test_checkpoints_with_retired_options_load_when_off_and_are_refused_when_on(tmp_path, group,
+                                                                                 key, neutral,
+                                                                                 other):
     path = _saved_module(tmp_path)
     saved = torch.load(path, weights_only=True)
 
@@ -182,7 +185,8 @@ def test_checkpoints_that_recorded_the_augmentation_and_seed_still_load(tmp_path
 
 @pytest.mark.parametrize("backbone", ["resnet18", "vgg16"])
 def test_frozen_features_run_without_a_graph_when_nothing_before_them_trains(backbone):
-    net = build_network(backbone, adapter="none", head="linear", freeze="features", input_size=64).train()
+    net = build_network(backbone, adapter="none", head="linear", freeze="features",
+                        input_size=64).train()
     x = torch.randn(2, 1, 64, 64, requires_grad=True)
     features = net.features(x)
     assert not features.requires_grad  # no graph through the frozen backbone

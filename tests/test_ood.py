@@ -26,7 +26,8 @@ from tests.test_serving import _b64, _images
 
 def test_the_gate_flags_its_fraction_of_validation_and_what_lies_elsewhere():
     generator = torch.Generator().manual_seed(0)
-    mixing = {"early": torch.randn(8, 8, generator=generator), "late": torch.randn(16, 16, generator=generator)}
+    mixing = {"early": torch.randn(8, 8, generator=generator),
+              "late": torch.randn(16, 16, generator=generator)}
 
     def draw(n, shift=None):  # two stages' descriptions of n images; `shift` moves one stage
         return {k: torch.randn(n, len(m), generator=generator) @ m + (4.0 if k == shift else 0.0)
@@ -62,13 +63,15 @@ def test_a_stage_is_described_by_its_channels_mean_and_spread():
     maps = torch.zeros(2, 3, 4, 4)
     maps[0, 1] = 5.0  # a flat channel: mean 5, no spread
     maps[1, 2, :2] = 2.0  # half the map 2, half 0: mean 1, standard deviation 1
-    torch.testing.assert_close(describe(maps), torch.tensor([[0, 5, 0, 0, 0, 0], [0, 0, 1, 0, 0, 1.0]]))
+    torch.testing.assert_close(describe(maps),
+                               torch.tensor([[0, 5, 0, 0, 0, 0], [0, 0, 1, 0, 0, 1.0]]))
     wide = torch.randn(2, MAX_DIMS // 2 + 1, 2, 2)
     torch.testing.assert_close(describe(wide), wide.mean((2, 3)))  # too wide for the spread too
 
 
 def _largest_scaled(module, records) -> np.ndarray:
-    """The gate's largest per-stage scaled distance of each image (its score before the threshold)."""
+    """The gate's largest per-stage scaled distance of each image (its score before the
+    threshold)."""
     data = ScoredImages(records, "binary", Preprocessing(**module.hparams.preprocessing))
     return module.ood.stage_scores(stage_descriptions(module.net, data)).amax(0).numpy()
 
@@ -77,17 +80,18 @@ def _largest_scaled(module, records) -> np.ndarray:
 def test_the_gate_is_fitted_on_validation_and_travels_in_the_checkpoint(trained):
     _, runs = trained
     saved = read_checkpoint(runs["binary"]["best_checkpoint"])
-    assert "ood" not in read_checkpoint(runs["subtype"]["best_checkpoint"])  # stage 1 guards the input
+    # stage 1 guards the input
+    assert "ood" not in read_checkpoint(runs["subtype"]["best_checkpoint"])
     module = load_stage(runs["binary"]["best_checkpoint"], "binary")
     assert module.ood.fraction == 0.01 and module.ood.threshold == saved["ood"]["threshold"]
     records = recorded_split(module.hparams.data)
     split = {s: [r for r in records if r.split == s] for s in ("train", "val", "test")}
     assert module.ood.images == {"train": len(split["train"]), "val": len(split["val"])}
     # the threshold is the validation images' 99th percentile, not the test images'
-    assert module.ood.threshold == pytest.approx(np.quantile(_largest_scaled(module, split["val"]), 0.99),
-                                                 rel=1e-4)
-    assert module.ood.threshold != pytest.approx(np.quantile(_largest_scaled(module, split["test"]), 0.99),
-                                                 rel=1e-2)
+    assert module.ood.threshold == pytest.approx(
+        np.quantile(_largest_scaled(module, split["val"]), 0.99), rel=1e-4)
+    assert module.ood.threshold != pytest.approx(
+        np.quantile(_largest_scaled(module, split["test"]), 0.99), rel=1e-2)
     assert module.ood.stages == [info["module"] for info in module.net.backbone.feature_info]
 
 
@@ -105,12 +109,13 @@ def test_flagged_images_get_no_diagnosis_unless_accepted(trained, synthetic_root
     flag_all = {**runs, "binary": {"best_checkpoint": _with_threshold(
         runs["binary"]["best_checkpoint"], tmp_path / "strict.ckpt", 1e-12)}}
     folder = synthetic_root / "test" / "NORMAL"
-    result = explain(_explain_cfg(work, folder, tmp_path / "a", flag_all, log_to_mlflow=False, limit=2))
+    result = explain(_explain_cfg(work, folder, tmp_path / "a", flag_all, log_to_mlflow=False,
+                                  limit=2))
     assert [r["status"] for r in result["rows"]] == ["out of distribution"] * 2
     assert (result["failed"], result["withheld"]) == (0, 2)  # a decision, not a failure: exit 0
     assert all(float(r["ood_score"]) > 1 and "p_normal" not in r for r in result["rows"])
-    accepted = explain(_explain_cfg(work, folder, tmp_path / "b", flag_all, log_to_mlflow=False, limit=2,
-                                    accept_ood=True))
+    accepted = explain(_explain_cfg(work, folder, tmp_path / "b", flag_all, log_to_mlflow=False,
+                                    limit=2, accept_ood=True))
     assert [r["status"] for r in accepted["rows"]] == ["ok"] * 2
     assert "accept_ood=true" in (tmp_path / "b" / "index.html").read_text()
     with (tmp_path / "b" / "summary.csv").open() as f:
@@ -135,7 +140,8 @@ def test_evaluation_reports_what_the_gate_would_withhold(trained, tmp_path):
     binary = _with_threshold(runs["binary"]["best_checkpoint"], tmp_path / "half.ckpt",
                              float(raw[half - 1] + raw[half]) / 2)
     result = evaluate(_evaluate_cfg(work, tmp_path / "eval", binary=binary,
-                                    subtype=runs["subtype"]["best_checkpoint"], log_to_mlflow=False))
+                                    subtype=runs["subtype"]["best_checkpoint"],
+                                    log_to_mlflow=False))
     ood = result["metrics"]["ood"]
     assert ood["flagged"] == len(ood["flagged_images"]) == len(test) - half
     assert all(image["score"] > 1 for image in ood["flagged_images"])
@@ -144,5 +150,6 @@ def test_evaluation_reports_what_the_gate_would_withhold(trained, tmp_path):
     assert result["metrics"]["binary"]["images"] == len(test)  # the main figures keep every image
     report = (tmp_path / "eval" / "report.md").read_text()
     assert f"would withhold **{ood['flagged']} of these images**" in report
-    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["ood"]["flagged"] == ood["flagged"]
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["ood"]["flagged"] \
+        == ood["flagged"]
 

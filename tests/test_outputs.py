@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pneumonia.outputs import OutputError, check_overlap, claim_output, release
+from pneumonia.errors import OutputError
+from pneumonia.outputs import check_overlap, claim_output, release
 from tests.conftest import REPO, tree_hashes
 
 
@@ -31,7 +32,8 @@ def test_any_overlap_with_an_input_is_refused_before_anything_is_written(tmp_pat
     data = _xrays(tmp_path / "data" / "reports")
     before = tree_hashes(tmp_path / "data")
     output = {"same": data, "output inside input": data / "out",
-              "input inside output": tmp_path / "data", "through a symlink": tmp_path / "link" / "x"}
+              "input inside output": tmp_path / "data",
+              "through a symlink": tmp_path / "link" / "x"}
     (tmp_path / "link").symlink_to(data)
     with pytest.raises(OutputError, match="overlaps the input"):
         claim_output(output[relation], [data], results=["summary.csv"], overwrite=True)
@@ -42,7 +44,8 @@ def test_existing_results_are_kept_unless_overwrite_is_asked(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "summary.csv").write_text("earlier")
-    with pytest.raises(OutputError, match="already holds results .summary.csv.*nothing was overwritten"):
+    with pytest.raises(OutputError,
+                       match="already holds results .summary.csv.*nothing was overwritten"):
         claim_output(out, results=["summary.csv", "reports"])
     assert (out / "summary.csv").read_text() == "earlier"
     assert claim_output(out, results=["summary.csv"], overwrite=True) == out.resolve()
@@ -130,6 +133,7 @@ def test_a_refused_training_run_keeps_the_earlier_runs_record(synthetic_root, tm
     (run / ".hydra" / "config.yaml").write_text("how the earlier run was made\n")
     before = tree_hashes(run)
     done = _run("train.py", "experiment=demo", "data.synthetic=null", f"data.root={synthetic_root}",
-                "logger=none", f"paths.cache_dir={tmp_path}/cache", f"hydra.run.dir={run}", cwd=tmp_path)
+                "logger=none", f"paths.cache_dir={tmp_path}/cache", f"hydra.run.dir={run}",
+                cwd=tmp_path)
     assert done.returncode == 2 and "already holds results (checkpoints)" in done.stdout
     assert tree_hashes(run) == before

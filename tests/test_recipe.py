@@ -24,7 +24,8 @@ class _Stage(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten(), torch.nn.LazyLinear(2))
+        self.net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten(),
+                                       torch.nn.LazyLinear(2))
 
     def forward(self, x):
         return self.net(x)
@@ -105,7 +106,8 @@ def test_evaluation_of_ensembles_with_tta_is_recorded_and_reloads(trained, tmp_p
                         subtype=runs["subtype"]["run_id"], tta=True, log_to_mlflow=True)
     result = evaluate(cfg)
     metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
-    assert metrics["tta"] is True and metrics["checkpoints"]["binary"] == _checkpoints(runs, "binary")
+    assert metrics["tta"] is True \
+        and metrics["checkpoints"]["binary"] == _checkpoints(runs, "binary")
     pipeline = TwoStagePipeline.load(tmp_path / "report" / "pipeline.json")
     assert pipeline.tta is True and isinstance(pipeline.stages["binary"], StageEnsemble)
     from mlflow.tracking import MlflowClient
@@ -118,7 +120,8 @@ def test_evaluation_of_ensembles_with_tta_is_recorded_and_reloads(trained, tmp_p
 def _job(folder: Path, job: int, stage: str, checkpoint: str, status: str = "COMPLETED") -> None:
     (folder / f"{job}_{stage}").mkdir(parents=True)
     (folder / f"{job}_{stage}" / "job_result.json").write_text(json.dumps(
-        {"job": job, "status": status, "stage": stage, "best_checkpoint": checkpoint, "run_id": None}))
+        {"job": job, "status": status, "stage": stage, "best_checkpoint": checkpoint,
+         "run_id": None}))
 
 
 def test_sweep_checkpoints_group_by_stage_and_refuse_failed_jobs(tmp_path):
@@ -145,10 +148,12 @@ def test_evaluate_a_sweep_averages_each_stages_jobs(trained, tmp_path):
     for job, (stage, ckpt) in enumerate([("binary", binary[0]), ("binary", binary[1]),
                                          ("subtype", runs["subtype"]["best_checkpoint"])]):
         _job(tmp_path / "sweep", job, stage, ckpt)
-    cfg = _evaluate_cfg(work, tmp_path / "report", sweep=str(tmp_path / "sweep"), log_to_mlflow=False)
+    cfg = _evaluate_cfg(work, tmp_path / "report", sweep=str(tmp_path / "sweep"),
+                        log_to_mlflow=False)
     evaluate(cfg)
     metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
-    assert metrics["checkpoints"] == {"binary": binary, "subtype": runs["subtype"]["best_checkpoint"]}
+    assert metrics["checkpoints"] == {"binary": binary,
+                                      "subtype": runs["subtype"]["best_checkpoint"]}
     cfg = _evaluate_cfg(work, tmp_path / "other", sweep=str(tmp_path / "sweep"), binary=binary[0])
     with pytest.raises(ValueError, match="not both"):
         evaluate(cfg)

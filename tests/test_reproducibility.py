@@ -14,7 +14,8 @@ from tests.conftest import REPO, compose_train
 
 
 def _git(repo: Path, *args: str) -> str:
-    return subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+    return subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t",
+                           *args],
                           capture_output=True, text=True, check=True).stdout.strip()
 
 
@@ -35,10 +36,10 @@ def test_git_state_commit_dirty_and_unknown(tmp_path):
 
 
 def _run(synthetic_root: Path, tmp_path: Path, name: str, seed: int) -> tuple[dict, dict]:
-    cfg = compose_train(tmp_path, ["experiment=demo", f"data.root={synthetic_root}", "data.synthetic=null",
-                                   "debug=short", "model.input_size=64", "data.batch_size=4",
-                                   "trainer.deterministic=true", "callbacks.early_stopping=null",
-                                   f"seed={seed}"])
+    cfg = compose_train(tmp_path, ["experiment=demo", f"data.root={synthetic_root}",
+                                   "data.synthetic=null", "debug=short", "model.input_size=64",
+                                   "data.batch_size=4", "trainer.deterministic=true",
+                                   "callbacks.early_stopping=null", f"seed={seed}"])
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path / name)
     result = train(cfg)

@@ -10,7 +10,8 @@ def test_every_ablation_variant_is_a_valid_training_config(tmp_path):
     from tests.conftest import compose_train
 
     for name, overrides in VARIANTS.items():
-        cfg = compose_train(tmp_path, ["experiment=scratch_cpu", "data.root=/data", *BASE, *overrides])
+        cfg = compose_train(tmp_path, ["experiment=scratch_cpu", "data.root=/data", *BASE,
+                                       *overrides])
         validate(cfg)
         assert cfg.model.pretrained is False, name
         if name.startswith("densenet121"):

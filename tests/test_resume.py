@@ -14,8 +14,8 @@ from mlflow.tracking import MlflowClient
 from tests.conftest import REPO
 
 ARGS = ["model=resnet18", "model.pretrained=false", "model.input_size=96", "data.num_workers=0",
-        "data.batch_size=8", "data.synthetic=null", "trainer.max_epochs=3", "trainer.deterministic=true",
-        "callbacks.early_stopping=null", "seed=3"]
+        "data.batch_size=8", "data.synthetic=null", "trainer.max_epochs=3",
+        "trainer.deterministic=true", "callbacks.early_stopping=null", "seed=3"]
 
 
 def _command(root: Path, work: Path, *extra: str) -> list[str]:
@@ -33,7 +33,8 @@ def _final_metrics(work: Path) -> tuple[str, dict, list]:
     assert len(runs) == 1, "a resumed run must continue its MLflow run, not start another"
     run = runs[0]
     history = [m.value for m in client.get_metric_history(run.info.run_id, "val/loss")]
-    return run.info.status, {k: v for k, v in run.data.metrics.items() if k.startswith("best/")}, history
+    return (run.info.status, {k: v for k, v in run.data.metrics.items() if k.startswith("best/")},
+            history)
 
 
 @pytest.mark.slow
@@ -69,7 +70,7 @@ def test_killed_run_resumes_to_the_same_result(synthetic_root, tmp_path):
 
 
 def test_resume_without_a_checkpoint_is_named(tmp_path):
-    from pneumonia.checkpoints import CheckpointError
+    from pneumonia.errors import CheckpointError
     from pneumonia.train import resolve_resume
 
     with pytest.raises(CheckpointError, match="resume=.*no last.ckpt in .*checkpoints"):

@@ -79,7 +79,8 @@ def _expected(pipeline: TwoStagePipeline, paths: list[Path]) -> np.ndarray:
 
 
 @pytest.mark.slow
-def test_logged_model_predicts_as_the_pipeline_and_survives_a_move(logged, synthetic_root, tmp_path):
+def test_logged_model_predicts_as_the_pipeline_and_survives_a_move(logged, synthetic_root,
+                                                                   tmp_path):
     work, uri, pipeline, info = logged
     paths = _images(synthetic_root)
     request = pd.DataFrame({"image": [_b64(p) for p in paths]})
@@ -157,11 +158,13 @@ def test_evaluation_logs_registers_and_reevaluates_the_model(trained, tmp_path):
     model = client.get_logged_model(model_id)
     assert model.source_run_id == result["run_id"]
     linked = {m.key: m.value for m in model.metrics}
-    assert linked["pipeline/accuracy"] == pytest.approx(result["metrics"]["pipeline"]["metrics"]["accuracy"])
+    assert linked["pipeline/accuracy"] == pytest.approx(
+        result["metrics"]["pipeline"]["metrics"]["accuracy"])
     version = client.get_model_version_by_alias("pneumonia-eval", "champion")
     assert version.source == result["model_uri"] and str(version.version) == result["model_version"]
     # the registered model evaluates to the same figures, with its own calibration
-    again = evaluate(_evaluate_cfg(work, tmp_path / "again", model_uri="models:/pneumonia-eval@champion",
+    again = evaluate(_evaluate_cfg(work, tmp_path / "again",
+                                   model_uri="models:/pneumonia-eval@champion",
                                    log_to_mlflow=False))
     assert again["metrics"]["pipeline"]["metrics"] == result["metrics"]["pipeline"]["metrics"]
     assert again["metrics"]["calibration"] == result["metrics"]["calibration"]
@@ -184,35 +187,42 @@ def test_mlflow_models_serve_answers_per_image_and_survives_a_bad_request(logged
     good = _images(synthetic_root, 2)
     text = tmp_path / "notes.jpeg"
     text.write_text("this is a text file, not an X-ray")
-    dicom = _save(_dataset(read_grayscale(good[1]), BodyPartExamined="CHEST"), tmp_path / "chest.dcm")
+    dicom = _save(_dataset(read_grayscale(good[1]), BodyPartExamined="CHEST"),
+                  tmp_path / "chest.dcm")
     # a chest DICOM by its tags whose pixels (a smooth gradient) are unlike the training X-rays
     unlike = _save(_dataset(_xray(), BodyPartExamined="CHEST"), tmp_path / "gradient.dcm")
     in_process = predict_images(pipeline, [_b64(dicom)]).iloc[0]
     port, log = servers.free_port(), tmp_path / "serve.log"
-    process = servers.start([servers.MLFLOW, "models", "serve", "-m", "models:/pneumonia-serve@champion",
-                             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
+    process = servers.start([servers.MLFLOW, "models", "serve", "-m",
+                             "models:/pneumonia-serve@champion", "--env-manager", "local",
+                             "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
                             log, {"MLFLOW_TRACKING_URI": uri})
     try:
         servers.wait_ready(process, f"http://127.0.0.1:{port}/ping", log)
         url = f"http://127.0.0.1:{port}/invocations"
-        body = json.dumps({"dataframe_records": [{"image": _b64(p)} for p in (good[0], text, dicom, unlike)]})
+        body = json.dumps({"dataframe_records": [{"image": _b64(p)}
+                                                 for p in (good[0], text, dicom, unlike)]})
         status, answer = _post(url, body.encode())
         assert status == 200, answer
         rows = answer["predictions"]
-        assert rows[0]["error"] == "" and rows[0]["decision"] in CLASSES and rows[0]["ood_score"] <= 1
+        assert rows[0]["error"] == "" and rows[0]["decision"] in CLASSES \
+            and rows[0]["ood_score"] <= 1
         assert "not a JPEG, PNG or DICOM" in rows[1]["error"] and rows[1]["decision"] == ""
         # the DICOM is answered as the pipeline answers it in process (diagnosed or withheld)
-        assert (rows[2]["error"], rows[2]["decision"]) == (in_process["error"], in_process["decision"])
+        assert (rows[2]["error"], rows[2]["decision"]) == (in_process["error"],
+                                                           in_process["decision"])
         assert rows[2]["ood_score"] == pytest.approx(in_process["ood_score"], rel=1e-5)
         assert rows[3]["error"].startswith("out of distribution") and rows[3]["decision"] == ""
         assert rows[3]["ood_score"] > 1
         np.testing.assert_allclose([rows[0][c] for c in ("p_normal", "p_bacterial", "p_viral")],
                                    _expected(pipeline, good[:1])[0], atol=1e-6)
         assert rows[0]["threshold_binary"] == 0.42 and rows[0]["threshold_subtype"] == 0.55
-        for malformed in (b"{not json", json.dumps({"dataframe_records": [{"picture": "x"}]}).encode()):
+        for malformed in (b"{not json",
+                          json.dumps({"dataframe_records": [{"picture": "x"}]}).encode()):
             status, answer = _post(url, malformed)
             assert 400 <= status < 500 and answer.get("message"), (status, answer)
-        status, again = _post(url, json.dumps({"dataframe_records": [{"image": _b64(good[1])}]}).encode())
+        status, again = _post(url, json.dumps(
+            {"dataframe_records": [{"image": _b64(good[1])}]}).encode())
         assert status == 200 and again["predictions"][0]["error"] == ""
     finally:
         assert servers.stop(process) == []

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from pneumonia.data.kermany import DataError
+from pneumonia.errors import DataError
 from pneumonia.evaluate import evaluate
 from pneumonia.metrics import youden_threshold
 from pneumonia.pipeline import (
@@ -43,7 +43,8 @@ def test_adapt_batchnorm_takes_the_statistics_of_the_given_images_and_changes_no
     hook.remove()
     x = torch.cat(inputs)
     torch.testing.assert_close(bn.running_mean, x.mean((0, 2, 3)), atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(bn.running_var, x.var((0, 2, 3), unbiased=True), atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(bn.running_var, x.var((0, 2, 3), unbiased=True), atol=1e-4,
+                               rtol=1e-3)
     assert not adapted.training and not bn.training
     # weights unchanged, and the original module untouched
     for key, value in adapted.state_dict().items():
@@ -105,25 +106,30 @@ def test_site_calibration_fits_the_thresholds_on_the_site_folder_only(trained, t
         site = labelled_images(folder)
         y = np.array([r.label != "normal" for r in site], dtype=int)
         cal = results[flip]["metrics"]["calibration"]
-        p = softmax_positive(stage_outputs(pipeline.stages["binary"], site)[0], cal["temperature"]["binary"])
+        p = softmax_positive(stage_outputs(pipeline.stages["binary"], site)[0],
+                             cal["temperature"]["binary"])
         assert cal["thresholds"]["binary"]["youden"] == pytest.approx(youden_threshold(y, p))
-        assert cal["validation_images"]["binary"] == len(site) and cal["source"].startswith("site folder")
+        assert cal["validation_images"]["binary"] == len(site) \
+            and cal["source"].startswith("site folder")
         assert "site folder" in (tmp_path / f"eval-{flip}" / "report.md").read_text()
     # flipped labels move the threshold, and the decisions with it
-    thresholds = [results[f]["metrics"]["calibration"]["thresholds"]["binary"]["youden"] for f in (False, True)]
+    thresholds = [results[f]["metrics"]["calibration"]["thresholds"]["binary"]["youden"]
+                  for f in (False, True)]
     assert thresholds[0] != pytest.approx(thresholds[1])
-    decisions = [np.array(results[f]["metrics"]["pipeline"]["confusion"]).sum(0) for f in (False, True)]
+    decisions = [np.array(results[f]["metrics"]["pipeline"]["confusion"]).sum(0)
+                 for f in (False, True)]
     assert decisions[0].tolist() != decisions[1].tolist()
 
 
 @pytest.mark.slow
 def test_fitting_and_scoring_images_must_differ_unless_transductive(trained, tmp_path):
     work, refs, test = _stages_and_split(trained, "test")
-    folder = _site_folder(test[:3] + test[-3:], tmp_path / "site")  # copies: other paths, same bytes
+    # copies: other paths, same bytes
+    folder = _site_folder(test[:3] + test[-3:], tmp_path / "site")
     for option in ("calibration", "adapt"):
         with pytest.raises(DataError, match="are also scored"):
-            evaluate(_evaluate_cfg(work, tmp_path / f"refused-{option}", **refs, **{option: str(folder)},
-                                   log_to_mlflow=False))
+            evaluate(_evaluate_cfg(work, tmp_path / f"refused-{option}", **refs,
+                                   **{option: str(folder)}, log_to_mlflow=False))
     result = evaluate(_evaluate_cfg(work, tmp_path / "transductive", **refs, adapt=str(folder),
                                     transductive=True, log_to_mlflow=False))
     site = result["metrics"]["site"]
@@ -138,5 +144,5 @@ def test_fitting_and_scoring_images_must_differ_unless_transductive(trained, tmp
     original = load_stage(refs["binary"], "binary")
     key = next(k for k in original.state_dict() if k.endswith("running_mean"))
     assert not torch.equal(adapted.state_dict()[key], original.state_dict()[key])
-    assert saved["calibration"]["prior_shift"] == {"binary": site["adaptation"]["priors"]["binary"]["logit_shift"],
-                                                   "subtype": 0.0}
+    assert saved["calibration"]["prior_shift"] == {
+        "binary": site["adaptation"]["priors"]["binary"]["logit_shift"], "subtype": 0.0}

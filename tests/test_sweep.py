@@ -11,7 +11,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from pneumonia.tracking import TrackingServerError
+from pneumonia.errors import TrackingError
 from pneumonia.train import train
 from tests.conftest import REPO, compose_train
 
@@ -37,7 +37,8 @@ def test_multirun_over_two_backbones_gives_one_tagged_run_each(synthetic_root, t
                        f"paths.cache_dir={tmp_path}/cache", *QUICK], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     client, runs = _runs(f"sqlite:///{tmp_path}/mlflow.db", "binary")
-    assert sorted(r.info.run_name for r in runs) == ["binary/efficientnet_b0/seed=0", "binary/resnet18/seed=0"]
+    assert sorted(r.info.run_name for r in runs) == ["binary/efficientnet_b0/seed=0",
+                                                     "binary/resnet18/seed=0"]
     assert all(r.info.status == "FINISHED" for r in runs)
     assert len({r.data.tags["sweep_id"] for r in runs}) == 1
     for run in runs:
@@ -52,7 +53,8 @@ def test_multirun_over_two_backbones_gives_one_tagged_run_each(synthetic_root, t
 @pytest.mark.slow
 def test_a_failed_sweep_job_is_reported_and_the_others_finish(synthetic_root, tmp_path):
     proc = _train_cli(["-m", "model=resnet18", "model.backbone=notanet,resnet18",
-                       f"data.root={synthetic_root}", f"paths.cache_dir={tmp_path}/cache", *QUICK], tmp_path)
+                       f"data.root={synthetic_root}", f"paths.cache_dir={tmp_path}/cache", *QUICK],
+                      tmp_path)
     assert proc.returncode == 1
     summary = next(tmp_path.glob("multirun/*/sweep_summary.csv")).read_text().splitlines()
     assert any("FAILED" in line and "notanet" in line for line in summary)
@@ -80,7 +82,8 @@ def test_ddp_inside_a_multirun(synthetic_root, tmp_path):
                        "trainer.devices=2"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     _, runs = _runs(f"sqlite:///{tmp_path}/mlflow.db", "binary")
-    assert sorted(r.info.run_name for r in runs) == ["binary/resnet18/seed=0", "binary/resnet18/seed=1"]
+    assert sorted(r.info.run_name for r in runs) == ["binary/resnet18/seed=0",
+                                                     "binary/resnet18/seed=1"]
     assert len(list(tmp_path.glob("multirun/*/*/job_result.json"))) == 2  # no sweep re-run by ranks
 
 
@@ -93,7 +96,8 @@ def test_submitit_local_launcher(synthetic_root, tmp_path):
                        f"paths.cache_dir={tmp_path}/cache", *QUICK], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     _, runs = _runs(f"sqlite:///{tmp_path}/mlflow.db", "binary")
-    assert sorted(r.info.run_name for r in runs) == ["binary/resnet18/seed=0", "binary/resnet18/seed=1"]
+    assert sorted(r.info.run_name for r in runs) == ["binary/resnet18/seed=0",
+                                                     "binary/resnet18/seed=1"]
 
 
 def _free_port() -> int:
@@ -107,12 +111,13 @@ def test_unreachable_tracking_server_fails_fast_or_falls_back(synthetic_root, tm
     cfg = compose_train(tmp_path, ["model=resnet18", f"data.root={synthetic_root}", *QUICK,
                                    f"logger.tracking_uri={uri}"])
     start = time.perf_counter()
-    with pytest.raises(TrackingServerError, match="not reachable.*mlflow_fallback_to_local=true"):
+    with pytest.raises(TrackingError, match="not reachable.*mlflow_fallback_to_local=true"):
         train(cfg)
     assert time.perf_counter() - start < 30
     assert not (tmp_path / "run" / "checkpoints").exists()  # failed before training
     fallback = compose_train(tmp_path, ["model=resnet18", f"data.root={synthetic_root}", *QUICK,
-                                        f"logger.tracking_uri={uri}", "mlflow_fallback_to_local=true"])
+                                        f"logger.tracking_uri={uri}",
+                                        "mlflow_fallback_to_local=true"])
     result = train(fallback)
     assert result["tracking_uri"] == fallback.paths.tracking_uri
     _, runs = _runs(fallback.paths.tracking_uri, "binary")
@@ -123,7 +128,8 @@ def test_unreachable_tracking_server_fails_fast_or_falls_back(synthetic_root, tm
 def test_training_against_a_real_mlflow_server(synthetic_root, tmp_path):
     port = _free_port()
     server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port",
+         str(port),
          "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
          "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -145,7 +151,8 @@ def test_training_against_a_real_mlflow_server(synthetic_root, tmp_path):
         assert run.info.status == "FINISHED"
         assert run.data.params["model/backbone"] == "resnet18"
         assert "best/auroc" in run.data.metrics
-        assert {"split_manifest.csv", "config.yaml", "checkpoints"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"split_manifest.csv", "config.yaml", "checkpoints"} \
+            <= {a.path for a in client.list_artifacts(run.info.run_id)}
         assert any((tmp_path / "server-artifacts").rglob("*.ckpt"))  # stored by the server
     finally:
         os.killpg(server.pid, 15)
@@ -163,7 +170,7 @@ def test_compose_file_and_dockerfile_match_the_readme_and_pyproject():
     assert trainer["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
     assert trainer["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
     dockerfile = (REPO / "docker" / "Dockerfile").read_text()
-    assert "USER trainer" in dockerfile and "pip install --no-cache-dir ." in dockerfile
+    assert "USER trainer" in dockerfile and "pip install --no-cache-dir \".[weights]\"" in dockerfile
     assert "python3.11" in dockerfile
     # the MLflow server image is a version pyproject accepts for the client
     import tomllib

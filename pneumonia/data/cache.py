@@ -27,7 +27,8 @@ from tqdm import tqdm
 
 from pneumonia.data.kermany import Record, unreadable_error
 from pneumonia.data.transforms import Preprocessing, ProportionalCrop
-from pneumonia.io import ImageReadError, read_grayscale
+from pneumonia.errors import ImageReadError
+from pneumonia.io import read_grayscale
 
 log = logging.getLogger(__name__)
 VERSION = 1

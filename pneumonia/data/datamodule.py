@@ -21,6 +21,7 @@ from pneumonia.data.kermany import (
     write_skipped,
 )
 from pneumonia.data.transforms import Augmentation, Preprocessing
+from pneumonia.errors import ConfigError
 from pneumonia.io import read_grayscale
 from pneumonia.stages import STAGE_CLASSES, stage_target, stage_targets
 
@@ -161,12 +162,12 @@ class KermanyDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         if cache and not cache_dir:
-            raise ValueError("data.cache=true needs data.cache_dir")
+            raise ConfigError("data.cache=true needs data.cache_dir")
         if feature_cache and not cache:
-            raise ValueError("data.feature_cache=true needs data.cache=true")
+            raise ConfigError("data.feature_cache=true needs data.cache=true")
         if feature_cache and augment:
-            raise ValueError("data.feature_cache=true needs data.augment=null: features are "
-                             "computed once per image, so no training image may change")
+            raise ConfigError("data.feature_cache=true needs data.augment=null: features are "
+                              "computed once per image, so no training image may change")
         self.cache_dir = Path(cache_dir).expanduser() if cache else None
         self.feature_cache, self.extract_features = feature_cache, None
         self.cache_workers, self.pin_memory = cache_workers, pin_memory

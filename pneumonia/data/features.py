@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from pneumonia.data.cache import cached_array
 from pneumonia.data.transforms import normalize
+from pneumonia.errors import ConfigError
 
 if TYPE_CHECKING:  # for type hints only: the data side runs without the models package
     from pneumonia.models.network import PneumoniaNet
@@ -66,8 +67,8 @@ def feature_key(image_key: str, backbone: str, weights: str) -> str:
 
 def check_cacheable(net: PneumoniaNet) -> None:
     if not net.frozen_features or any(p.requires_grad for p in net.adapter.parameters()):
-        raise ValueError("the feature cache needs frozen features and no trainable adapter "
-                         "(model.freeze=features, model.adapter=none)")
+        raise ConfigError("the feature cache needs frozen features and no trainable adapter "
+                          "(model.freeze=features, model.adapter=none)")
 
 
 @torch.inference_mode()

@@ -9,7 +9,8 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from pneumonia.io import ImageReadError, image_size, is_image_file, read_grayscale
+from pneumonia.errors import DataError, ImageReadError
+from pneumonia.io import image_size, is_image_file, read_grayscale
 from pneumonia.report import read_csv, write_csv
 
 LABELS = ("normal", "bacterial", "viral")
@@ -21,10 +22,6 @@ log = logging.getLogger(__name__)
 _PNEUMONIA_NAME = re.compile(r"^(person\d+)_(bacteria|virus)_", re.IGNORECASE)
 # IM-0115-0001.jpeg, NORMAL2-IM-1427-0001.jpeg, IM-0429-0001-0002.jpeg
 _NORMAL_NAME = re.compile(r"^((?:NORMAL2-)?IM-\d+)-", re.IGNORECASE)
-
-
-class DataError(ValueError):
-    """The data folder does not hold what the run needs."""
 
 
 def unreadable_error(root: Path, errors: list[ImageReadError], what: str = "unreadable") -> DataError:

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from pneumonia.errors import OutputError
+
 _MARKER = ".synthetic.json"
 _COUNTS = {"train": 1.0, "val": 0.1, "test": 0.3}
 
@@ -78,7 +80,7 @@ def make_synthetic_dataset(
     if root.exists():
         if marker.is_file() and json.loads(marker.read_text()) == settings:
             return root
-        raise FileExistsError(
+        raise OutputError(
             f"{root} exists but is not a synthetic data set made with {settings}; "
             "choose another data.root (nothing was written there)"
         )

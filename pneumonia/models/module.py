@@ -19,6 +19,7 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 
+from pneumonia.errors import ConfigError
 from pneumonia.models.network import build_network
 from pneumonia.models.weights import resolve_weights
 from pneumonia.ood import OODGate, watching
@@ -44,7 +45,7 @@ def without_retired(group: str, options: dict) -> dict:
     for key in retired.keys() & options.keys():
         if options[key] != retired[key]:
             name = key if group == "module" else f"{group}.{key}"
-            raise ValueError(
+            raise ConfigError(
                 f"this checkpoint was trained with {name}={options[key]!r}, an option this version "
                 f"no longer has; load it with commit {RETIRED_AT} of this project "
                 f"(git checkout {RETIRED_AT})"

@@ -6,6 +6,7 @@ import timm
 import torch
 from torch import nn
 
+from pneumonia.errors import ConfigError
 from pneumonia.models.weights import resolve_weights
 
 ADAPTERS = ("conv", "none")
@@ -66,12 +67,12 @@ class PneumoniaNet(nn.Module):
 
 def check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ValueError(f"{key}={value!r} is not one of: {', '.join(choices)}")
+        raise ConfigError(f"{key}={value!r} is not one of: {', '.join(choices)}")
 
 
 def check_backbone(name: str) -> None:
     if not timm.is_model(name):
-        raise ValueError(
+        raise ConfigError(
             f"model.backbone={name!r} is not a timm model. This project's configs: vgg16, mobilenet, "
             "xception, inception_v3, resnet18, resnet50, densenet121, efficientnet_b0; any name "
             "from timm.list_models() also works."
@@ -145,7 +146,7 @@ def normalization_stats(backbone: str, mode: str) -> tuple[float, float]:
     if mode == "unit":
         return 0.0, 1.0
     if mode != "backbone":
-        raise ValueError(f"data.normalization={mode!r} is not one of: backbone, unit")
+        raise ConfigError(f"data.normalization={mode!r} is not one of: backbone, unit")
     cfg = timm.get_pretrained_cfg(backbone)
     mean = getattr(cfg, "mean", None) or (0.485, 0.456, 0.406)
     std = getattr(cfg, "std", None) or (0.229, 0.224, 0.225)

@@ -26,11 +26,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from pneumonia.errors import MissingInputError, PretrainedWeightsError
+
 NOT_RECORDED = {"source": "not recorded", "sha256": ""}
-
-
-class PretrainedWeightsError(RuntimeError):
-    """ImageNet weights could not be obtained."""
 
 
 @dataclass(frozen=True)
@@ -172,7 +170,7 @@ def resolve_weights(name: str, pretrained: bool | str | None) -> Weights:
     if pretrained is not True:
         path = Path(str(pretrained)).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"model.pretrained={pretrained}: weights file not found")
+            raise MissingInputError(f"model.pretrained={pretrained}: weights file not found")
         return Weights(path.resolve(), str(path.resolve()), sha256(path))
     packaged = OFFLINE.get(name)
     if packaged is None:
