@@ -9,7 +9,6 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-import pneumonia.config  # noqa: F401  (registers the typed config schemas)
 from pneumonia.cli import run
 from pneumonia.compare import compare, format_table
 from pneumonia.evaluate import evaluate

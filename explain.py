@@ -7,9 +7,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-import pneumonia.config  # noqa: F401  (registers the typed config schemas)
 from pneumonia.cli import run
-from pneumonia.explain import explain
+from pneumonia.explain.run import explain
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="explain")

@@ -11,10 +11,10 @@ By default compares, for one random image, in one process (ratios against the fi
                       batch-1 passes times the passes it needs)
   captum x16          Captum, 16 occluded copies per pass, contiguous layout
   default before      the same in channels_last (explain.py's default until incremental)
-  incremental exact   pneumonia.occlusion (explain.py's default method), at explain.py's
+  incremental exact   pneumonia.explain.occlusion (explain.py's default method), at explain.py's
                       default perturbations_per_eval copies per pass
   approximate         drill-down: a checkerboard of windows and the --refine share of the
-                      rest (pneumonia.occlusion.APPROXIMATE_REFINE), with its largest
+                      rest (pneumonia.explain.occlusion.APPROXIMATE_REFINE), with its largest
                       difference and correlation against the exact map
 and prints the engine's own count of multiply-accumulates per occluded copy against a full
 pass, the ratio that bounds what recomputing less can gain.
@@ -38,17 +38,16 @@ from __future__ import annotations
 import argparse
 import copy
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 from benchmarks.common import header, print_rows
-from pneumonia.attribution import occlusion_map
 from pneumonia.checkpoints import load_stage
-from pneumonia.config import ExplainConfig
-from pneumonia.io import read_grayscale
-from pneumonia.models import build_network
-from pneumonia.occlusion import (
+from pneumonia.explain.attribution import occlusion_map
+from pneumonia.explain.occlusion import (
     APPROXIMATE_REFINE,
     MIN_SAVING,
     Counter,
@@ -56,11 +55,14 @@ from pneumonia.occlusion import (
     saves_work,
     window_starts,
 )
+from pneumonia.io import read_grayscale
+from pneumonia.models import build_network
 from pneumonia.pipeline import recorded_split, stage_inputs
 
 SIZE, WINDOW, STRIDE = 224, 15, 10
 PASSES = len(window_starts(SIZE, WINDOW, STRIDE)) ** 2 + 1  # 484 occluded copies (Captum) + 1
-COPIES = ExplainConfig.perturbations_per_eval  # the engine's copies per pass in explain.py
+# the engine's copies per pass in explain.py, as conf/explain.yaml sets it
+COPIES = OmegaConf.load(Path(__file__).parents[1] / "conf" / "explain.yaml").perturbations_per_eval
 
 
 def timed_captum(net, images, ppe: int) -> tuple[float, torch.Tensor]:

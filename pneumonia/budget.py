@@ -71,7 +71,8 @@ def _shorten_cosine(scheduler: Any, epochs: int) -> None:
         return
     scheduler.T_max = epochs
     progress = math.cos(math.pi * scheduler.last_epoch / epochs)
-    lrs = [scheduler.eta_min + (base - scheduler.eta_min) * (1 + progress) / 2 for base in scheduler.base_lrs]
+    lrs = [scheduler.eta_min + (base - scheduler.eta_min) * (1 + progress) / 2
+           for base in scheduler.base_lrs]
     for group, lr in zip(scheduler.optimizer.param_groups, lrs):
         group["lr"] = lr
     scheduler._last_lr = lrs

@@ -1,4 +1,5 @@
-"""Checkpoints: references resolved, bytes read safely, stage modules built, files written atomically.
+"""Checkpoints: references resolved, bytes read safely, stage modules built, files written
+atomically.
 
 One place for every checkpoint job:
 - `resolve` turns what a user gives (a checkpoint file, a run folder, an MLflow run id,
@@ -80,8 +81,8 @@ def resolve(ref: Any, stage: str, tracking_uri: str | None, download_dir: Path,
     """
     text = str(ref)
     if text.startswith(("http://", "https://", "ftp://")):
-        raise CheckpointError(f"{stage}={text}: checkpoints are not fetched from URLs; download the "
-                              "file and pass its path")
+        raise CheckpointError(f"{stage}={text}: checkpoints are not fetched from URLs; "
+                              "download the file and pass its path")
     path = Path(text).expanduser()
     if path.is_file():
         return path.resolve()
@@ -141,7 +142,8 @@ def read_checkpoint(path: Path | str, map_location: Any = "cpu") -> dict:
     try:
         data = path.read_bytes()
     except OSError as err:
-        raise CheckpointError(f"{path}: cannot read the checkpoint ({err.strerror or err})") from err
+        raise CheckpointError(f"{path}: cannot read the checkpoint "
+                              f"({err.strerror or err})") from err
     if not data:
         raise CheckpointError(f"{path}: empty file (0 bytes), not a checkpoint")
     try:
@@ -150,7 +152,8 @@ def read_checkpoint(path: Path | str, map_location: Any = "cpu") -> dict:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
         raise CheckpointError(f"{path}: not a loadable checkpoint ({reason})") from err
     if not isinstance(checkpoint, dict):
-        raise CheckpointError(f"{path}: not a Lightning checkpoint (holds a {type(checkpoint).__name__})")
+        raise CheckpointError(f"{path}: not a Lightning checkpoint "
+                              f"(holds a {type(checkpoint).__name__})")
     return checkpoint
 
 
@@ -167,9 +170,11 @@ def load_stage(path: Path | str, stage: str):
         raise CheckpointError(f"{path}: not a stage checkpoint (no hyper_parameters or state_dict)")
     found = hparams.get("stage")
     if found != stage:
-        raise CheckpointError(f"{stage}={path} is a {found!r} checkpoint; pass it as {found}=... instead")
+        raise CheckpointError(f"{stage}={path} is a {found!r} checkpoint; "
+                              f"pass it as {found}=... instead")
     if tuple(hparams.get("classes") or ()) != STAGE_CLASSES[stage]:
-        raise CheckpointError(f"{path}: classes {hparams.get('classes')} are not {STAGE_CLASSES[stage]}")
+        raise CheckpointError(f"{path}: classes {hparams.get('classes')} "
+                              f"are not {STAGE_CLASSES[stage]}")
     try:
         module = StageClassifier(**{"weights": NOT_RECORDED, **hparams, "pretrained": False})
         module.load_state_dict(checkpoint["state_dict"])
@@ -180,8 +185,8 @@ def load_stage(path: Path | str, stage: str):
     broken = [name for name, value in module.state_dict().items()
               if value.is_floating_point() and not torch.isfinite(value).all()]
     if broken:
-        raise CheckpointError(f"{path}: non-finite weights (NaN or inf) in {len(broken)} tensor(s), "
-                              f"e.g. {broken[0]}; the model cannot give a diagnosis")
+        raise CheckpointError(f"{path}: non-finite weights (NaN or inf) in {len(broken)} "
+                              f"tensor(s), e.g. {broken[0]}; the model cannot give a diagnosis")
     return module.eval()
 
 
@@ -195,7 +200,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     paths (s3://, ...) keep Lightning's own save and load.
     """
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any = None) -> None:
+    def save_checkpoint(self, checkpoint: dict[str, Any], path,
+                        storage_options: Any = None) -> None:
         if storage_options is not None or not isinstance(get_filesystem(path), LocalFileSystem):
             return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
@@ -211,7 +217,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             tmp.unlink(missing_ok=True)
         _remove_leftovers(path)
 
-    def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict:
+    def load_checkpoint(self, path, map_location: Any = None,
+                        weights_only: bool | None = None) -> dict:
         if not isinstance(get_filesystem(path), LocalFileSystem):
             return super().load_checkpoint(path, map_location, weights_only=True)
         return read_checkpoint(path, map_location)

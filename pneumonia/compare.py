@@ -8,8 +8,8 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
+from pneumonia.csvio import write_csv
 from pneumonia.outputs import claim_output
-from pneumonia.report import write_csv
 from pneumonia.tracking import ensure_tracking_store
 
 COLUMNS = ("stage", "run_name", "backbone", "pretrained", "adapter", "head", "freeze", "input_size",
@@ -20,7 +20,8 @@ def _experiment_ids(client: MlflowClient, names: list[str]) -> list[str]:
     return [e.experiment_id for n in names if (e := client.get_experiment_by_name(n)) is not None]
 
 
-def compare_runs(tracking_uri: str, experiments: list[str], evaluation: str = "evaluation") -> list[dict]:
+def compare_runs(tracking_uri: str, experiments: list[str],
+                 evaluation: str = "evaluation") -> list[dict]:
     """One row per finished training run, sorted by stage, then best validation AUROC."""
     ensure_tracking_store(tracking_uri)
     client = MlflowClient(tracking_uri)
@@ -58,7 +59,8 @@ def compare_runs(tracking_uri: str, experiments: list[str], evaluation: str = "e
             **test.get(run.info.run_id, {"test_auroc": None, "test_acc": None}),
             "run_id": run.info.run_id,
         })
-    rows.sort(key=lambda r: (r["stage"], -(r["val_auroc"] if r["val_auroc"] is not None else -math.inf)))
+    rows.sort(key=lambda r: (r["stage"],
+                             -(r["val_auroc"] if r["val_auroc"] is not None else -math.inf)))
     return rows
 
 

@@ -6,46 +6,108 @@ load (references -> calibrated pipeline) -> predict -> report (pneumonia.report)
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
+from hydra.core.config_store import ConfigStore
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, open_dict
 
 from pneumonia.checkpoints import local_references
+from pneumonia.checks import at_least, check_choice, check_device
 from pneumonia.config import check_values
 from pneumonia.data.kermany import Record
 from pneumonia.errors import ConfigError, DataError, ImageReadError
 from pneumonia.hardware import resolve_device
 from pneumonia.io import read_grayscale
+from pneumonia.metrics import evaluation_metrics, ood_metrics
 from pneumonia.outputs import check_overlap, claim_output
-from pneumonia.pipeline import Prediction, TwoStagePipeline
-from pneumonia.report import (
-    evaluation_figures,
-    evaluation_metrics,
-    ood_metrics,
-    write_json,
-    write_markdown,
-    write_predictions,
+from pneumonia.pipeline import OPERATING_POINTS, Prediction, TwoStagePipeline
+from pneumonia.report import evaluation_figures, write_json, write_markdown, write_predictions
+from pneumonia.serving import load_pipeline, log_pipeline_model, register_model, save_pipeline_model
+from pneumonia.site import (
+    ADAPT_METHODS,
+    adapt_to_site,
+    check_disjoint,
+    labelled_images,
+    unlabelled_images,
 )
-from pneumonia.serving import log_pipeline_model, register_model
-from pneumonia.site import adapt_to_site, check_disjoint, labelled_images, unlabelled_images
 from pneumonia.stages import CLASSES
 from pneumonia.sweep import sweep_checkpoints
 from pneumonia.tracking import ensure_tracking_store, experiment_id
 
 log = logging.getLogger(__name__)
-REPORT_FILES = ("metrics.json", "predictions.csv", "report.md")
+REPORT_FILES = ("metrics.json", "predictions.csv", "report.md", "model")
+
+
+@dataclass
+class BootstrapConfig:
+    samples: int
+    seed: int
+
+    def __post_init__(self) -> None:
+        at_least("bootstrap.samples", self.samples, 1,
+                  " (resamples of the split behind each 95 % confidence interval)")
+        at_least("bootstrap.seed", self.seed, 0, " (a numpy random seed)")
+
+
+@dataclass
+class EvaluateConfig:
+    """conf/evaluate.yaml: the keys, their types and the values evaluate.py accepts."""
+    paths: dict[str, Any]
+    binary: Any   # a checkpoint, run id or latest; or a list of them (an ensemble)
+    subtype: Any
+    sweep: Optional[str]
+    model_uri: Optional[str]  # a model folder (an evaluation's too), models:/, runs:/
+    register: Optional[str]  # register the evaluated model under this name
+    register_alias: Optional[str]
+    # a plain dict, so that callers may assign data={"root": ...}; its keys are checked below
+    data: dict[str, Any]
+    report_split: str
+    target_sensitivity: float
+    operating_point: str
+    tta: bool
+    calibration: Optional[str]  # a site's labelled folder (NORMAL/, PNEUMONIA/)
+    adapt: Optional[str]  # a site's unlabelled folder
+    adapt_method: str
+    transductive: bool
+    bootstrap: BootstrapConfig
+    batch_size: int
+    num_workers: int
+    device: str
+    overwrite: bool
+    log_to_mlflow: bool
+    experiment_name: str
+    compare: bool
+    compare_experiments: list[str]
+
+    def __post_init__(self) -> None:
+        if set(self.data) != {"root"} or not isinstance(self.data["root"], (str, type(None))):
+            raise ConfigError(f"data={self.data} must be {{root: <a Kermany folder> or null}}")
+        check_choice("report_split", self.report_split, ("test", "val"))
+        if not 0 < self.target_sensitivity <= 1:
+            raise ConfigError(f"target_sensitivity={self.target_sensitivity} must be in (0, 1]")
+        check_choice("operating_point", self.operating_point, OPERATING_POINTS)
+        check_choice("adapt_method", self.adapt_method, ADAPT_METHODS)
+        at_least("batch_size", self.batch_size, 1)
+        at_least("num_workers", self.num_workers, 0, " (0 loads images in the main process)")
+        check_device(self.device)
+
+
+ConfigStore.instance().store(name="evaluate_schema", node=EvaluateConfig)
 
 
 def _evaluation_tags(metrics: dict, pipeline) -> dict[str, str]:
     """An evaluation run's name, split, and the checkpoints and training runs it evaluates."""
-    models = {k: m.hparams.model.get("name", m.hparams.model["backbone"]) for k, m in pipeline.stages.items()}
+    models = {k: m.hparams.model.get("name", m.hparams.model["backbone"])
+              for k, m in pipeline.stages.items()}
     tags = {"mlflow.runName": f"evaluate/{models['binary']}+{models['subtype']}/{metrics['split']}",
             "split": metrics["split"]}
     for stage, module in pipeline.stages.items():
         checkpoint = pipeline.checkpoints[stage]
-        tags[f"{stage}_checkpoint"] = ",".join(checkpoint) if isinstance(checkpoint, list) else checkpoint
+        tags[f"{stage}_checkpoint"] = (",".join(checkpoint) if isinstance(checkpoint, list)
+                                       else checkpoint)
         if module.mlflow_run_id:
             tags[f"{stage}_run_id"] = module.mlflow_run_id
     return tags
@@ -126,16 +188,6 @@ def unscored(records: list[Record], pred: Prediction) -> list[dict[str, str]]:
     return failed
 
 
-def _load(cfg: DictConfig, refs: dict[str, Any], output_dir: Path) -> TwoStagePipeline:
-    """The pipeline to evaluate: a logged model (calibrated already) or the stages' checkpoints."""
-    if cfg.model_uri:
-        from pneumonia.serving import load_pipeline_model
-
-        return load_pipeline_model(cfg.model_uri, cfg.paths.tracking_uri, output_dir / "model")
-    return TwoStagePipeline.from_references(refs, cfg.paths.tracking_uri,
-                                            output_dir / "checkpoints", tta=cfg.tta)
-
-
 def _fit(pipeline: TwoStagePipeline, cfg: DictConfig, val: list[Record], held_out: list[Record],
          loader: dict, output_dir: Path) -> dict[str, Any]:
     """Calibrate (on validation, or on the site's labelled folder; a logged model keeps its own
@@ -166,15 +218,18 @@ def _fit(pipeline: TwoStagePipeline, cfg: DictConfig, val: list[Record], held_ou
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    """Calibrate on validation, then report stage 1, stage 2 and the pipeline on `cfg.report_split`."""
+    """Calibrate on validation, then report stage 1, stage 2 and the pipeline on
+    `cfg.report_split`."""
     check_values(cfg)  # a wrong value stops here, before any checkpoint or image is read
     with open_dict(cfg):
         cfg.device = resolve_device(cfg.device)  # auto: the first GPU if there is one, else cpu
     refs = references(cfg)
-    inputs = [cfg.data.root, cfg.sweep, cfg.calibration, cfg.adapt, *local_references(cfg.model_uri),
+    inputs = [cfg.data.root, cfg.sweep, cfg.calibration, cfg.adapt,
+              *local_references(cfg.model_uri),
               *(p for r in refs.values() for p in local_references(r))]
     output_dir = claim_output(cfg.paths.output_dir, inputs, REPORT_FILES, cfg.overwrite, config=cfg)
-    pipeline = _load(cfg, refs, output_dir)
+    pipeline = load_pipeline(cfg.model_uri, refs, cfg.paths.tracking_uri,
+                             output_dir / "downloads", tta=cfg.tta)
     check_overlap(output_dir, [pipeline.data_settings()["root"]])
     val, held_out = _splits(pipeline, cfg)
     loader = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=cfg.device)
@@ -200,8 +255,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     files = [write_json(output_dir / "metrics.json", metrics),
              write_predictions(output_dir / "predictions.csv", paths, labels,
                                pred.probabilities, [CLASSES[d] for d in pred.decision], CLASSES),
-             write_markdown(output_dir / "report.md", metrics, figures),
-             pipeline.save(output_dir / "pipeline.json"), *figures]
+             write_markdown(output_dir / "report.md", metrics, figures), *figures]
+    save_pipeline_model(pipeline, output_dir / "model", overwrite=cfg.overwrite)
     logged = {"run_id": None}
     if cfg.log_to_mlflow:
         logged = log_evaluation(cfg.paths.tracking_uri, cfg.paths.artifact_dir, cfg.experiment_name,

@@ -9,12 +9,15 @@ file and says why. docs/formats.md lists the DICOM transfer syntaxes and their d
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import stat
 import warnings
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -52,6 +55,13 @@ CHEST_BODY_PARTS = frozenset({"CHEST", "THORAX", "LUNG", "LUNGS"})
 _COLOUR_PHOTOMETRICS = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT")
 _PHOTOMETRICS = ("MONOCHROME1", "MONOCHROME2", *_COLOUR_PHOTOMETRICS)
 log = logging.getLogger(__name__)
+# What the DICOM readers read from: a file (path.open) or a request's bytes (io.BytesIO), opened
+# afresh at each use; the Path beside it names the source in messages.
+Opener = Callable[[], BinaryIO]
+
+
+def _opener(path: Path) -> Opener:
+    return lambda: path.open("rb")
 
 
 def _file_kind(mode: int) -> str:
@@ -85,13 +95,14 @@ def _require_regular_file(path: Path) -> None:
 
 
 @contextmanager
-def _open_image(path: Path):
-    """PIL's open, with its decompression-bomb warning (over about 89 megapixels) made an error:
-    a real chest X-ray is under 10 megapixels, and a bomb must not exhaust memory."""
+def _open_image(path: Path, source: Path | BinaryIO | None = None):
+    """PIL's open (of `source`, else the file `path`), with its decompression-bomb warning (over
+    about 89 megapixels) made an error: a real chest X-ray is under 10 megapixels, and a bomb
+    must not exhaust memory."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            with Image.open(path) as img:
+            with Image.open(path if source is None else source) as img:
                 yield img
         except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
             raise ImageReadError(path, f"refused: too many pixels for an X-ray ({err})") from err
@@ -132,9 +143,10 @@ def _check_shape(path: Path, width: int, height: int) -> None:
                                    f"sides may differ by at most 1:{MAX_ASPECT:g})")
 
 
-def _check_header(path: Path, img: Image.Image) -> None:
-    """Refuses content that does not match the suffix, more than one frame, or a bad shape."""
-    expected = SUFFIX_FORMATS[path.suffix.lower()]
+def _check_header(path: Path, img: Image.Image, expected: tuple[str, ...] | None = None) -> None:
+    """Refuses content that does not match the suffix (or `expected`), more than one frame, or a
+    bad shape."""
+    expected = expected or SUFFIX_FORMATS[path.suffix.lower()]
     if img.format not in expected:
         raise ImageReadError(path, f"content is {img.format or 'an unknown format'}, not "
                                    f"{expected[0]} as the suffix {path.suffix} says; "
@@ -203,10 +215,10 @@ def _has_window(ds) -> bool:
     return ("WindowCenter" in ds and "WindowWidth" in ds) or "VOILUTSequence" in ds
 
 
-def _dicom_format_error(path: Path, err: Exception) -> ImageReadError:
+def _dicom_format_error(path: Path, opener: Opener, err: Exception) -> ImageReadError:
     """The error for a .dcm file pydicom cannot read, naming the real format when PIL knows it."""
     try:
-        with Image.open(path) as img:
+        with opener() as f, Image.open(f) as img:
             found = img.format
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):  # not an image either
         found = None
@@ -220,16 +232,16 @@ def _dicom_format_error(path: Path, err: Exception) -> ImageReadError:
 _BARE_DATASET_GROUPS = frozenset({0x0002, 0x0008})
 
 
-def _looks_like_bare_dataset(path: Path) -> bool:
+def _looks_like_bare_dataset(opener: Opener) -> bool:
     """True when the file starts with a tag of a _BARE_DATASET_GROUPS group, as a dataset without
     preamble and file meta does. Text and other formats do not, so they are never force-read."""
-    with path.open("rb") as f:
+    with opener() as f:
         head = f.read(2)
     return len(head) == 2 and any(int.from_bytes(head, order) in _BARE_DATASET_GROUPS
                                   for order in ("little", "big"))
 
 
-def _dcmread(path: Path, pixels: bool):
+def _dcmread(path: Path, opener: Opener, pixels: bool):
     """pydicom's read. A dataset without preamble and file meta (older systems write them) is read
     with force=True and a logged warning, but only when it begins like a DICOM dataset and then
     holds a SOP Class UID or a Modality, so bytes that merely start alike are not taken for one."""
@@ -237,11 +249,13 @@ def _dcmread(path: Path, pixels: bool):
     from pydicom.errors import InvalidDicomError
 
     try:
-        return pydicom.dcmread(path, stop_before_pixels=not pixels)
+        with opener() as f:
+            return pydicom.dcmread(f, stop_before_pixels=not pixels)
     except InvalidDicomError:
-        if not _looks_like_bare_dataset(path):
+        if not _looks_like_bare_dataset(opener):
             raise
-    ds = pydicom.dcmread(path, stop_before_pixels=not pixels, force=True)
+    with opener() as f:
+        ds = pydicom.dcmread(f, stop_before_pixels=not pixels, force=True)
     if "SOPClassUID" not in ds and "Modality" not in ds:  # one of them is in every DICOM object
         raise InvalidDicomError("neither file meta nor SOP Class UID nor Modality")
     log.warning("%s: DICOM without preamble or file meta; read with force=True", display_name(path))
@@ -315,15 +329,18 @@ def _check_dicom_header(path: Path, ds, pixels: bool) -> None:
     _check_shape(path, width, height)
 
 
-def _read_dicom(path: Path, pixels: bool = True, accept_any_modality: bool = False):
-    """The pydicom dataset: a chest radiograph by its tags (unless accept_any_modality), its
-    header checked like an image's (one frame, size, shape)."""
+def _read_dicom(path: Path, pixels: bool = True, accept_any_modality: bool = False,
+                opener: Opener | None = None):
+    """The pydicom dataset (of the file `path`, or what `opener` gives): a chest radiograph by
+    its tags (unless accept_any_modality), its header checked like an image's (one frame, size,
+    shape)."""
     from pydicom.errors import InvalidDicomError
 
+    opener = opener or _opener(path)
     try:
-        ds = _dcmread(path, pixels)
+        ds = _dcmread(path, opener, pixels)
     except (InvalidDicomError, OSError, ValueError, EOFError) as err:
-        raise _dicom_format_error(path, err) from err
+        raise _dicom_format_error(path, opener, err) from err
     _set_missing_transfer_syntax(ds)
     if not accept_any_modality:
         _check_chest_radiograph(path, ds)
@@ -369,11 +386,15 @@ def read_dicom(path: Path | str, accept_any_modality: bool = False) -> np.ndarra
     accept_any_modality (the caller then labels its report). Only pixels leave this function:
     no patient identifier reaches any output.
     """
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
-
     path = Path(path)
     _require_regular_file(path)
-    ds = _read_dicom(path, accept_any_modality=accept_any_modality)
+    return _dicom_to_uint8(path, _read_dicom(path, accept_any_modality=accept_any_modality))
+
+
+def _dicom_to_uint8(path: Path, ds) -> np.ndarray:
+    """A checked dataset's one frame as (H, W) uint8 (read_dicom's docstring says how)."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
     arr, windowed = _dicom_pixels(path, ds), _has_window(ds)
     try:  # pydicom raises several types on bad values (a width of 0, a LUT of the wrong size)
         arr = apply_modality_lut(arr, ds)
@@ -408,15 +429,37 @@ def read_grayscale(path: Path | str, accept_any_modality: bool = False) -> np.nd
     _require_regular_file(path)
     if path.suffix.lower() == ".dcm":
         return read_dicom(path, accept_any_modality)
+    return _decode_image(path, path, None, lambda reason: _unreadable(path, reason))
+
+
+def _decode_image(path: Path, source: Path | BinaryIO, expected: tuple[str, ...] | None,
+                  unreadable: Callable[[str], ImageReadError]) -> np.ndarray:
+    """A JPEG or PNG (from `source`, named `path` in messages) as (H, W) uint8, its header
+    checked first; `unreadable` makes the error for what PIL cannot decode."""
     try:
-        with _open_image(path) as img:
-            _check_header(path, img)
+        with _open_image(path, source) as img:
+            _check_header(path, img, expected)
             img.load()
             return _pil_to_uint8(img)
     except ImageReadError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise _unreadable(path, f"cannot decode image ({err})") from err
+        raise unreadable(f"cannot decode image ({err})") from err
+
+
+def decode_grayscale(data: bytes, accept_any_modality: bool = False) -> np.ndarray:
+    """`read_grayscale` for a file's bytes (a request's image): JPEG, PNG or DICOM recognised by
+    content, checked and decoded the same way, with nothing written to disk. Errors name the
+    source `image`."""
+    name = Path("image")
+    if not data:
+        raise ImageReadError(name, "empty file")
+    if data[128:132] == b"DICM":
+        ds = _read_dicom(name, accept_any_modality=accept_any_modality,
+                         opener=lambda: io.BytesIO(data))
+        return _dicom_to_uint8(name, ds)
+    return _decode_image(name, io.BytesIO(data), ("JPEG", "MPO", "PNG"),
+                         lambda reason: ImageReadError(name, reason))
 
 
 def _walk(folder: Path, problems: list[ImageReadError]) -> list[Path]:

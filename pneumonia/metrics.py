@@ -10,6 +10,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from pneumonia.stages import CLASSES, STAGE_CLASSES
+
 
 def roc_curve(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(fpr, tpr, thresholds) for "positive if p >= threshold", thresholds descending.
@@ -156,3 +158,71 @@ def bootstrap_intervals(
         key: (float(np.nanquantile(v, alpha)), float(np.nanquantile(v, 1 - alpha)))
         for key, v in samples.items()
     }
+
+
+def _stage_block(y: np.ndarray, p: np.ndarray, threshold: float, points: dict[str, float],
+                 samples: int, seed: int) -> dict:
+    """One stage's metrics at its decision threshold, with intervals, and at every operating
+    point chosen on validation."""
+    at = {}
+    for name, t in points.items():
+        m = binary_metrics(y, p, t)
+        at[name] = {"threshold": t, **{k: m[k] for k in
+                    ("sensitivity", "specificity", "false_positives", "false_negatives")}}
+    return {"images": int(len(y)), "threshold": round(threshold, 6),
+            "metrics": binary_metrics(y, p, threshold),
+            "ci": bootstrap_intervals(lambda yy, pp: binary_metrics(yy, pp, threshold), (y, p),
+                                      samples, seed),
+            "operating_points": at}
+
+
+def stage_truths(labels: list[str], pred) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """(truth, P(positive class)) of each stage: binary on every image, subtype on the truly
+    pneumonic ones."""
+    truth = np.array([CLASSES.index(label) for label in labels])
+    pneumonia = truth > 0
+    return {"binary": (pneumonia.astype(int), pred.p_pneumonia),
+            "subtype": ((truth[pneumonia] == 2).astype(int),
+                        pred.p_viral_given_pneumonia[pneumonia])}
+
+
+def evaluation_metrics(labels: list[str], pred, calibration, thresholds: dict[str, float],
+                       samples: int, seed: int) -> dict:
+    """metrics.json's figures: each stage at its decision threshold and the three-class
+    decision, with bootstrap intervals, and the calibration that chose the thresholds."""
+    stages = stage_truths(labels, pred)
+    truth = np.array([CLASSES.index(label) for label in labels])
+    metrics = {name: _stage_block(y, p, thresholds[name], calibration.thresholds[name],
+                                  samples, seed)
+               for name, (y, p) in stages.items()}
+    labels3 = list(CLASSES)
+    metrics["pipeline"] = {
+        "images": len(truth), "metrics": multiclass_metrics(truth, pred.decision, labels3),
+        "ci": bootstrap_intervals(lambda a, b: multiclass_metrics(a, b, labels3),
+                                  (truth, pred.decision), samples, seed),
+        "confusion": confusion_matrix(truth, pred.decision, 3).tolist()}
+    metrics["calibration"] = {
+        "operating_point": calibration.operating_point, "temperature": calibration.temperature,
+        "thresholds": calibration.thresholds, "target_sensitivity": calibration.target_sensitivity,
+        "validation_images": calibration.validation_images, "source": calibration.source,
+        "priors": calibration.priors, "prior_shift": calibration.prior_shift,
+        "ece": {name: expected_calibration_error(y, p) for name, (y, p) in stages.items()}}
+    return metrics
+
+
+def ood_metrics(labels: list[str], paths: list[str], pred, gate: dict | None, calibration,
+                thresholds: dict[str, float], samples: int, seed: int) -> dict:
+    """What stage 1's out-of-distribution gate would withhold from these images, and each
+    stage's and the pipeline's figures without those images."""
+    if gate is None:
+        return {"gate": None}
+    flagged = pred.out_of_distribution
+    out = {"gate": gate, "flagged": int(flagged.sum()), "flagged_fraction": float(flagged.mean()),
+           "flagged_images": [{"path": p, "score": float(s)}
+                              for p, s, f in zip(paths, pred.ood_score, flagged) if f]}
+    kept = [label for label, f in zip(labels, flagged) if not f]
+    if flagged.any() and len(set(kept)) > 1:
+        figures = evaluation_metrics(kept, pred.subset(~flagged), calibration, thresholds,
+                                     samples, seed)
+        out["without_flagged"] = {k: figures[k] for k in (*STAGE_CLASSES, "pipeline")}
+    return out

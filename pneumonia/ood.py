@@ -1,4 +1,5 @@
-"""The out-of-distribution gate: how unlike the training X-rays an image is, from stage 1's features.
+"""The out-of-distribution gate: how unlike the training X-rays an image is, from stage 1's
+features.
 
 Each feature stage timm lists for the backbone (`feature_info`: from the first block's output to
 the last one's) describes an image by each channel's spatial mean and standard deviation (the
@@ -67,8 +68,8 @@ def watching(backbone: nn.Module, stages: list[str] | None = None) -> Iterator[d
 
 def check_fraction(fraction: float) -> None:
     if not 0 < fraction < 0.5:
-        raise ConfigError(f"ood_fraction={fraction} must lie in (0, 0.5): the fraction of validation "
-                          "images the out-of-distribution gate flags")
+        raise ConfigError(f"ood_fraction={fraction} must lie in (0, 0.5): the fraction of "
+                          "validation images the out-of-distribution gate flags")
 
 
 @dataclass
@@ -84,7 +85,8 @@ class OODGate:
     def stage_scores(self, described: dict[str, torch.Tensor]) -> torch.Tensor:
         """(stages, N) squared distances, each divided by its stage's scale."""
         out = []
-        for name, mean, precision, scale in zip(self.stages, self.means, self.precisions, self.scales):
+        for name, mean, precision, scale in zip(self.stages, self.means, self.precisions,
+                                                self.scales):
             centred = described[name] - mean.to(described[name].device)
             out.append(((centred @ precision.to(centred.device)) * centred).sum(1) / scale)
         return torch.stack(out)
@@ -95,8 +97,9 @@ class OODGate:
 
     def state(self) -> dict:
         """Plain tensors, lists and numbers, for a checkpoint loaded with weights_only=True."""
-        return {"stages": list(self.stages), "means": list(self.means), "precisions": list(self.precisions),
-                "scales": list(self.scales), "threshold": self.threshold, "fraction": self.fraction,
+        return {"stages": list(self.stages), "means": list(self.means),
+                "precisions": list(self.precisions), "scales": list(self.scales),
+                "threshold": self.threshold, "fraction": self.fraction,
                 "images": dict(self.images)}
 
     @classmethod
@@ -104,14 +107,16 @@ class OODGate:
         return cls(**state)
 
     @classmethod
-    def fit(cls, train: dict[str, torch.Tensor], val: dict[str, torch.Tensor], fraction: float) -> OODGate:
+    def fit(cls, train: dict[str, torch.Tensor], val: dict[str, torch.Tensor],
+            fraction: float) -> OODGate:
         """From the stage descriptions of training images (the Gaussians) and validation images
         (the scales and the threshold)."""
         check_fraction(fraction)
         stages = list(train)
         means, precisions = zip(*(gaussian(train[name]) for name in stages))
         images = {"train": len(train[stages[0]]), "val": len(val[stages[0]])}
-        gate = cls(stages, list(means), list(precisions), [1.0] * len(stages), 1.0, fraction, images)
+        gate = cls(stages, list(means), list(precisions), [1.0] * len(stages), 1.0, fraction,
+                   images)
         gate.scales = [float(np.quantile(s.numpy(), 1 - fraction)) for s in gate.stage_scores(val)]
         gate.threshold = float(np.quantile(gate.score(val).numpy(), 1 - fraction))
         return gate

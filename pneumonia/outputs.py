@@ -98,8 +98,9 @@ def claim_output(output_dir: Path | str, inputs: Iterable[Path | str | None] = (
         _lock(folder)
         existing = sorted(name for name in results if _holds(folder / name))
         if existing and not overwrite:
-            raise OutputError(f"{folder} already holds results ({', '.join(existing)}); nothing was "
-                              "overwritten: choose another hydra.run.dir or pass overwrite=true")
+            raise OutputError(f"{folder} already holds results ({', '.join(existing)}); "
+                              "nothing was overwritten: choose another hydra.run.dir or pass "
+                              "overwrite=true")
     if HydraConfig.initialized():
         _record_run(folder, config if primary else None)
     return folder

@@ -2,14 +2,13 @@
 
 Three-class probabilities from the two stages' calibrated outputs:
 P(normal) = 1 - p, P(bacterial) = p * (1 - r), P(viral) = p * r, with p = P(pneumonia)
-from stage 1 (`binary`) and r = P(viral | pneumonia) from stage 2 (`subtype`). Temperatures and decision
-thresholds are fitted on the validation split only and saved with the pipeline.
+from stage 1 (`binary`) and r = P(viral | pneumonia) from stage 2 (`subtype`). Temperatures and
+decision thresholds are fitted on the validation split only and saved with the pipeline.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -62,8 +61,9 @@ class StageEnsemble(nn.Module):
         for member, path in zip(members[1:], paths[1:]):
             for key in ("stage", "preprocessing", "data"):
                 if member.hparams.get(key) != first.get(key):
-                    raise CheckpointError(f"{path}: its {key} differs from {paths[0]}'s; an ensemble's "
-                                          "members must be trained alike on the same split")
+                    raise CheckpointError(f"{path}: its {key} differs from {paths[0]}'s; "
+                                          "an ensemble's members must be trained alike on the "
+                                          "same split")
         self.members = nn.ModuleList(members)
         self.net = MeanLogits([m.net for m in members])
 
@@ -91,7 +91,8 @@ def load_stages(paths: Path | list[Path], stage: str) -> StageClassifier | Stage
         return load_stage(Path(paths), stage)
     if len(paths) == 1:
         return load_stage(Path(paths[0]), stage)
-    return StageEnsemble([load_stage(Path(p), stage) for p in paths], [Path(p) for p in paths]).eval()
+    return StageEnsemble([load_stage(Path(p), stage) for p in paths],
+                         [Path(p) for p in paths]).eval()
 
 
 def recorded_split(settings: dict, root: str | Path | None = None) -> list[Record]:
@@ -122,7 +123,8 @@ def stage_outputs(module: StageClassifier, records: list[Record], batch_size: in
                   tta: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(N, 2) logits and (N,) OOD scores of one stage for these images, preprocessed as that
     stage was trained (`forward_outputs`)."""
-    data = ScoredImages(records, module.hparams.stage, Preprocessing(**module.hparams.preprocessing))
+    data = ScoredImages(records, module.hparams.stage,
+                        Preprocessing(**module.hparams.preprocessing))
     loader = DataLoader(data, batch_size=batch_size, num_workers=num_workers)
     module = module.to(device)
     out = [forward_outputs(module, images.to(device), tta) for images, _ in loader]
@@ -131,7 +133,8 @@ def stage_outputs(module: StageClassifier, records: list[Record], batch_size: in
     return tuple(torch.cat([o[i].cpu() for o in out]).numpy() for i in (0, 1))
 
 
-def stage_inputs(module: StageClassifier, images: list[np.ndarray]) -> tuple[list[np.ndarray], torch.Tensor]:
+def stage_inputs(module: StageClassifier,
+                 images: list[np.ndarray]) -> tuple[list[np.ndarray], torch.Tensor]:
     """What a stage sees: the preprocessed uint8 images and the normalised (N, 1, S, S) batch."""
     pre = Preprocessing(**module.hparams.preprocessing)
     seen = [pre(image) for image in images]
@@ -154,7 +157,8 @@ def fit_temperature(logits: np.ndarray, targets: np.ndarray) -> float:
     return float(log_t.detach().exp().clamp(0.05, 20.0))
 
 
-def softmax_positive(logits: np.ndarray, temperature: float = 1.0, shift: float = 0.0) -> np.ndarray:
+def softmax_positive(logits: np.ndarray, temperature: float = 1.0,
+                     shift: float = 0.0) -> np.ndarray:
     """Probability of class 1 from (N, 2) logits, at `temperature`, its logit moved by `shift`."""
     z = logits / temperature
     return 1.0 / (1.0 + np.exp(z[:, 0] - z[:, 1] - shift))
@@ -178,7 +182,8 @@ class Calibration:
     operating_point: str = "youden"
     validation_images: dict[str, int] = field(default_factory=dict)  # images fitted on, per stage
     source: str = "validation split"  # which images those were
-    priors: dict[str, float] = field(default_factory=dict)  # their positive-class fraction, per stage
+    # their positive-class fraction, per stage
+    priors: dict[str, float] = field(default_factory=dict)
     prior_shift: dict[str, float] = field(default_factory=lambda: {"binary": 0.0, "subtype": 0.0})
 
 
@@ -227,7 +232,8 @@ class TwoStagePipeline:
                         tta: bool = False) -> TwoStagePipeline:
         """Each stage from its reference(s) (`pneumonia.checkpoints.resolve`): a checkpoint,
         run folder, MLflow run id or `latest`, or a list of them (averaged)."""
-        paths = {s: resolve_all(refs[s], s, tracking_uri, downloads / s) for s in ("binary", "subtype")}
+        paths = {s: resolve_all(refs[s], s, tracking_uri, downloads / s)
+                 for s in ("binary", "subtype")}
         return cls.from_checkpoints(paths["binary"], paths["subtype"], tta=tta)
 
     def data_settings(self) -> dict:
@@ -248,7 +254,8 @@ class TwoStagePipeline:
 
     def outputs(self, records: list[Record], **loader) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """Each stage's logits and stage 1's OOD scores (`stage_outputs`)."""
-        out = {name: stage_outputs(m, records, tta=self.tta, **loader) for name, m in self.stages.items()}
+        out = {name: stage_outputs(m, records, tta=self.tta, **loader)
+               for name, m in self.stages.items()}
         return {name: logits for name, (logits, _) in out.items()}, out["binary"][1]
 
     @property
@@ -266,7 +273,8 @@ class TwoStagePipeline:
         """Fit temperatures and thresholds on labelled images: the validation split, or a
         site's own (`source` names them); never on the test split."""
         if operating_point not in OPERATING_POINTS:
-            raise ConfigError(f"operating_point={operating_point!r} is not one of {OPERATING_POINTS}")
+            raise ConfigError(f"operating_point={operating_point!r} is not one of "
+                              f"{OPERATING_POINTS}")
         if any(r.split == "test" for r in val):
             raise DataError("calibration was given test images; it must only see validation data")
         logits, _ = self.outputs(val, **loader)
@@ -287,7 +295,8 @@ class TwoStagePipeline:
                                        counts, source, priors)
         return self.calibration
 
-    def predict_logits(self, logits: dict[str, np.ndarray], ood: np.ndarray | None = None) -> Prediction:
+    def predict_logits(self, logits: dict[str, np.ndarray],
+                       ood: np.ndarray | None = None) -> Prediction:
         """Calibrated probabilities and decisions from both stages' logits (and stage 1's OOD
         scores, NaN if not given)."""
         if self.calibration is None:
@@ -295,11 +304,13 @@ class TwoStagePipeline:
         cal = self.calibration
         p = softmax_positive(logits["binary"], cal.temperature["binary"], cal.prior_shift["binary"])
         # P(viral | pneumonia)
-        r = softmax_positive(logits["subtype"], cal.temperature["subtype"], cal.prior_shift["subtype"])
+        r = softmax_positive(logits["subtype"], cal.temperature["subtype"],
+                             cal.prior_shift["subtype"])
         t = self.stage_thresholds()
         decision = np.where(p >= t["binary"], np.where(r >= t["subtype"], 2, 1), 0)
         # A NaN compares False and would read as "normal": a non-finite output gets no decision.
-        finite = np.isfinite(logits["binary"]).all(axis=1) & np.isfinite(logits["subtype"]).all(axis=1)
+        finite = (np.isfinite(logits["binary"]).all(axis=1)
+                  & np.isfinite(logits["subtype"]).all(axis=1))
         decision[~finite] = -1
         ood = np.full(len(p), np.nan, np.float32) if ood is None else ood
         return Prediction(p, r, combine(p, r), decision, ood)
@@ -307,7 +318,9 @@ class TwoStagePipeline:
     def predict(self, records: list[Record], **loader) -> Prediction:
         return self.predict_logits(*self.outputs(records, **loader))
 
-    def stage_batches(self, images: list[np.ndarray]) -> dict[str, tuple[list[np.ndarray], torch.Tensor]]:
+    def stage_batches(
+        self, images: list[np.ndarray]
+    ) -> dict[str, tuple[list[np.ndarray], torch.Tensor]]:
         """Each stage's view of decoded (H, W) uint8 images (see `stage_inputs`)."""
         return {name: stage_inputs(module, images) for name, module in self.stages.items()}
 
@@ -333,17 +346,3 @@ class TwoStagePipeline:
         return Calibration({"binary": 1.0, "subtype": 1.0},
                            {"binary": {"default": 0.5}, "subtype": {"default": 0.5}},
                            target_sensitivity=float("nan"), operating_point="default")
-
-    def save(self, path: Path) -> Path:
-        """The pipeline as JSON: the two checkpoints and the validation calibration."""
-        path.write_text(json.dumps({"checkpoints": self.checkpoints, "tta": self.tta,
-                                    "calibration": asdict(self.calibration)}, indent=2))
-        return path
-
-    @classmethod
-    def load(cls, path: Path) -> TwoStagePipeline:
-        saved = json.loads(Path(path).read_text())
-        pipeline = cls.from_checkpoints(saved["checkpoints"]["binary"], saved["checkpoints"]["subtype"],
-                                        tta=saved.get("tta", False))
-        pipeline.calibration = Calibration(**saved["calibration"])
-        return pipeline

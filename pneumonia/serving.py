@@ -1,11 +1,15 @@
-"""The calibrated two-stage pipeline as one deployable MLflow pyfunc model.
+"""The calibrated two-stage pipeline as one artifact, an MLflow pyfunc model folder, and the one
+loader of pipelines.
 
 The model folder holds every checkpoint (both stages, each ensemble member) as an artifact and
-`pipeline.json` (calibration temperatures and thresholds, operating point, TTA, class order);
-preprocessing and stage 1's out-of-distribution gate travel inside the checkpoints. No absolute
-path is stored: a copy of the folder moved anywhere loads and predicts the same. Input: a column
-`image` of base64 JPEG, PNG or DICOM bytes; output per image: class probabilities, the OOD
-score, decision, the two thresholds and `error` (an image the gate flags gets no diagnosis).
+`pipeline.json`, its metadata: the input and output contract, class order, calibration
+(temperatures, thresholds, operating point, source), TTA, each stage's initial weights and the
+package versions; preprocessing and stage 1's out-of-distribution gate travel inside the
+checkpoints. No absolute path is stored: a copy of the folder moved anywhere loads and predicts
+the same. `evaluate.py` writes it into its output folder (`model/`) and, with MLflow, logs it.
+Input: a column `image` of base64 JPEG, PNG or DICOM bytes; output per image: class
+probabilities, the OOD score, decision, the two thresholds and `error` (an image the gate flags,
+or one that cannot be read, gets no diagnosis and null probabilities).
 """
 
 from __future__ import annotations
@@ -33,32 +37,35 @@ from mlflow.types import ColSpec, Schema
 from PIL import Image
 
 from pneumonia.errors import CheckpointError, ImageReadError
-from pneumonia.io import read_grayscale
+from pneumonia.io import decode_grayscale
 from pneumonia.models.weights import NOT_RECORDED
 from pneumonia.pipeline import Calibration, TwoStagePipeline
 from pneumonia.stages import CLASSES, STAGE_CLASSES
 from pneumonia.tracking import environment
 
 MODEL_NAME = "pipeline"  # the logged model's name inside an evaluation run
+_OLD_FORMAT = (": an evaluation folder of an earlier version, whose pipeline.json named its "
+               "checkpoints by absolute path; re-create the model folder with evaluate.py "
+               "binary=<checkpoint> subtype=<checkpoint>, which writes <output folder>/model")
 PROBABILITIES = tuple(f"p_{c}" for c in CLASSES)
-OUTPUTS = (*PROBABILITIES, "ood_score", "decision", "threshold_binary", "threshold_subtype", "error")
+OUTPUTS = (*PROBABILITIES, "ood_score", "decision", "threshold_binary", "threshold_subtype",
+           "error")
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("string", "image")]),
     outputs=Schema([*(ColSpec("double", c) for c in PROBABILITIES), ColSpec("double", "ood_score"),
                     ColSpec("string", "decision"),
                     ColSpec("double", "threshold_binary"), ColSpec("double", "threshold_subtype"),
                     ColSpec("string", "error")]))
-# Leading bytes of each accepted format and the suffix read_grayscale expects for it.
-_MAGIC = ((b"\x89PNG\r\n\x1a\n", 0, ".png"), (b"\xff\xd8", 0, ".jpeg"), (b"DICM", 128, ".dcm"))
+INPUT = {"column": "image", "content": "base64 text of one JPEG, PNG or DICOM file",
+         "diagnosed": "chest radiographs (a DICOM header of another modality is refused)"}
+# Leading bytes of each accepted format (PNG, JPEG, DICOM) and where they stand.
+_MAGIC = ((b"\x89PNG\r\n\x1a\n", 0), (b"\xff\xd8", 0), (b"DICM", 128))
 _CHUNK = 16  # images preprocessed and predicted together
 
 
-def sniff_suffix(data: bytes) -> str | None:
-    """The file suffix the bytes' signature names (.png, .jpeg, .dcm), or None."""
-    for magic, offset, suffix in _MAGIC:
-        if data[offset:offset + len(magic)] == magic:
-            return suffix
-    return None
+def _recognised(data: bytes) -> bool:
+    """True when the bytes start as a PNG, JPEG or DICOM file does."""
+    return any(data[offset:offset + len(magic)] == magic for magic, offset in _MAGIC)
 
 
 def decode_image(value: Any) -> np.ndarray:
@@ -71,16 +78,9 @@ def decode_image(value: Any) -> np.ndarray:
         data = base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
         raise ImageReadError("image", "not valid base64 text") from None
-    suffix = sniff_suffix(data)
-    if suffix is None:
+    if not _recognised(data):
         raise ImageReadError("image", "not a JPEG, PNG or DICOM file (unrecognised content)")
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / f"image{suffix}"
-        path.write_bytes(data)
-        try:
-            return read_grayscale(path)
-        except ImageReadError as err:
-            raise ImageReadError("image", err.reason.replace(str(path), "image")) from None
+    return decode_grayscale(data)  # decoded from memory: nothing is written to disk
 
 
 def _rows(pipeline: TwoStagePipeline, images: list[np.ndarray]) -> list[dict[str, Any]]:
@@ -114,12 +114,16 @@ def predict_images(pipeline: TwoStagePipeline, values: list[Any]) -> pd.DataFram
     for i, reason in failed.items():
         rows[i] = {**{c: float("nan") for c in PROBABILITIES}, "ood_score": float("nan"),
                    "decision": "", "error": reason,
-                   "threshold_binary": thresholds["binary"], "threshold_subtype": thresholds["subtype"]}
-    return pd.DataFrame([rows[i] for i in range(len(values))], columns=list(OUTPUTS))
+                   "threshold_binary": thresholds["binary"],
+                   "threshold_subtype": thresholds["subtype"]}
+    frame = pd.DataFrame([rows[i] for i in range(len(values))], columns=list(OUTPUTS))
+    # No diagnosis is null in the JSON answer: NaN is not JSON, and strict parsers refuse it.
+    return frame.astype(object).where(frame.notna(), None)
 
 
 def pipeline_from_artifacts(artifacts: dict[str, str]) -> TwoStagePipeline:
-    """The pipeline a model folder's artifacts describe (paths as MLflow resolved them)."""
+    """The pipeline a model folder's artifacts describe (paths as MLflow resolved them); MLflow
+    calls it through PipelineModel.load_context, `load_pipeline` is the way in."""
     spec = json.loads(Path(artifacts["pipeline"]).read_text())
     if tuple(spec["classes"]) != CLASSES:
         raise CheckpointError(f"the model's classes {spec['classes']} are not {CLASSES}")
@@ -144,10 +148,13 @@ class PipelineModel(mlflow.pyfunc.PythonModel):
 def model_artifacts(pipeline: TwoStagePipeline, folder: Path) -> dict[str, str]:
     """Copies each checkpoint under a unique name and writes pipeline.json into `folder`;
     returns them as pyfunc artifacts (key -> file)."""
-    spec = {"classes": list(CLASSES), "tta": pipeline.tta, "checkpoints": {},
+    spec = {"format": 1, "classes": list(CLASSES), "input": INPUT, "outputs": list(OUTPUTS),
+            "tta": pipeline.tta, "checkpoints": {},
             "calibration": asdict(pipeline.calibration),
+            "thresholds": pipeline.stage_thresholds(),
             "weights": {stage: dict(pipeline.stages[stage].hparams.get("weights") or NOT_RECORDED)
-                        for stage in STAGE_CLASSES}}
+                        for stage in STAGE_CLASSES},
+            "versions": environment()}
     artifacts = {}
     for stage in STAGE_CLASSES:
         paths = pipeline.checkpoints[stage]
@@ -202,6 +209,18 @@ def tracking(uri: str | None) -> Iterator[None]:
                 os.environ[key] = value
 
 
+def save_pipeline_model(pipeline: TwoStagePipeline, folder: Path, overwrite: bool = False) -> Path:
+    """Writes the pipeline as a model folder (no tracking server involved)."""
+    if folder.exists() and overwrite:
+        shutil.rmtree(folder)
+    with tempfile.TemporaryDirectory() as staging:
+        mlflow.pyfunc.save_model(
+            path=str(folder), python_model=PipelineModel(),
+            artifacts=model_artifacts(pipeline, Path(staging)), signature=SIGNATURE,
+            input_example=input_example(), pip_requirements=requirements())
+    return folder
+
+
 def log_pipeline_model(pipeline: TwoStagePipeline, run_id: str, tracking_uri: str) -> ModelInfo:
     """Logs the pipeline as an MLflow 3 logged model of run `run_id`."""
     with (tracking(tracking_uri), tempfile.TemporaryDirectory() as folder,
@@ -222,14 +241,26 @@ def register_model(model_uri: str, name: str, alias: str | None, tracking_uri: s
     return str(version)
 
 
-def load_pipeline_model(uri: str, tracking_uri: str | None, downloads: Path) -> TwoStagePipeline:
-    """The pipeline of a model: `models:/<name>@<alias>`, `runs:/<id>/pipeline`, `models:/<id>`
-    or a local model folder."""
-    local = Path(uri).expanduser()
-    if local.is_dir():
-        uri = str(local.resolve())
+def load_pipeline(model: str | None, stages: dict | None, tracking_uri: str | None,
+                  downloads: Path, tta: bool = False) -> TwoStagePipeline:
+    """The one loader: a calibrated pipeline from `model` (a model folder, an evaluation's output
+    folder, `models:/<name>@<alias>`, `models:/<id>` or `runs:/<id>/pipeline`), else an
+    uncalibrated one from `stages` ({"binary": ref, "subtype": ref}, each a checkpoint, run
+    folder, MLflow run id or `latest`, or a list of them, averaged)."""
+    if not model:
+        return TwoStagePipeline.from_references(stages, tracking_uri, downloads, tta=tta)
+    local = Path(model).expanduser()
+    if (local / "model" / "MLmodel").is_file():  # an evaluation's output folder
+        local = local / "model"
+    if local.exists():
+        if not (local / "MLmodel").is_file():
+            old = local.name == "pipeline.json" or (local / "pipeline.json").is_file()
+            raise CheckpointError(f"{model} is not a model folder (no MLmodel file)"
+                                  + (_OLD_FORMAT if old else ""))
+        model = str(local.resolve())
     else:
         downloads.mkdir(parents=True, exist_ok=True)
     with tracking(tracking_uri):
-        model = mlflow.pyfunc.load_model(uri, dst_path=None if local.is_dir() else str(downloads))
-    return model.unwrap_python_model().pipeline
+        loaded = mlflow.pyfunc.load_model(model,
+                                          dst_path=None if local.exists() else str(downloads))
+    return loaded.unwrap_python_model().pipeline

@@ -126,7 +126,8 @@ def logit_shift(prior: float, estimate: float) -> float:
     return _logit(estimate) - _logit(prior)
 
 
-def _save_adapted(module: nn.Module, sources: str | list[str], stage: str, folder: Path) -> list[str]:
+def _save_adapted(module: nn.Module, sources: str | list[str], stage: str,
+                  folder: Path) -> list[str]:
     """Checkpoints of an adapted stage (each ensemble member's), so the saved and logged pipeline
     carries the adapted statistics: the original checkpoints with the new weights."""
     from pneumonia.checkpoints import AtomicCheckpointIO, read_checkpoint
@@ -185,7 +186,8 @@ def adapt_prior(cal, logits: np.ndarray) -> dict[str, dict[str, float]]:
     if "binary" not in cal.priors:
         raise ConfigError("this pipeline's calibration does not record its class priors (made "
                           "before prior re-estimation existed); calibrate it again to adapt priors")
-    estimate = estimate_prior(softmax_positive(logits, cal.temperature["binary"]), cal.priors["binary"])
+    estimate = estimate_prior(softmax_positive(logits, cal.temperature["binary"]),
+                              cal.priors["binary"])
     cal.prior_shift = {**cal.prior_shift, "binary": logit_shift(cal.priors["binary"], estimate)}
     return {"binary": {"calibration": cal.priors["binary"], "site": estimate,
                        "logit_shift": cal.prior_shift["binary"]}}

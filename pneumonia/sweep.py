@@ -20,8 +20,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from pneumonia.compare import format_table
+from pneumonia.csvio import write_csv
 from pneumonia.errors import ConfigError, MissingInputError
-from pneumonia.report import write_csv
 
 log = logging.getLogger(__name__)
 RESULT_FILE = "job_result.json"
@@ -85,4 +85,5 @@ class SweepSummary(Callback):
               f"Saved: {sweep_dir / 'sweep_summary.csv'}")
         failed = [r for r in rows if r["status"] != "COMPLETED"]
         if failed:
-            raise SystemExit(f"{len(failed)} of {len(rows)} sweep jobs failed (see the table above)")
+            raise SystemExit(f"{len(failed)} of {len(rows)} sweep jobs failed "
+                             "(see the table above)")

@@ -174,7 +174,8 @@ def experiment_id(client: MlflowClient, name: str, artifact_dir: str) -> str:
     found = client.get_experiment_by_name(name)
     if found is None:
         try:
-            found = client.get_experiment(client.create_experiment(name, artifact_location=location))
+            found = client.get_experiment(
+                client.create_experiment(name, artifact_location=location))
         except MlflowException as err:
             if err.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
                 raise

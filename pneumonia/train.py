@@ -80,7 +80,8 @@ def class_weights(setting: Any, datamodule: KermanyDataModule) -> list[float] | 
         return datamodule.class_weights()
     weights = [float(w) for w in setting]
     if len(weights) != 2 or min(weights) <= 0:
-        raise ConfigError(f"loss.class_weights={setting} must be auto, null or two positive numbers")
+        raise ConfigError(f"loss.class_weights={setting} must be auto, null or two positive "
+                          "numbers")
     return weights
 
 
@@ -91,7 +92,8 @@ def build_module(cfg: DictConfig, datamodule: KermanyDataModule) -> StageClassif
     pretrained = model.pop("pretrained")  # a hparam of its own: checkpoints load offline
     module = instantiate(
         cfg.module, model=model, pretrained=pretrained, stage=cfg.stage.name,
-        classes=list(STAGE_CLASSES[cfg.stage.name]), preprocessing=datamodule.preprocessing.to_dict(),
+        classes=list(STAGE_CLASSES[cfg.stage.name]),
+        preprocessing=datamodule.preprocessing.to_dict(),
         class_weights=class_weights(cfg.loss.class_weights, datamodule),
         data={"root": str(datamodule.root), **{key: cfg.data[key] for key in SPLIT_KEYS}})
     if cfg.data.feature_cache:  # batches are the frozen part's features; not saved in checkpoints
@@ -121,7 +123,8 @@ def resolve_resume(ref: str, tracking_uri: str | None) -> tuple[Path, Path, str 
     return checkpoint, checkpoint.parent.parent, saved.get("mlflow_run_id")
 
 
-def build_logger(cfg: DictConfig, run_id: str | None = None) -> tuple[MLFlowLogger | bool, str | None]:
+def build_logger(cfg: DictConfig,
+                 run_id: str | None = None) -> tuple[MLFlowLogger | bool, str | None]:
     """The MLflow logger (continuing `run_id` if given) and its tracking URI, the server
     checked before any long work."""
     if not cfg.get("logger"):
@@ -134,7 +137,8 @@ def build_logger(cfg: DictConfig, run_id: str | None = None) -> tuple[MLFlowLogg
     except TrackingError:
         if not cfg.mlflow_fallback_to_local:
             raise
-        log.warning("MLflow server %s not reachable: logging to %s instead", uri, cfg.paths.tracking_uri)
+        log.warning("MLflow server %s not reachable: logging to %s instead", uri,
+                    cfg.paths.tracking_uri)
         overrides["tracking_uri"] = uri = cfg.paths.tracking_uri
     if uri.startswith(("http://", "https://")):
         overrides["artifact_location"] = None  # the server decides where artifacts go
@@ -202,7 +206,8 @@ def _claim_run_folder(cfg: DictConfig) -> tuple[Path | None, str | None]:
 def _record_inputs(cfg: DictConfig, logger, datamodule: KermanyDataModule, output_dir: Path,
                    tags: dict[str, str]) -> None:
     """The split, config and environment files of a new run, and its MLflow params and tags."""
-    files = [datamodule.write_manifest(output_dir / "split_manifest.csv"), output_dir / "config.yaml"]
+    files = [datamodule.write_manifest(output_dir / "split_manifest.csv"),
+             output_dir / "config.yaml"]
     OmegaConf.save(cfg, files[1], resolve=True)
     env_file, env_tags = write_environment(output_dir / "environment.json")
     files.append(env_file)
@@ -216,7 +221,8 @@ def _record_inputs(cfg: DictConfig, logger, datamodule: KermanyDataModule, outpu
                        {**_run_tags(cfg), **env_tags, **tags, "output_dir": str(output_dir)})
 
 
-def _fit(trainer: L.Trainer, module, datamodule, resume_from: Path | None, output_dir: Path) -> None:
+def _fit(trainer: L.Trainer, module, datamodule, resume_from: Path | None,
+         output_dir: Path) -> None:
     """trainer.fit; a run stopped by SIGTERM or Ctrl-C exits non-zero and says how to go on."""
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
@@ -241,8 +247,9 @@ def _add_ood_gate(module: StageClassifier, datamodule: KermanyDataModule, fracti
     """Fit the out-of-distribution gate of the module's (best) weights on the training and
     validation splits, decoded as inference decodes them, and store it in its checkpoint."""
     module.to(device).eval()
-    fit = {split: stage_descriptions(module.net, XrayDataset(datamodule.splits[split], module.hparams.stage,
-                                                             datamodule.preprocessing),
+    fit = {split: stage_descriptions(module.net,
+                                     XrayDataset(datamodule.splits[split], module.hparams.stage,
+                                                 datamodule.preprocessing),
                                      device=device, num_workers=datamodule.num_workers,
                                      limit=MAX_FIT_IMAGES if split == "train" else None)
            for split in ("train", "val")}
@@ -256,7 +263,8 @@ def _add_ood_gate(module: StageClassifier, datamodule: KermanyDataModule, fracti
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Train one stage. Returns the MLflow run id, the best checkpoint and its validation metrics."""
+    """Train one stage. Returns the MLflow run id, the best checkpoint and its validation
+    metrics."""
     validate(cfg)
     resolve_weights(cfg.model.backbone, cfg.model.pretrained)  # fails before any data is read
     choice = _choose_hardware(cfg)
@@ -288,13 +296,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if not best or not trainer.is_global_zero:
         return result
     # Score the best checkpoint once, on one device (DDP samplers would pad the val set).
-    scorer = L.Trainer(accelerator=choice.accelerator, devices=1, logger=False, enable_checkpointing=False,
-                       enable_progress_bar=False, enable_model_summary=False,
-                       plugins=[AtomicCheckpointIO()])
+    scorer = L.Trainer(accelerator=choice.accelerator, devices=1, logger=False,
+                       enable_checkpointing=False, enable_progress_bar=False,
+                       enable_model_summary=False, plugins=[AtomicCheckpointIO()])
     metrics = scorer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
     metrics = {k: float(v) for k, v in sorted(metrics.items()) if not k.startswith("val/confusion")}
     if cfg.stage.name == "binary":  # stage 1 guards the pipeline's input (pneumonia.ood)
-        _add_ood_gate(module, datamodule, cfg.ood_fraction, str(scorer.strategy.root_device), Path(best))
+        _add_ood_gate(module, datamodule, cfg.ood_fraction, str(scorer.strategy.root_device),
+                      Path(best))
     if isinstance(logger, MLFlowLogger):
         log_results(logger, metrics, Path(best), cfg.log_best_checkpoint)
     result.update(best_checkpoint=best, metrics=metrics)

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
+from pneumonia.csvio import read_csv, write_csv
 from pneumonia.data.kermany import Record
 from pneumonia.metrics import auroc, youden_threshold
 from pneumonia.pipeline import load_stages, recorded_split, softmax_positive, stage_outputs
-from pneumonia.report import read_csv, write_csv
 from pneumonia.stages import stage_targets
 
 # The ablation's baseline: the first recipe (ResNet-18) without the idea it kept first (affine),

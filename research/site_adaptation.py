@@ -27,10 +27,10 @@ import numpy as np
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
+from pneumonia.csvio import read_csv
 from pneumonia.data.kermany import Record, scan_kermany
 from pneumonia.evaluate import evaluate
 from pneumonia.metrics import auroc
-from pneumonia.report import read_csv
 from pneumonia.stages import CLASSES
 
 CONF = Path(__file__).resolve().parents[1] / "conf"

@@ -12,9 +12,10 @@ from omegaconf import OmegaConf
 
 from pneumonia.compare import COLUMNS as COMPARE_COLUMNS
 from pneumonia.compare import write_table
+from pneumonia.csvio import read_csv, write_csv
 from pneumonia.data.kermany import Record, read_manifest, write_manifest, write_skipped
 from pneumonia.errors import ImageReadError
-from pneumonia.report import read_csv, write_csv, write_predictions
+from pneumonia.report import write_predictions
 from pneumonia.sweep import SweepSummary
 
 FORMULAS = ['=HYPERLINK("http://evil.example","click")', "+1", "-2", "@SUM(1)", "\tx", "\rx",

@@ -12,8 +12,10 @@ from omegaconf import open_dict
 from pneumonia.compare import compare_runs
 from pneumonia.errors import CheckpointError, DataError, OutputError
 from pneumonia.evaluate import evaluate
+from pneumonia.explain.run import explain
 from pneumonia.metrics import youden_threshold
-from pneumonia.pipeline import TwoStagePipeline, combine, softmax_positive
+from pneumonia.pipeline import combine, softmax_positive
+from pneumonia.serving import load_pipeline
 from tests.conftest import CONF, tree_hashes
 
 
@@ -63,12 +65,24 @@ def test_evaluation_report_end_to_end(trained, tmp_path, read_only_data):
     result = evaluate(cfg)
     assert tree_hashes(read_only_data) == before  # only ever read
     out = tmp_path / "report"
-    for name in ("metrics.json", "predictions.csv", "report.md", "pipeline.json",
+    for name in ("metrics.json", "predictions.csv", "report.md", "model/MLmodel",
+                 "model/artifacts/pipeline.json",
                  "confusion_binary.png", "confusion_subtype.png", "confusion_pipeline.png",
                  "roc_binary.png", "roc_subtype.png", "reliability.png"):
         assert (out / name).stat().st_size > 0, name
     metrics = json.loads((out / "metrics.json").read_text())
-    pipeline = TwoStagePipeline.load(out / "pipeline.json")
+    pipeline = load_pipeline(str(out), None, None, tmp_path / "unused")  # its model/ folder
+    # the model folder is the one artifact: moved elsewhere it still loads, and explains
+    moved = Path(shutil.copytree(out / "model", tmp_path / "elsewhere" / "model"))
+    assert load_pipeline(str(moved), None, None, tmp_path / "x").calibration == pipeline.calibration
+    from tests.test_explain import _explain_cfg
+
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(next((read_only_data / "test" / "PNEUMONIA").iterdir()), images)
+    explained = explain(_explain_cfg(work, images, tmp_path / "explained", runs,
+                                     model_uri=str(moved), binary=None, subtype=None))
+    assert [r["status"] for r in explained["rows"]] in (["ok"], ["out of distribution"])
     test = [r for r in pipeline.split() if r.split == "test"]
     # the confusion matrix counts every test image exactly once
     assert np.sum(metrics["pipeline"]["confusion"]) == len(test) == metrics["n_images"]
@@ -180,3 +194,10 @@ def test_an_unreadable_test_image_is_reported_and_the_rest_scored(trained, synth
          "reason": "cannot decode image (broken data stream when reading image file)"}]
     assert metrics["n_images"] == metrics["pipeline"]["images"] == total - 1
     assert str(broken) in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_an_old_evaluation_folder_says_how_to_recreate_it(tmp_path):
+    (tmp_path / "pipeline.json").write_text('{"checkpoints": {"binary": "/abs/binary.ckpt"}}')
+    for reference in (tmp_path, tmp_path / "pipeline.json"):
+        with pytest.raises(CheckpointError, match="earlier version.*evaluate.py binary="):
+            load_pipeline(str(reference), None, None, tmp_path / "dl")

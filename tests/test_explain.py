@@ -14,9 +14,9 @@ from omegaconf import open_dict
 from PIL import Image
 from torch import nn
 
-from pneumonia.attribution import Probabilities, attribution_map, occlusion_map
 from pneumonia.errors import ImageReadError, OutputError
-from pneumonia.explain import explain
+from pneumonia.explain.attribution import Probabilities, attribution_map, occlusion_map
+from pneumonia.explain.run import explain
 from pneumonia.io import read_grayscale
 from pneumonia.models import build_network
 from tests.conftest import CONF, read_only, tree_hashes

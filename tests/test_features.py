@@ -62,7 +62,7 @@ def test_the_data_module_serves_the_features_it_is_handed(synthetic_root, tmp_pa
     exactly what that network's frozen part computes from the cached images."""
     from pneumonia.train import build_datamodule, build_module
 
-    cfg = compose_train(tmp_path, ["experiment=study_b_mobilenet", f"data.root={synthetic_root}",
+    cfg = compose_train(tmp_path, ["experiment=study_b", f"data.root={synthetic_root}",
                                    "model.pretrained=false", "model.input_size=64"])
     datamodule = build_datamodule(cfg)
     with pytest.raises(RuntimeError, match="use_features"):
@@ -217,9 +217,14 @@ def test_study_a_with_the_feature_cache_names_every_key_to_change(tmp_path):
         assert key in str(err.value)
 
 
-def test_study_b_recipes_use_the_feature_cache(tmp_path):
+def test_study_b_is_one_recipe_with_the_papers_three_backbones(tmp_path):
     for backbone in ("mobilenet", "xception", "inception_v3"):
-        cfg = compose_train(tmp_path, [f"experiment=study_b_{backbone}", "data.root=/data"])
+        cfg = compose_train(tmp_path, ["experiment=study_b", f"model={backbone}",
+                                       "data.root=/data"])
         validate(cfg)
+        assert cfg.model.name == backbone and cfg.model.head == "deep_mlp"
+        assert cfg.model.input_size == 256 and cfg.optimizer.lr == 1e-3
         assert cfg.data.feature_cache and cfg.data.augment is None \
             and cfg.model.freeze == "features"
+    default = compose_train(tmp_path, ["experiment=study_b", "data.root=/data"])
+    assert default.model.name == "mobilenet"

@@ -7,10 +7,9 @@ import torch
 from captum.attr import Occlusion
 from torch import nn
 
-from pneumonia import occlusion
-from pneumonia.attribution import Probabilities, occlusion_map
-from pneumonia.models import build_network
-from pneumonia.occlusion import (
+from pneumonia.explain import occlusion
+from pneumonia.explain.attribution import Probabilities, occlusion_map
+from pneumonia.explain.occlusion import (
     Counter,
     Engine,
     checkerboard,
@@ -21,6 +20,7 @@ from pneumonia.occlusion import (
     trace,
     window_starts,
 )
+from pneumonia.models import build_network
 
 
 @pytest.fixture(autouse=True)
@@ -227,7 +227,7 @@ def test_a_network_that_mixes_the_whole_map_after_its_stem_runs_captum(monkeypat
     def engine(*args, **kwargs):
         raise AssertionError("the engine should not run for this network")
 
-    monkeypatch.setattr("pneumonia.attribution.incremental_occlusion_map", engine)
+    monkeypatch.setattr("pneumonia.explain.attribution.incremental_occlusion_map", engine)
     torch.testing.assert_close(occlusion_map(gated, x, target, 9, 6, 0.0, 16),
                                captum_map(gated, x, target, 9, 6, 0.0), atol=1e-6, rtol=0)
 
@@ -278,7 +278,7 @@ def test_drilldown_fills_each_window_in_with_its_computed_neighbours_mean():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backbone", ["vgg16", "resnet18", "densenet121", "mobilenetv3_large_100",
-                                      "efficientnet_b0"])
+                                      "efficientnet_b0", "tf_efficientnet_lite0"])
 def test_configured_timm_backbones_match_captum(backbone):
     """In float64, so that a sharp classifier tests the engine and not fp32 rounding."""
     # seeded: some random VGG16s (seed 0's) have features that occluding the quarter leaves
@@ -291,7 +291,7 @@ def test_configured_timm_backbones_match_captum(backbone):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backbone", ["vgg16", "resnet18", "densenet121", "mobilenetv3_large_100",
-                                      "efficientnet_b0"])
+                                      "efficientnet_b0", "tf_efficientnet_lite0"])
 def test_configured_backbones_at_224_give_each_occluded_copy_its_full_pass_probabilities(backbone):
     """At the product's geometry (224 px, window 15), where a whole Captum map is too slow for a
     test: copies occluded at the corners (the last windows cross the border), the edges and

@@ -15,7 +15,7 @@ from sklearn.covariance import LedoitWolf
 from pneumonia.checkpoints import AtomicCheckpointIO, load_stage, read_checkpoint
 from pneumonia.data.transforms import Preprocessing
 from pneumonia.evaluate import evaluate
-from pneumonia.explain import explain
+from pneumonia.explain.run import explain
 from pneumonia.ood import MAX_DIMS, OODGate, describe, gaussian, stage_descriptions
 from pneumonia.pipeline import ScoredImages, TwoStagePipeline, recorded_split
 from pneumonia.serving import predict_images

@@ -62,9 +62,9 @@ def test_tracking_server_on_postgres_keeps_a_sweep_and_an_evaluation(synthetic_r
             evaluation.info.run_id, "metrics.json", str(tmp_path))).read_text())
         assert evaluation.data.metrics["pipeline/accuracy"] == pytest.approx(
             saved["pipeline"]["metrics"]["accuracy"])
-        from pneumonia.serving import load_pipeline_model
+        from pneumonia.serving import load_pipeline
 
-        pipeline = load_pipeline_model("models:/pneumonia-postgres@champion", uri, tmp_path / "dl")
+        pipeline = load_pipeline("models:/pneumonia-postgres@champion", None, uri, tmp_path / "dl")
         assert pipeline.calibration.temperature == saved["calibration"]["temperature"]
     finally:
         assert servers.stop(process) == []

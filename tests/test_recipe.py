@@ -7,15 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from pneumonia.attribution import attribution_map
-from pneumonia.pipeline import (
-    CheckpointError,
-    StageEnsemble,
-    TwoStagePipeline,
-    forward_outputs,
-    load_stage,
-    load_stages,
-)
+from pneumonia.checkpoints import load_stage
+from pneumonia.errors import CheckpointError
+from pneumonia.explain.attribution import attribution_map
+from pneumonia.pipeline import StageEnsemble, forward_outputs, load_stages
+from pneumonia.serving import load_pipeline
 from tests.conftest import compose_train
 
 
@@ -108,7 +104,7 @@ def test_evaluation_of_ensembles_with_tta_is_recorded_and_reloads(trained, tmp_p
     metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
     assert metrics["tta"] is True \
         and metrics["checkpoints"]["binary"] == _checkpoints(runs, "binary")
-    pipeline = TwoStagePipeline.load(tmp_path / "report" / "pipeline.json")
+    pipeline = load_pipeline(str(tmp_path / "report" / "model"), None, None, tmp_path / "unused")
     assert pipeline.tta is True and isinstance(pipeline.stages["binary"], StageEnsemble)
     from mlflow.tracking import MlflowClient
 

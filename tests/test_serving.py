@@ -18,14 +18,12 @@ import pandas as pd
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
-from omegaconf import OmegaConf
 
-from pneumonia.explain import load_pipeline
 from pneumonia.io import read_grayscale
 from pneumonia.pipeline import Calibration, TwoStagePipeline
 from pneumonia.serving import (
     OUTPUTS,
-    load_pipeline_model,
+    load_pipeline,
     log_pipeline_model,
     predict_images,
     register_model,
@@ -92,8 +90,8 @@ def test_logged_model_predicts_as_the_pipeline_and_survives_a_move(logged, synth
     out = mlflow.pyfunc.load_model(str(folder)).predict(request)
     assert list(out.columns) == list(OUTPUTS)
     expected = _expected(pipeline, paths)
-    np.testing.assert_allclose(out[["p_normal", "p_bacterial", "p_viral"]].to_numpy(), expected,
-                               atol=1e-6)
+    np.testing.assert_allclose(out[["p_normal", "p_bacterial", "p_viral"]].astype(float).to_numpy(),
+                               expected, atol=1e-6)
     withheld = np.isnan(expected).any(axis=1)
     assert set(out["decision"][~withheld]) <= set(CLASSES) and (out["error"][~withheld] == "").all()
     assert out["error"][withheld].str.startswith("out of distribution").all()
@@ -110,7 +108,7 @@ def test_logged_model_predicts_as_the_pipeline_and_survives_a_move(logged, synth
     assert not folder.exists()
     again = mlflow.pyfunc.load_model(moved).predict(request)
     pd.testing.assert_frame_equal(again, out)
-    loaded = load_pipeline_model(moved, None, tmp_path / "unused")
+    loaded = load_pipeline(moved, None, None, tmp_path / "unused")
     assert loaded.calibration == pipeline.calibration and loaded.tta
     assert len(loaded.checkpoints["subtype"]) == 2
 
@@ -121,10 +119,8 @@ def test_registered_model_loads_by_alias(logged, synthetic_root, tmp_path):
     version = register_model(info.model_uri, "pneumonia-test", "champion", uri)
     mv = MlflowClient(uri).get_model_version_by_alias("pneumonia-test", "champion")
     assert str(mv.version) == version and mv.source == info.model_uri
-    loaded = load_pipeline_model("models:/pneumonia-test@champion", uri, tmp_path / "dl")
-    cfg = OmegaConf.create({"model_uri": "models:/pneumonia-test@champion", "pipeline": None,
-                            "paths": {"tracking_uri": uri}})
-    assert load_pipeline(cfg, tmp_path / "explain").calibration == pipeline.calibration
+    loaded = load_pipeline("models:/pneumonia-test@champion", None, uri, tmp_path / "dl")
+    assert loaded.calibration == pipeline.calibration
     paths = _images(synthetic_root, 2)
     np.testing.assert_allclose(_expected(loaded, paths), _expected(pipeline, paths), atol=1e-6)
 
@@ -139,9 +135,36 @@ def test_unreadable_image_answers_for_itself(logged, synthetic_root, tmp_path):
     assert list(out["error"][[0, 4]]) == ["", ""]
     assert "not a JPEG, PNG or DICOM" in out["error"][1]
     assert "base64" in out["error"][2] and "base64" in out["error"][3]
-    assert out.loc[1:3, "p_normal"].isna().all() and (out.loc[1:3, "decision"] == "").all()
-    np.testing.assert_allclose(out.loc[[0, 4], ["p_normal", "p_bacterial", "p_viral"]].to_numpy(),
-                               _expected(pipeline, good), atol=1e-6)
+    # no diagnosis is None, which the scoring server writes as JSON null (NaN is not JSON)
+    assert out.loc[1:3, ["p_normal", "ood_score"]].map(lambda v: v is None).all().all()
+    assert (out.loc[1:3, "decision"] == "").all()
+    probabilities = out.loc[[0, 4], ["p_normal", "p_bacterial", "p_viral"]].astype(float)
+    np.testing.assert_allclose(probabilities.to_numpy(), _expected(pipeline, good), atol=1e-6)
+
+
+def test_requests_are_decoded_in_memory_as_files_are_read(tmp_path, monkeypatch):
+    import tempfile
+
+    from PIL import Image
+
+    from pneumonia.errors import NotChestRadiograph
+    from pneumonia.serving import decode_image
+
+    chest = _save(_dataset(_xray(), BodyPartExamined="CHEST"), tmp_path / "chest.dcm")
+    knee = _save(_dataset(_xray(), BodyPartExamined="KNEE"), tmp_path / "knee.dcm")
+    png = tmp_path / "x.png"
+    Image.fromarray(read_grayscale(chest)).save(png)
+
+    def no_temporary_files(*args, **kwargs):
+        raise AssertionError("a request wrote a temporary file")
+
+    for name in ("TemporaryDirectory", "NamedTemporaryFile", "mkstemp", "mkdtemp"):
+        monkeypatch.setattr(tempfile, name, no_temporary_files)
+    for path in (chest, png):
+        np.testing.assert_array_equal(decode_image(_b64(path)), read_grayscale(path))
+    with pytest.raises(NotChestRadiograph, match="BodyPartExamined=KNEE") as err:
+        decode_image(_b64(knee))
+    assert str(tmp_path) not in str(err.value)
 
 
 @pytest.mark.slow
@@ -170,13 +193,18 @@ def test_evaluation_logs_registers_and_reevaluates_the_model(trained, tmp_path):
     assert again["metrics"]["calibration"] == result["metrics"]["calibration"]
 
 
+def _strict(constant: str):
+    raise ValueError(f"{constant} is not JSON")  # what JSON.parse and Go's encoding/json say
+
+
 def _post(url: str, body: bytes) -> tuple[int, dict]:
+    """POST and parse the answer as strict JSON (Python's json module accepts NaN by default)."""
     request = urllib.request.Request(url, body, {"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=120) as response:
-            return response.status, json.loads(response.read())
+            return response.status, json.loads(response.read(), parse_constant=_strict)
     except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read() or b"{}")
+        return err.code, json.loads(err.read() or b"{}", parse_constant=_strict)
 
 
 @pytest.mark.slow
@@ -208,6 +236,7 @@ def test_mlflow_models_serve_answers_per_image_and_survives_a_bad_request(logged
         assert rows[0]["error"] == "" and rows[0]["decision"] in CLASSES \
             and rows[0]["ood_score"] <= 1
         assert "not a JPEG, PNG or DICOM" in rows[1]["error"] and rows[1]["decision"] == ""
+        assert rows[1]["p_normal"] is None and rows[3]["p_viral"] is None
         # the DICOM is answered as the pipeline answers it in process (diagnosed or withheld)
         assert (rows[2]["error"], rows[2]["decision"]) == (in_process["error"],
                                                            in_process["decision"])

@@ -139,8 +139,10 @@ def test_fitting_and_scoring_images_must_differ_unless_transductive(trained, tmp
     report = (tmp_path / "transductive" / "report.md").read_text()
     assert "**Transductive**" in report and "AdaBN" in report
     # the saved pipeline carries the adapted statistics: its binary checkpoint is the adapted one
-    saved = json.loads((tmp_path / "transductive" / "pipeline.json").read_text())
-    adapted = load_stage(saved["checkpoints"]["binary"][0], "binary")
+    model = tmp_path / "transductive" / "model"
+    saved = json.loads((model / "artifacts" / "pipeline.json").read_text())
+    checkpoint = saved["checkpoints"]["binary"][0]
+    adapted = load_stage(model / "artifacts" / f"{checkpoint}.ckpt", "binary")
     original = load_stage(refs["binary"], "binary")
     key = next(k for k in original.state_dict() if k.endswith("running_mean"))
     assert not torch.equal(adapted.state_dict()[key], original.state_dict()[key])

@@ -170,7 +170,8 @@ def test_compose_file_and_dockerfile_match_the_readme_and_pyproject():
     assert trainer["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
     assert trainer["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
     dockerfile = (REPO / "docker" / "Dockerfile").read_text()
-    assert "USER trainer" in dockerfile and "pip install --no-cache-dir \".[weights]\"" in dockerfile
+    assert ("USER trainer" in dockerfile
+            and "pip install --no-cache-dir \".[weights]\"" in dockerfile)
     assert "python3.11" in dockerfile
     # the MLflow server image is a version pyproject accepts for the client
     import tomllib

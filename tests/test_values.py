@@ -12,6 +12,8 @@ from collections import namedtuple
 import pytest
 from hydra import compose, initialize_config_dir
 
+import pneumonia.evaluate  # noqa: F401  (registers evaluate.py's schema)
+import pneumonia.explain.run  # noqa: F401  (registers explain.py's schema)
 from pneumonia.config import check_values, validate
 from pneumonia.data.cache import FREE_MARGIN, build_cache
 from pneumonia.data.kermany import scan_kermany

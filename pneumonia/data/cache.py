@@ -40,13 +40,15 @@ FREE_MARGIN = 256 * 2**20
 
 
 def decode_preprocessed(path: Path, pre: Preprocessing, draft: bool = True) -> np.ndarray:
-    """The (S, S) uint8 image `pre` would give, decoding JPEGs at reduced size where exact enough."""
+    """The (S, S) uint8 image `pre` would give, decoding JPEGs at reduced size where exact
+    enough."""
     if not draft or path.suffix.lower() not in (".jpeg", ".jpg"):
         return pre(read_grayscale(path))
     try:
         with Image.open(path) as img:
             width, height = img.size
-            box = ProportionalCrop(**pre.crop).crop_box(width, height) if pre.crop else (0, 0, width, height)
+            box = (ProportionalCrop(**pre.crop).crop_box(width, height) if pre.crop
+                   else (0, 0, width, height))
             scale = DRAFT_MARGIN * pre.image_size / min(box[2] - box[0], box[3] - box[1])
             if scale < 1:
                 img.draft("L", (math.ceil(width * scale), math.ceil(height * scale)))
@@ -60,7 +62,8 @@ def decode_preprocessed(path: Path, pre: Preprocessing, draft: bool = True) -> n
 
 
 def cache_key(records: list[Record], pre: Preprocessing) -> str:
-    digest = hashlib.sha256(json.dumps({"version": VERSION, "pre": pre.to_dict()}, sort_keys=True).encode())
+    digest = hashlib.sha256(json.dumps({"version": VERSION, "pre": pre.to_dict()},
+                                       sort_keys=True).encode())
     for r in records:
         stat = r.path.stat()
         digest.update(f"{r.path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
@@ -82,7 +85,8 @@ def _valid(array_file: Path, meta_file: Path, shape: tuple[int, ...], dtype: np.
         meta = json.loads(meta_file.read_text())
     except (OSError, ValueError):
         return False
-    if array_file.stat().st_size != int(np.prod(shape)) * dtype.itemsize or meta.get("shape") != list(shape):
+    if (array_file.stat().st_size != int(np.prod(shape)) * dtype.itemsize
+            or meta.get("shape") != list(shape)):
         return False
     return meta.get("checksum") == _checksum(array_file)
 
@@ -111,7 +115,8 @@ def _reserve(path: Path, nbytes: int) -> None:
             free = shutil.disk_usage(path.parent).free
             raise OSError(err.errno, f"cannot reserve {nbytes:,} bytes for the cache file {path} "
                           f"({free:,} bytes free on that disk; {err.strerror}): free some space, "
-                          "point paths.cache_dir at a larger disk, or set data.cache=false") from err
+                          "point paths.cache_dir at a larger disk, "
+                          "or set data.cache=false") from err
 
 
 def cached_array(array_file: Path, shape: tuple[int, ...], dtype, fill: Callable[[np.memmap], None],
@@ -165,8 +170,10 @@ def build_cache(records: list[Record], pre: Preprocessing, cache_dir: Path, work
             list(tqdm(pool.map(work, range(len(records))), total=len(records), desc=desc,
                       unit="image", leave=False))
         if failed:  # all of them at once, before the first epoch
-            raise unreadable_error(records[0].path.parents[2], sorted(failed, key=str), "undecodable")
+            raise unreadable_error(records[0].path.parents[2], sorted(failed, key=str),
+                                   "undecodable")
 
     return cached_array(cache_dir / f"{cache_key(records, pre)}.u8",
                         (len(records), pre.image_size, pre.image_size), np.uint8, fill,
-                        {"images": len(records), "preprocessing": pre.to_dict(), "version": VERSION})
+                        {"images": len(records), "preprocessing": pre.to_dict(),
+                         "version": VERSION})

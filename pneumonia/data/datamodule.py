@@ -179,7 +179,8 @@ class KermanyDataModule(L.LightningDataModule):
         records, self.skipped = scan_with_skipped(self.root, skip_bad=skip_bad)
         self.manifest = split_records(records, split, val_fraction, test_fraction, split_seed)
         self.splits = {
-            name: [r for r in self.manifest if r.split == name and stage_target(stage, r.label) is not None]
+            name: [r for r in self.manifest
+                   if r.split == name and stage_target(stage, r.label) is not None]
             for name in ("train", "val", "test")
         }
         self._check_classes()
@@ -205,8 +206,8 @@ class KermanyDataModule(L.LightningDataModule):
             missing = [c for c, n in zip(classes, counts) if n == 0]
             if missing:
                 raise DataError(
-                    f"stage={self.stage} needs {' and '.join(classes)} images in the {split} split, "
-                    f"but {self.root} gives none for: {', '.join(missing)}"
+                    f"stage={self.stage} needs {' and '.join(classes)} images in the {split} "
+                    f"split, but {self.root} gives none for: {', '.join(missing)}"
                 )
 
     def class_counts(self, split: str = "train") -> list[int]:
@@ -214,7 +215,8 @@ class KermanyDataModule(L.LightningDataModule):
         return [counts[i] for i in range(len(STAGE_CLASSES[self.stage]))]
 
     def class_weights(self) -> list[float]:
-        """Inverse-frequency weights n / (k * n_c): the minority error costs n_major / n_minor more."""
+        """Inverse-frequency weights n / (k * n_c): the minority error costs n_major / n_minor
+        more."""
         counts = np.asarray(self.class_counts("train"), dtype=np.float64)
         return (counts.sum() / (len(counts) * counts)).tolist()
 
@@ -242,8 +244,8 @@ class KermanyDataModule(L.LightningDataModule):
                 self.features(split, device)
 
     def cached_images(self, split: str) -> np.ndarray:
-        return build_cache(self.splits[split], self.preprocessing, self.cache_dir, self.cache_workers,
-                           desc=f"caching {self.stage}/{split}")
+        return build_cache(self.splits[split], self.preprocessing, self.cache_dir,
+                           self.cache_workers, desc=f"caching {self.stage}/{split}")
 
     def features(self, split: str, device: torch.device | None = None) -> np.ndarray:
         """(N, C, H, W) features of the split's cached images, from the `use_features` extractor."""

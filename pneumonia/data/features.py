@@ -56,7 +56,8 @@ def frozen_weights_digest(net: PneumoniaNet) -> str:
 
 
 def backbone_name(net: PneumoniaNet) -> str:
-    return getattr(net.backbone, "pretrained_cfg", {}).get("architecture") or type(net.backbone).__name__
+    return (getattr(net.backbone, "pretrained_cfg", {}).get("architecture")
+            or type(net.backbone).__name__)
 
 
 def feature_key(image_key: str, backbone: str, weights: str) -> str:
@@ -91,19 +92,22 @@ def build_feature_cache(images: np.ndarray, image_key: str, net: PneumoniaNet, m
     net.eval().to(device or home)
     try:
         size = images.shape[-1]
-        shape = tuple(compute_features(net, np.zeros((1, size, size), np.uint8), mean, std).shape[1:])
+        shape = tuple(compute_features(net, np.zeros((1, size, size), np.uint8),
+                                       mean, std).shape[1:])
         if len(images) == 0:
             return np.zeros((0, *shape), DTYPE)
         key = feature_key(image_key, backbone_name(net), frozen_weights_digest(net))
 
         def fill(out: np.memmap) -> None:
-            for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False):
+            for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch",
+                              leave=False):
                 block = images[start:start + batch_size]
                 features = compute_features(net, block, mean, std)
                 out[start:start + len(block)] = features.float().cpu().numpy()
 
         return cached_array(Path(cache_dir) / f"{key}.f32", (len(images), *shape), DTYPE, fill,
-                            {"images": image_key, "backbone": backbone_name(net), "version": VERSION})
+                            {"images": image_key, "backbone": backbone_name(net),
+                             "version": VERSION})
     finally:
         net.train(was_training).to(home)
 

@@ -9,9 +9,9 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from pneumonia.csvio import read_csv, write_csv
 from pneumonia.errors import DataError, ImageReadError
 from pneumonia.io import image_size, is_image_file, read_grayscale
-from pneumonia.report import read_csv, write_csv
 
 LABELS = ("normal", "bacterial", "viral")
 CLASS_FOLDERS = ("NORMAL", "PNEUMONIA")
@@ -24,9 +24,11 @@ _PNEUMONIA_NAME = re.compile(r"^(person\d+)_(bacteria|virus)_", re.IGNORECASE)
 _NORMAL_NAME = re.compile(r"^((?:NORMAL2-)?IM-\d+)-", re.IGNORECASE)
 
 
-def unreadable_error(root: Path, errors: list[ImageReadError], what: str = "unreadable") -> DataError:
+def unreadable_error(root: Path, errors: list[ImageReadError],
+                     what: str = "unreadable") -> DataError:
     """One error listing the files (the first 20) that stop a run, and the way around them."""
-    shown = "\n  ".join(map(str, errors[:20])) + (f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else "")
+    shown = "\n  ".join(map(str, errors[:20])) + (f"\n  ... and {len(errors) - 20} more"
+                                                  if len(errors) > 20 else "")
     return DataError(f"{len(errors)} {what} image file(s) under {root}:\n  {shown}\n"
                      "Remove or replace them, or pass data.skip_bad=true to train without them.")
 
@@ -60,7 +62,8 @@ def parse_name(class_folder: str, filename: str) -> tuple[str, str]:
 
 def scan_kermany(root: Path | str, folders: tuple[str, ...] = SPLIT_FOLDERS,
                  skip_bad: bool = False) -> list[Record]:
-    """Every readable image under root/{train,val,test}/{NORMAL,PNEUMONIA} (see scan_with_skipped)."""
+    """Every readable image under root/{train,val,test}/{NORMAL,PNEUMONIA} (see
+    scan_with_skipped)."""
     return scan_with_skipped(root, folders, skip_bad)[0]
 
 
@@ -86,7 +89,8 @@ def scan_with_skipped(root: Path | str, folders: tuple[str, ...] = SPLIT_FOLDERS
         for class_folder in CLASS_FOLDERS:
             class_dir = root / folder / class_folder
             if not class_dir.is_dir():
-                raise DataError(f"{class_dir} is missing; expected {folder}/NORMAL and {folder}/PNEUMONIA")
+                raise DataError(f"{class_dir} is missing; expected {folder}/NORMAL and "
+                                f"{folder}/PNEUMONIA")
             for path in sorted(class_dir.iterdir()):
                 if not is_image_file(path):
                     continue
@@ -104,7 +108,8 @@ def scan_with_skipped(root: Path | str, folders: tuple[str, ...] = SPLIT_FOLDERS
     if bad:
         log.warning("Skipping %d unreadable image file(s) under %s (data.skip_bad=true):\n  %s",
                     len(bad), root, "\n  ".join(map(str, bad)))
-    train_labels = Counter("normal" if r.label == "normal" else "pneumonia" for r in records if r.folder == "train")
+    train_labels = Counter("normal" if r.label == "normal" else "pneumonia"
+                           for r in records if r.folder == "train")
     for name in ("normal", "pneumonia"):
         if train_labels[name] == 0:
             raise DataError(f"{root / 'train' / name.upper()} holds no images")
@@ -163,7 +168,8 @@ def split_records(
     else:
         raise DataError(f"data.split={mode!r} is not one of: official, random")
     train, val = _group_split(pool, val_fraction, rng)
-    out = [replace(r, split=s) for s, part in (("train", train), ("val", val), ("test", test)) for r in part]
+    out = [replace(r, split=s)
+           for s, part in (("train", train), ("val", val), ("test", test)) for r in part]
     return sorted(out, key=lambda r: (r.split, str(r.path)))
 
 
@@ -171,7 +177,7 @@ def write_manifest(records: list[Record], path: Path) -> Path:
     """One row per image (path, label, patient, split, source folder, size): a run's exact split.
 
     Text that a spreadsheet would run as a formula is written with a leading apostrophe
-    (`pneumonia.report.write_csv`); `read_manifest` removes it again.
+    (`pneumonia.csvio.write_csv`); `read_manifest` removes it again.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     return write_csv(path, ["path", "label", "patient", "split", "folder", "width", "height"],

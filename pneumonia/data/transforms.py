@@ -30,7 +30,8 @@ class ProportionalCrop:
     def crop_box(self, width: int, height: int) -> tuple[int, int, int, int]:
         """(left, top, right, bottom) of the centre crop for an image of this size."""
         new_w = max(1, round((1 - self.width_fraction * min(width / self.max_width, 1.0)) * width))
-        new_h = max(1, round((1 - self.height_fraction * min(height / self.max_height, 1.0)) * height))
+        new_h = max(1, round((1 - self.height_fraction * min(height / self.max_height, 1.0))
+                             * height))
         left, top = (width - new_w) // 2, (height - new_h) // 2
         return left, top, left + new_w, top + new_h
 
@@ -56,7 +57,8 @@ class Preprocessing:
         if self.crop is not None:
             image = ProportionalCrop(**self.crop)(image)
         if image.shape != (self.image_size, self.image_size):
-            resized = Image.fromarray(image).resize((self.image_size, self.image_size), Image.BILINEAR)
+            resized = Image.fromarray(image).resize((self.image_size, self.image_size),
+                                                    Image.BILINEAR)
             image = np.asarray(resized)
         return image
 

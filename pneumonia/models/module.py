@@ -102,7 +102,8 @@ class StageClassifier(L.LightningModule):
         super().__init__()
         unknown = retired.keys() - RETIRED["module"].keys() - set(TRAINING_RECORDS)
         if unknown:
-            raise TypeError(f"StageClassifier got unexpected arguments: {', '.join(sorted(unknown))}")
+            raise TypeError("StageClassifier got unexpected arguments: "
+                            f"{', '.join(sorted(unknown))}")
         without_retired("module", {k: v for k, v in retired.items() if k not in TRAINING_RECORDS})
         model = without_retired("model", model)
         preprocessing = without_retired("preprocessing", preprocessing)
@@ -120,7 +121,8 @@ class StageClassifier(L.LightningModule):
             torch.tensor(class_weights, dtype=torch.float32) if class_weights else None,
             persistent=False,
         )
-        self.metrics = nn.ModuleDict({f"{s}_metrics": _metrics(len(classes)) for s in ("train", "val", "test")})
+        self.metrics = nn.ModuleDict({f"{s}_metrics": _metrics(len(classes))
+                                      for s in ("train", "val", "test")})
 
     mlflow_run_id: str | None = None
     cached_features: bool = False
@@ -190,7 +192,8 @@ class StageClassifier(L.LightningModule):
                 out[f"{split}/{name}_{cls}"] = values[name][i]
             for j, pred in enumerate(classes):
                 out[f"{split}/confusion_{cls}_as_{pred}"] = values["confusion"][i, j].float()
-        self.log_dict(out, sync_dist=True)  # already synced by torchmetrics: identical on every rank
+        # already synced by torchmetrics: identical on every rank
+        self.log_dict(out, sync_dist=True)
         for metric in metrics.values():
             metric.reset()
 
@@ -209,4 +212,5 @@ class StageClassifier(L.LightningModule):
         if not self.hparams.scheduler:
             return optimizer
         scheduler = hydra.utils.instantiate(self.hparams.scheduler)(optimizer=optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}

