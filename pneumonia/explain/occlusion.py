@@ -44,8 +44,8 @@ from pneumonia.errors import ConfigError
 MODES = ("exact", "approximate")
 APPROXIMATE_REFINE = 0.25  # chosen on validation X-rays (docs/options.md)
 # A full pass must cost at least this many times a copy, by the engine's own count, for the
-# engine to run: EfficientNet-B0 (1.02x: squeeze-and-excitation in its first block) ran 0.7x
-# Captum's speed, MobileNetV3 (1.27x) 1.6x (docs/options.md).
+# engine to run: below it, networks that mix the whole map early ran slower in the engine than
+# as whole passes (docs/options.md has the measurements).
 MIN_SAVING = 1.2
 
 NORM_ACT_MODULES = (BatchNormAct2d, FrozenBatchNormAct2d)
@@ -132,8 +132,8 @@ def trace(model: nn.Module) -> fx.GraphModule | None:
 def products_for_whole_kernels(model: nn.Module) -> Iterator[None]:
     """For the duration, a convolution whose kernel covers its whole input (VGG's 7x7 and 1x1
     head convolutions, inside timm's ConvMlp too) runs as the matrix product it is: oneDNN lays
-    its weights out anew on every call (VGG16's first head convolution took 0.9 s per batch of
-    32 channels-last copies, 0.07 s as a product)."""
+    its weights out anew on every call, which cost VGG16 more than the product itself
+    (docs/options.md)."""
     convs = [m for m in model.modules() if type(m) is nn.Conv2d and "forward" not in vars(m)]
     flat: dict[nn.Module, torch.Tensor] = {}
 

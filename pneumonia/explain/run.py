@@ -140,7 +140,7 @@ class Explainer:
             raise ConfigError(f"window={self.cfg.window} is larger than the "
                               f"{self.cfg.explain_stage} stage's input ({pre['image_size']} px)")
         self.baseline = normalize(self.cfg.baseline, pre["mean"], pre["std"])
-        # channels_last paid 1.8x for occlusion on a 2-core CPU (benchmarks/occlusion_speed.py)
+        # channels_last pays for occlusion on CPUs (docs/options.md, benchmarks/occlusion_speed.py)
         self.memory_format = (torch.channels_last if self.cfg.channels_last
                               else torch.contiguous_format)
         self.net = module.net.to(self.cfg.device, memory_format=self.memory_format)
