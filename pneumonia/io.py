@@ -54,6 +54,8 @@ CHEST_BODY_PARTS = frozenset({"CHEST", "THORAX", "LUNG", "LUNGS"})
 # image in three equal channels (pydicom converts the YBR ones to RGB while decoding).
 _COLOUR_PHOTOMETRICS = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT")
 _PHOTOMETRICS = ("MONOCHROME1", "MONOCHROME2", *_COLOUR_PHOTOMETRICS)
+# The first bytes of a PNG and of a JPEG file (DICOM's marker follows a preamble: _dicom_header).
+_IMAGE_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8")
 log = logging.getLogger(__name__)
 # What the DICOM readers read from: a file (path.open) or a request's bytes (io.BytesIO), opened
 # afresh at each use; the Path beside it names the source in messages.
@@ -111,7 +113,12 @@ def _open_image(path: Path, source: Path | BinaryIO | None = None):
 def _is_dicom(path: Path) -> bool:
     """True when the file starts with the DICOM preamble and 'DICM' marker."""
     with path.open("rb") as f:
-        return f.read(132)[128:] == b"DICM"
+        return _dicom_header(f.read(132))
+
+
+def _dicom_header(head: bytes) -> bool:
+    """True when the bytes hold the 128-byte DICOM preamble and the 'DICM' marker."""
+    return head[128:132] == b"DICM"
 
 
 def _unreadable(path: Path, reason: str) -> ImageReadError:
@@ -452,9 +459,9 @@ def decode_grayscale(data: bytes, accept_any_modality: bool = False) -> np.ndarr
     content, checked and decoded the same way, with nothing written to disk. Errors name the
     source `image`."""
     name = Path("image")
-    if not data:
-        raise ImageReadError(name, "empty file")
-    if data[128:132] == b"DICM":
+    if not (_dicom_header(data) or data.startswith(_IMAGE_SIGNATURES)):
+        raise ImageReadError(name, "not a JPEG, PNG or DICOM file (unrecognised content)")
+    if _dicom_header(data):
         ds = _read_dicom(name, accept_any_modality=accept_any_modality,
                          opener=lambda: io.BytesIO(data))
         return _dicom_to_uint8(name, ds)
