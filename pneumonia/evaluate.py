@@ -114,7 +114,7 @@ def _evaluation_tags(metrics: dict, pipeline) -> dict[str, str]:
 
 
 def log_evaluation(tracking_uri: str, artifact_dir: str, experiment: str, metrics: dict,
-                   files: list[Path], pipeline, register: str | None = None,
+                   files: list[Path], pipeline, model_folder: Path, register: str | None = None,
                    alias: str | None = None) -> dict[str, str | None]:
     """One MLflow run for an evaluation, tagged with the training runs it evaluates, holding the
     pipeline as a logged model (`pneumonia.serving`) that the metrics are linked to; with
@@ -125,7 +125,7 @@ def log_evaluation(tracking_uri: str, artifact_dir: str, experiment: str, metric
     run = client.create_run(experiment_id(client, experiment, artifact_dir),
                             tags=_evaluation_tags(metrics, pipeline))
     run_id = run.info.run_id
-    model = log_pipeline_model(pipeline, run_id, tracking_uri)
+    model = log_pipeline_model(model_folder, run_id, tracking_uri)
     values = {f"{section}/{k}": float(v) for section in ("binary", "subtype", "pipeline")
               for k, v in metrics[section]["metrics"].items()}
     values.update({f"calibration/ece_{k}": v for k, v in metrics["calibration"]["ece"].items()})
@@ -256,11 +256,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
              write_predictions(output_dir / "predictions.csv", paths, labels,
                                pred.probabilities, [CLASSES[d] for d in pred.decision], CLASSES),
              write_markdown(output_dir / "report.md", metrics, figures), *figures]
-    save_pipeline_model(pipeline, output_dir / "model", overwrite=cfg.overwrite)
+    model = save_pipeline_model(pipeline, output_dir / "model", overwrite=cfg.overwrite)
     logged = {"run_id": None}
     if cfg.log_to_mlflow:
         logged = log_evaluation(cfg.paths.tracking_uri, cfg.paths.artifact_dir, cfg.experiment_name,
-                                metrics, files, pipeline, cfg.register, cfg.register_alias)
+                                metrics, files, pipeline, model, cfg.register, cfg.register_alias)
     elif cfg.register:
         raise ConfigError("register= needs log_to_mlflow=true: the registry holds logged models")
     return {"output_dir": str(output_dir), **logged, "metrics": metrics}

@@ -200,26 +200,29 @@ def tracking(uri: str | None) -> Iterator[None]:
                 os.environ[key] = value
 
 
+def _pyfunc_options() -> dict[str, Any]:
+    """What MLflow is told of the model besides its artifacts."""
+    return dict(python_model=PipelineModel(), signature=SIGNATURE, input_example=input_example(),
+                pip_requirements=requirements())
+
+
 def save_pipeline_model(pipeline: TwoStagePipeline, folder: Path, overwrite: bool = False) -> Path:
     """Writes the pipeline as a model folder (no tracking server involved)."""
     if folder.exists() and overwrite:
         shutil.rmtree(folder)
     with tempfile.TemporaryDirectory() as staging:
-        mlflow.pyfunc.save_model(
-            path=str(folder), python_model=PipelineModel(),
-            artifacts=model_artifacts(pipeline, Path(staging)), signature=SIGNATURE,
-            input_example=input_example(), pip_requirements=requirements())
+        mlflow.pyfunc.save_model(path=str(folder),
+                                 artifacts=model_artifacts(pipeline, Path(staging)),
+                                 **_pyfunc_options())
     return folder
 
 
-def log_pipeline_model(pipeline: TwoStagePipeline, run_id: str, tracking_uri: str) -> ModelInfo:
-    """Logs the pipeline as an MLflow 3 logged model of run `run_id`."""
-    with (tracking(tracking_uri), tempfile.TemporaryDirectory() as folder,
-          mlflow.start_run(run_id=run_id)):
-        return mlflow.pyfunc.log_model(
-            name=MODEL_NAME, python_model=PipelineModel(),
-            artifacts=model_artifacts(pipeline, Path(folder)), signature=SIGNATURE,
-            input_example=input_example(), pip_requirements=requirements())
+def log_pipeline_model(folder: Path, run_id: str, tracking_uri: str) -> ModelInfo:
+    """Logs a model folder that `save_pipeline_model` wrote, its checkpoints and pipeline.json as
+    they are, as an MLflow 3 logged model of run `run_id`."""
+    artifacts = {path.stem: str(path) for path in (folder / "artifacts").iterdir()}
+    with tracking(tracking_uri), mlflow.start_run(run_id=run_id):
+        return mlflow.pyfunc.log_model(name=MODEL_NAME, artifacts=artifacts, **_pyfunc_options())
 
 
 def register_model(model_uri: str, name: str, alias: str | None, tracking_uri: str) -> str:

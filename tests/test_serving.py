@@ -27,6 +27,7 @@ from pneumonia.serving import (
     log_pipeline_model,
     predict_images,
     register_model,
+    save_pipeline_model,
     tracking,
 )
 from pneumonia.stages import CLASSES
@@ -64,7 +65,8 @@ def logged(trained, tmp_path_factory):
     client = MlflowClient(uri)
     run = client.create_run(experiment_id(client, "serving-test", str(work / "mlartifacts")))
     pipeline = _pipeline(runs)
-    info = log_pipeline_model(pipeline, run.info.run_id, uri)
+    folder = save_pipeline_model(pipeline, tmp_path_factory.mktemp("model") / "model")
+    info = log_pipeline_model(folder, run.info.run_id, uri)
     return work, uri, pipeline, info
 
 
