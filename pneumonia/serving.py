@@ -38,7 +38,6 @@ from PIL import Image
 
 from pneumonia.errors import CheckpointError, ImageReadError
 from pneumonia.io import decode_grayscale
-from pneumonia.models.weights import NOT_RECORDED
 from pneumonia.pipeline import Calibration, TwoStagePipeline
 from pneumonia.stages import CLASSES, STAGE_CLASSES
 from pneumonia.tracking import environment
@@ -143,7 +142,7 @@ def model_artifacts(pipeline: TwoStagePipeline, folder: Path) -> dict[str, str]:
             "tta": pipeline.tta, "checkpoints": {},
             "calibration": asdict(pipeline.calibration),
             "thresholds": pipeline.stage_thresholds(),
-            "weights": {stage: dict(pipeline.stages[stage].hparams.get("weights") or NOT_RECORDED)
+            "weights": {stage: dict(pipeline.stages[stage].hparams["weights"])
                         for stage in STAGE_CLASSES},
             "versions": environment()}
     artifacts = {}
