@@ -45,10 +45,8 @@ class TimeBudget(L.Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # after validation, and before the checkpoint callbacks (Lightning calls them last), so
         # epoch 0's checkpoints already carry the choice
-        if self.epochs is None and trainer.current_epoch == 0:
-            self._choose(trainer)
-
-    def _choose(self, trainer: L.Trainer) -> None:
+        if self.epochs is not None or trainer.current_epoch != 0:
+            return
         seconds = monotonic() - self._started
         fit = max(1, math.floor(self.minutes * 60 / seconds))
         configured = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else fit

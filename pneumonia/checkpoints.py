@@ -1,16 +1,9 @@
-"""Checkpoints: references resolved, bytes read safely, stage modules built, files written
-atomically.
+"""Checkpoints: references resolved to local files, bytes read safely, stage modules built,
+files written atomically.
 
-One place for every checkpoint job:
-- `resolve` turns what a user gives (a checkpoint file, a run folder, an MLflow run id,
-  `latest`) into a local checkpoint file, for training's resume, evaluation and explanation;
-- `read_checkpoint` reads a local file's bytes and unpickles them with
-  `torch.load(weights_only=True)` whatever the environment says (torch honours
-  TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD only when `weights_only` is not passed), so a crafted file
-  cannot run code; URLs are never fetched;
-- `load_stage` builds a stage module from those bytes and checks it is usable;
-- `AtomicCheckpointIO` is Lightning's checkpoint plugin that saves through a temporary file
-  beside the checkpoint and loads through `read_checkpoint`.
+`read_checkpoint` passes `weights_only=True` whatever the environment says (torch honours
+TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD only when `weights_only` is not passed), so a crafted file
+cannot run code; URLs are never fetched.
 """
 
 from __future__ import annotations
@@ -24,17 +17,19 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
 
+from pneumonia.data.transforms import Preprocessing
 from pneumonia.errors import CheckpointError
+from pneumonia.models import StageClassifier
+from pneumonia.models.weights import NOT_RECORDED
 from pneumonia.stages import STAGE_CLASSES
 from pneumonia.tracking import ensure_tracking_store, is_run_id
 
 
 def _mlflow_run(ref: str, stage: str, tracking_uri: str | None):
     """The MLflow run a reference names: an id, or `latest` (the stage's newest finished run)."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
     if not tracking_uri:
         raise CheckpointError(f"{ref}: an MLflow reference needs a tracking URI")
     ensure_tracking_store(tracking_uri)
@@ -59,8 +54,6 @@ def _logged_checkpoint(client, run, stage: str, download_dir: Path) -> Path:
     local = run.data.tags.get("best_checkpoint")
     if local and Path(local).is_file():
         return Path(local)
-    from mlflow.exceptions import MlflowException
-
     try:
         folder = Path(client.download_artifacts(run.info.run_id, "checkpoints", str(download_dir)))
         found = sorted(folder.glob("*.ckpt"))
@@ -134,10 +127,8 @@ def local_references(refs: Any) -> list[Path]:
 
 
 def read_checkpoint(path: Path | str, map_location: Any = "cpu") -> dict:
-    """A checkpoint's contents from a local file, unpickled with weights_only=True.
-
-    Raises CheckpointError naming the file and what is wrong with it.
-    """
+    """A checkpoint's contents from a local file, unpickled with weights_only=True; a
+    CheckpointError names the file and what is wrong with it."""
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -159,10 +150,6 @@ def read_checkpoint(path: Path | str, map_location: Any = "cpu") -> dict:
 
 def load_stage(path: Path | str, stage: str):
     """The stage module a checkpoint holds, in eval mode, checked against the slot it fills."""
-    from pneumonia.data.transforms import Preprocessing
-    from pneumonia.models import StageClassifier
-    from pneumonia.models.weights import NOT_RECORDED
-
     path = Path(path)
     checkpoint = read_checkpoint(path)
     hparams = checkpoint.get("hyper_parameters")
@@ -229,15 +216,11 @@ def _remove_leftovers(path: Path) -> None:
     killed mid-write leaves one; its resumed run cleans it up at its first save)."""
     for leftover in path.parent.glob(f".{path.name}.tmp-*"):
         pid = leftover.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and not _running(int(pid)):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+        except ProcessLookupError:
             leftover.unlink(missing_ok=True)
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
+        except PermissionError:  # exists, owned by someone else
+            pass

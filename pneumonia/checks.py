@@ -17,15 +17,12 @@ def check_fraction_key(key: str, value: float, high_inclusive: bool = False) -> 
         raise ConfigError(f"{key}={value} must be in [0, 1{']' if high_inclusive else ')'}")
 
 
-DEVICE = re.compile(r"cpu|cuda(:[0-9]+)?|auto")
-
-
 def at_least(key: str, value: int, low: int, why: str = "") -> None:
     if value < low:
         raise ConfigError(f"{key}={value} must be at least {low}{why}")
 
 
 def check_device(device: str) -> None:
-    if not DEVICE.fullmatch(device):
+    if not re.fullmatch(r"cpu|cuda(:[0-9]+)?|auto", device):
         raise ConfigError(f"device={device!r} is not one of: cpu, cuda, cuda:N (N a GPU index), "
                           "auto (the first GPU if there is one, else cpu)")

@@ -14,6 +14,10 @@ from pneumonia.tracking import ensure_tracking_store
 
 COLUMNS = ("stage", "run_name", "backbone", "pretrained", "adapter", "head", "freeze", "input_size",
            "split", "epochs", "val_auroc", "val_acc", "test_auroc", "test_acc", "run_id")
+# column -> the training run's MLflow param
+PARAMS = {"stage": "stage/name", "split": "data/split", "epochs": "trainer/max_epochs",
+          **{key: f"model/{key}" for key in ("backbone", "pretrained", "adapter", "head", "freeze",
+                                             "input_size")}}
 
 
 def _experiment_ids(client: MlflowClient, names: list[str]) -> list[str]:
@@ -28,36 +32,24 @@ def compare_runs(tracking_uri: str, experiments: list[str],
     finished = "attributes.status = 'FINISHED'"
     test: dict[str, dict[str, float]] = {}
     eval_ids = _experiment_ids(client, [evaluation])
-    if eval_ids:
-        # newest first: the latest evaluation of a training run wins
-        for run in client.search_runs(eval_ids, finished, order_by=["attributes.start_time DESC"]):
-            if run.data.tags.get("split") != "test":
-                continue
-            for stage in ("binary", "subtype"):
-                train_id = run.data.tags.get(f"{stage}_run_id")
-                if train_id and train_id not in test:
-                    m = run.data.metrics
-                    test[train_id] = {"test_auroc": m.get(f"{stage}/auroc"),
-                                      "test_acc": m.get(f"{stage}/accuracy")}
+    # newest first: the latest evaluation of a training run wins
+    for run in client.search_runs(eval_ids, f"{finished} and tags.split = 'test'",
+                                  order_by=["attributes.start_time DESC"]) if eval_ids else []:
+        for stage in ("binary", "subtype"):
+            train_id = run.data.tags.get(f"{stage}_run_id")
+            if train_id and train_id not in test:
+                m = run.data.metrics
+                test[train_id] = {"test_auroc": m.get(f"{stage}/auroc"),
+                                  "test_acc": m.get(f"{stage}/accuracy")}
     rows = []
     ids = _experiment_ids(client, experiments)
     for run in client.search_runs(ids, finished) if ids else []:
-        params, metrics = run.data.params, run.data.metrics
+        metrics = run.data.metrics
         rows.append({
-            "stage": params.get("stage/name", ""),
-            "run_name": run.info.run_name,
-            "backbone": params.get("model/backbone", ""),
-            "pretrained": params.get("model/pretrained", ""),
-            "adapter": params.get("model/adapter", ""),
-            "head": params.get("model/head", ""),
-            "freeze": params.get("model/freeze", ""),
-            "input_size": params.get("model/input_size", ""),
-            "split": params.get("data/split", ""),
-            "epochs": params.get("trainer/max_epochs", ""),
-            "val_auroc": metrics.get("best/auroc"),
-            "val_acc": metrics.get("best/acc"),
+            **{column: run.data.params.get(param, "") for column, param in PARAMS.items()},
+            "run_name": run.info.run_name, "run_id": run.info.run_id,
+            "val_auroc": metrics.get("best/auroc"), "val_acc": metrics.get("best/acc"),
             **test.get(run.info.run_id, {"test_auroc": None, "test_acc": None}),
-            "run_id": run.info.run_id,
         })
     rows.sort(key=lambda r: (r["stage"],
                              -(r["val_auroc"] if r["val_auroc"] is not None else -math.inf)))

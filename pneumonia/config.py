@@ -1,12 +1,10 @@
 """Typed schemas of train.py's config groups, registered in Hydra's ConfigStore, and the value
 checks every entry point runs before reading any data.
 
-One rule for every config: the YAML under conf/ holds each default, once; a schema holds the
-types (no field has a default: a key that no YAML sets is missing from the composed config)
-and the value checks. Types are checked when Hydra composes the config (a wrong type or an
-unknown key fails there, naming the key); `validate(cfg)` then checks values (choices, ranges,
-the backbone name). evaluate.py's and explain.py's schemas live with their code
-(pneumonia/evaluate.py, pneumonia/explain/run.py) and run through `check_values`.
+The YAML under conf/ holds each default, once; a schema holds the types (no defaults: a key that
+no YAML sets is missing) and the value checks. Hydra checks types and unknown keys as it composes
+the config; `validate(cfg)` then checks values. evaluate.py's and explain.py's schemas live with
+their code and run through `check_values`.
 """
 
 from __future__ import annotations
@@ -176,11 +174,9 @@ class TrainerConfig:
 
 
 def register() -> None:
-    store = ConfigStore.instance()
-    store.store(group="model", name="schema", node=ModelConfig)
-    store.store(group="data", name="schema", node=DataConfig)
-    store.store(group="stage", name="schema", node=StageConfig)
-    store.store(group="trainer", name="schema", node=TrainerConfig)
+    for group, node in (("model", ModelConfig), ("data", DataConfig), ("stage", StageConfig),
+                        ("trainer", TrainerConfig)):
+        ConfigStore.instance().store(group=group, name="schema", node=node)
 
 
 def check_feature_cache(cfg: DictConfig) -> None:
@@ -233,11 +229,8 @@ register()
 
 
 def check_values(cfg: DictConfig) -> None:
-    """Runs the value checks of a composed evaluate or explain config (its schema's
-    __post_init__), so a wrong value stops the script before any checkpoint or image is read.
-
-    `paths` is left out: it holds Hydra's runtime interpolations, which resolve only in a run.
-    """
+    """The value checks (its schema's __post_init__) of a composed evaluate or explain config,
+    before any checkpoint or image is read; not of `paths`, which resolves only in a run."""
     values = cfg.copy()
     values.paths = {}
     missing = sorted(OmegaConf.missing_keys(values))

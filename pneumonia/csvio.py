@@ -16,12 +16,9 @@ def _looks_like_formula(text: str) -> bool:
 
 
 def neutralise(cell: object) -> object:
-    """The cell as written to a CSV file: text that could run as a formula gets a leading
-    apostrophe; numbers stay numbers (-0.5 from a float is data, "-x.png" is text).
-
-    Text that starts with apostrophes before a formula character gets one more, so that
-    `restore` gives back every text exactly.
-    """
+    """The cell as written to a CSV file: text that could run as a formula (also after leading
+    apostrophes, so that `restore` gives back every text exactly) gets one more leading
+    apostrophe; numbers stay numbers (-0.5 from a float is data, "-x.png" is text)."""
     if isinstance(cell, str) and _looks_like_formula(cell):
         return ESCAPE + cell
     return cell

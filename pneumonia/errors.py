@@ -32,12 +32,9 @@ class DataError(UserError, ValueError):
 
 
 def display_name(path: os.PathLike | str) -> str:
-    """The path as printable text: bytes that are not UTF-8 become U+FFFD.
-
-    Linux allows any bytes in a file name; Python keeps undecodable ones as lone surrogates,
-    which UTF-8 writers (HTML, CSV, matplotlib, the terminal) refuse. Use this to show a path,
-    and the Path itself to open the file.
-    """
+    """The path as printable text, bytes that are not UTF-8 as U+FFFD: Python keeps them as lone
+    surrogates, which UTF-8 writers (HTML, CSV, matplotlib, the terminal) refuse. Show this;
+    open the Path itself."""
     return os.fsencode(os.fspath(path)).decode("utf-8", errors="replace")
 
 

@@ -122,9 +122,8 @@ def log_evaluation(tracking_uri: str, artifact_dir: str, experiment: str, metric
     model's URI and the registered version."""
     ensure_tracking_store(tracking_uri)
     client = MlflowClient(tracking_uri)
-    run = client.create_run(experiment_id(client, experiment, artifact_dir),
-                            tags=_evaluation_tags(metrics, pipeline))
-    run_id = run.info.run_id
+    run_id = client.create_run(experiment_id(client, experiment, artifact_dir),
+                               tags=_evaluation_tags(metrics, pipeline)).info.run_id
     model = log_pipeline_model(model_folder, run_id, tracking_uri)
     values = {f"{section}/{k}": float(v) for section in ("binary", "subtype", "pipeline")
               for k, v in metrics[section]["metrics"].items()}

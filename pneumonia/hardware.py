@@ -3,8 +3,8 @@ and a precision, for train.py, evaluate.py and explain.py alike.
 
 Several visible GPUs: DDP over all of them; one GPU: that GPU; none: the CPU. Precision `auto`:
 bf16-mixed on GPUs of compute capability 8.0 or more, 16-mixed (with Lightning's loss scaler) on
-older GPUs; on a CPU bf16-mixed only where bf16 is native (AVX512-BF16 or AMX), else 32-true:
-emulated bf16 made a training step 10x slower on an AVX2-only CPU (docs/scaling.md).
+older GPUs; on a CPU bf16-mixed only where bf16 is native (AVX512-BF16 or AMX), else 32-true,
+since emulated bf16 is far slower than fp32 (docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -46,17 +46,12 @@ def _cpuinfo() -> dict[str, str]:
     return fields
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags as /proc/cpuinfo lists them (empty outside Linux)."""
-    return set(_cpuinfo().get("flags", "").split())
-
-
 def cpu_has_native_bf16() -> bool:
     """True where the CPU computes bf16 in hardware (AVX512-BF16 or AMX), as oneDNN sees it."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # a torch without the query
-        return bool(cpu_flags() & set(NATIVE_BF16_FLAGS))
+        return bool(set(_cpuinfo().get("flags", "").split()) & set(NATIVE_BF16_FLAGS))
 
 
 def cpu_description() -> str:
@@ -81,14 +76,6 @@ def _precision(accelerator: str, devices: Any) -> str:
     return "32-true"
 
 
-def _devices(devices: Any, gpus: int | None) -> Any:
-    """`auto` (and -1 on GPUs) as a count: every visible GPU, or one CPU process. `gpus` is the
-    visible GPU count on a GPU accelerator, None on others; with no GPU the value stays."""
-    if gpus is None:
-        return 1 if devices == "auto" else devices
-    return gpus if devices in ("auto", -1) and gpus > 0 else devices
-
-
 def choose(accelerator: str = "auto", devices: Any = "auto", precision: Any = "auto",
            strategy: str = "auto") -> Choice:
     """The accelerator, devices, strategy and precision for a run; `auto` values are decided by
@@ -96,7 +83,11 @@ def choose(accelerator: str = "auto", devices: Any = "auto", precision: Any = "a
     gpus = torch.cuda.device_count()
     if accelerator == "auto":
         accelerator = "gpu" if gpus else "cpu"
-    devices = _devices(devices, gpus if accelerator in GPU_ACCELERATORS else None)
+    # `auto` (and -1 on GPUs) as a count: one CPU process, or every visible GPU (if any)
+    if accelerator not in GPU_ACCELERATORS:
+        devices = 1 if devices == "auto" else devices
+    elif devices in ("auto", -1) and gpus > 0:
+        devices = gpus
     count = len(devices) if isinstance(devices, (list, tuple)) else devices
     if strategy == "auto" and isinstance(count, int) and count > 1:
         strategy = "ddp"

@@ -62,10 +62,6 @@ log = logging.getLogger(__name__)
 Opener = Callable[[], BinaryIO]
 
 
-def _opener(path: Path) -> Opener:
-    return lambda: path.open("rb")
-
-
 def _file_kind(mode: int) -> str:
     """A plain-words name for what a stat mode describes."""
     if stat.S_ISDIR(mode):
@@ -97,7 +93,7 @@ def _require_regular_file(path: Path) -> None:
 
 
 @contextmanager
-def _open_image(path: Path, source: Path | BinaryIO | None = None):
+def _open_image(path: Path, source: BinaryIO | None = None):
     """PIL's open (of `source`, else the file `path`), with its decompression-bomb warning (over
     about 89 megapixels) made an error: a real chest X-ray is under 10 megapixels, and a bomb
     must not exhaust memory."""
@@ -110,12 +106,6 @@ def _open_image(path: Path, source: Path | BinaryIO | None = None):
             raise ImageReadError(path, f"refused: too many pixels for an X-ray ({err})") from err
 
 
-def _is_dicom(path: Path) -> bool:
-    """True when the file starts with the DICOM preamble and 'DICM' marker."""
-    with path.open("rb") as f:
-        return _dicom_header(f.read(132))
-
-
 def _dicom_header(head: bytes) -> bool:
     """True when the bytes hold the 128-byte DICOM preamble and the 'DICM' marker."""
     return head[128:132] == b"DICM"
@@ -126,7 +116,9 @@ def _unreadable(path: Path, reason: str) -> ImageReadError:
     suffix, says so plainly."""
     if path.stat().st_size == 0:
         return ImageReadError(path, "empty file")
-    if _is_dicom(path):
+    with path.open("rb") as f:
+        head = f.read(132)
+    if _dicom_header(head):
         return ImageReadError(path, f"content is DICOM, not {path.suffix.lower()[1:].upper()}; "
                                     "rename it to .dcm")
     return ImageReadError(path, reason)
@@ -151,8 +143,7 @@ def _check_shape(path: Path, width: int, height: int) -> None:
 
 
 def _check_header(path: Path, img: Image.Image, expected: tuple[str, ...] | None = None) -> None:
-    """Refuses content that does not match the suffix (or `expected`), more than one frame, or a
-    bad shape."""
+    """Refuses content unlike the suffix (or `expected`), several frames, or a bad shape."""
     expected = expected or SUFFIX_FORMATS[path.suffix.lower()]
     if img.format not in expected:
         raise ImageReadError(path, f"content is {img.format or 'an unknown format'}, not "
@@ -165,18 +156,18 @@ def _check_header(path: Path, img: Image.Image, expected: tuple[str, ...] | None
     _check_shape(path, *img.size)
 
 
-def image_size(path: Path | str, accept_any_modality: bool = False) -> tuple[int, int]:
+def image_size(path: Path | str) -> tuple[int, int]:
     """(width, height) from the file header, without decoding the pixels.
 
     Also catches files that are not images, content that does not match the suffix, multi-frame
     files, implausible sizes and JPEGs cut short (no end-of-image marker), so bad files are found
     before training starts rather than in the middle of an epoch. DICOM passes the same
-    chest-radiograph gate as in read_grayscale; accept_any_modality skips it.
+    chest-radiograph gate as in read_grayscale.
     """
     path = Path(path)
     _require_regular_file(path)
     if path.suffix.lower() == ".dcm":
-        ds = _read_dicom(path, pixels=False, accept_any_modality=accept_any_modality)
+        ds = _read_dicom(path, pixels=False)
         return int(ds.Columns), int(ds.Rows)
     try:
         with _open_image(path) as img:
@@ -193,8 +184,7 @@ def image_size(path: Path | str, accept_any_modality: bool = False) -> tuple[int
 def _jpeg_has_end_marker(path: Path, tail: int = 4096) -> bool:
     # Some writers pad after the marker, so look at the last few KiB, not the last 2 bytes.
     with path.open("rb") as f:
-        f.seek(0, 2)
-        f.seek(max(0, f.tell() - tail))
+        f.seek(max(0, path.stat().st_size - tail))
         return b"\xff\xd9" in f.read()
 
 
@@ -217,21 +207,14 @@ def window_to_uint8(arr: np.ndarray) -> np.ndarray:
     return _stretch_to_uint8(arr, lo, hi)
 
 
-def _has_window(ds) -> bool:
-    """True when the DICOM file carries its own window (centre and width, or a VOI LUT)."""
-    return ("WindowCenter" in ds and "WindowWidth" in ds) or "VOILUTSequence" in ds
-
-
 def _dicom_format_error(path: Path, opener: Opener, err: Exception) -> ImageReadError:
     """The error for a .dcm file pydicom cannot read, naming the real format when PIL knows it."""
     try:
         with opener() as f, Image.open(f) as img:
             found = img.format
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):  # not an image either
-        found = None
-    if found:
-        return ImageReadError(path, f"content is {found}, not DICOM as the suffix .dcm says")
-    return ImageReadError(path, f"not a readable DICOM file ({err.__class__.__name__})")
+        return ImageReadError(path, f"not a readable DICOM file ({err.__class__.__name__})")
+    return ImageReadError(path, f"content is {found}, not DICOM as the suffix .dcm says")
 
 
 # The groups a DICOM dataset written without preamble and file meta starts with: its own file
@@ -275,13 +258,10 @@ def _set_missing_transfer_syntax(ds) -> None:
     detected while reading is that in their case and also right for explicit VR files."""
     from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-    if "TransferSyntaxUID" in ds.file_meta:
-        return
-    implicit, little = ds.original_encoding
-    if implicit is False:
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian if little else ExplicitVRBigEndian
-    else:
-        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    if "TransferSyntaxUID" not in ds.file_meta:
+        implicit, little = ds.original_encoding
+        explicit = ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+        ds.file_meta.TransferSyntaxUID = explicit if implicit is False else ImplicitVRLittleEndian
 
 
 def _tag_text(ds, keyword: str) -> str:
@@ -290,14 +270,10 @@ def _tag_text(ds, keyword: str) -> str:
 
 
 def _check_chest_radiograph(path: Path, ds) -> None:
-    """Refuses, with NotChestRadiograph, a dataset whose tags say it is not a chest radiograph:
-    a Modality outside RADIOGRAPH_MODALITIES, or a BodyPartExamined outside CHEST_BODY_PARTS.
-
-    Modality is mandatory in every image object, so a dataset without it is malformed. It is
-    accepted, with a warning, only as a one-channel Secondary Capture (how converters store a
-    digitised film); anything else without a Modality is refused. The reason names only the
-    deciding tags, never a patient identifier.
-    """
+    """Refuses, with NotChestRadiograph, a dataset whose Modality or BodyPartExamined says it is
+    not a chest radiograph. Modality is mandatory in every image object; without it only a
+    one-channel Secondary Capture (how converters store a digitised film) is accepted, with a
+    warning. The reason names only the deciding tags, never a patient identifier."""
     from pydicom.uid import SecondaryCaptureImageStorage
 
     modality, part = _tag_text(ds, "Modality"), _tag_text(ds, "BodyPartExamined")
@@ -310,8 +286,7 @@ def _check_chest_radiograph(path: Path, ds) -> None:
     elif modality not in RADIOGRAPH_MODALITIES:
         raise NotChestRadiograph(path, f"not a chest radiograph (Modality={modality})")
     if part and part not in CHEST_BODY_PARTS:
-        shown = modality or "missing"
-        raise NotChestRadiograph(path, f"not a chest radiograph (Modality={shown}, "
+        raise NotChestRadiograph(path, f"not a chest radiograph (Modality={modality or 'missing'}, "
                                        f"BodyPartExamined={part})")
 
 
@@ -339,11 +314,10 @@ def _check_dicom_header(path: Path, ds, pixels: bool) -> None:
 def _read_dicom(path: Path, pixels: bool = True, accept_any_modality: bool = False,
                 opener: Opener | None = None):
     """The pydicom dataset (of the file `path`, or what `opener` gives): a chest radiograph by
-    its tags (unless accept_any_modality), its header checked like an image's (one frame, size,
-    shape)."""
+    its tags (unless accept_any_modality), its header checked like an image's."""
     from pydicom.errors import InvalidDicomError
 
-    opener = opener or _opener(path)
+    opener = opener or (lambda: path.open("rb"))
     try:
         ds = _dcmread(path, opener, pixels)
     except (InvalidDicomError, OSError, ValueError, EOFError) as err:
@@ -355,24 +329,9 @@ def _read_dicom(path: Path, pixels: bool = True, accept_any_modality: bool = Fal
     return ds
 
 
-def _one_channel(path: Path, ds, arr: np.ndarray) -> np.ndarray:
-    """The decoded frame as (H, W). A colour frame (RGB, or YBR that pydicom turned into RGB) is a
-    grayscale radiograph when its three channels are equal, and is refused otherwise."""
-    colour = ds.get("PhotometricInterpretation") in _COLOUR_PHOTOMETRICS
-    if colour and arr.ndim == 3 and arr.shape[-1] == 3:
-        if not (np.array_equal(arr[..., 0], arr[..., 1])
-                and np.array_equal(arr[..., 0], arr[..., 2])):
-            raise ImageReadError(path, "colour image (RGB with differing channels); "
-                                       "expected a grayscale radiograph")
-        arr = arr[..., 0]
-    if arr.ndim != 2:
-        raise ImageReadError(path, f"expected one grayscale frame, got pixel array of shape "
-                                   f"{arr.shape}")
-    return arr
-
-
 def _dicom_pixels(path: Path, ds) -> np.ndarray:
-    """The stored pixel array of one grayscale frame."""
+    """The stored pixels of one frame as (H, W). A colour frame (RGB, or YBR that pydicom turned
+    into RGB) is a grayscale radiograph when its three channels are equal, and refused otherwise."""
     from pydicom.uid import JPEGExtended12Bit
 
     try:
@@ -382,7 +341,16 @@ def _dicom_pixels(path: Path, ds) -> np.ndarray:
         if ds.file_meta.get("TransferSyntaxUID") == JPEGExtended12Bit:
             reason += "; 12-bit JPEG Extended needs the optional extra pneumonia[gpl-decoders]"
         raise ImageReadError(path, reason) from err
-    return _one_channel(path, ds, arr)
+    colour = ds.get("PhotometricInterpretation") in _COLOUR_PHOTOMETRICS
+    if colour and arr.ndim == 3 and arr.shape[-1] == 3:
+        if not (arr == arr[..., :1]).all():
+            raise ImageReadError(path, "colour image (RGB with differing channels); "
+                                       "expected a grayscale radiograph")
+        arr = arr[..., 0]
+    if arr.ndim != 2:
+        raise ImageReadError(path, f"expected one grayscale frame, got pixel array of shape "
+                                   f"{arr.shape}")
+    return arr
 
 
 def read_dicom(path: Path | str, accept_any_modality: bool = False) -> np.ndarray:
@@ -402,7 +370,9 @@ def _dicom_to_uint8(path: Path, ds) -> np.ndarray:
     """A checked dataset's one frame as (H, W) uint8 (read_dicom's docstring says how)."""
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-    arr, windowed = _dicom_pixels(path, ds), _has_window(ds)
+    arr = _dicom_pixels(path, ds)
+    # the file's own window: centre and width, or a VOI LUT
+    windowed = ("WindowCenter" in ds and "WindowWidth" in ds) or "VOILUTSequence" in ds
     try:  # pydicom raises several types on bad values (a width of 0, a LUT of the wrong size)
         arr = apply_modality_lut(arr, ds)
         if windowed:
@@ -417,13 +387,6 @@ def _dicom_to_uint8(path: Path, ds) -> np.ndarray:
     return window_to_uint8(arr)
 
 
-def _pil_to_uint8(img: Image.Image) -> np.ndarray:
-    """A decoded PIL image as (H, W) uint8; colour becomes luminance, deep pixels are windowed."""
-    if img.mode in _DEEP_MODES:
-        return window_to_uint8(np.asarray(img))
-    return np.asarray(img.convert("L"), dtype=np.uint8)
-
-
 def read_grayscale(path: Path | str, accept_any_modality: bool = False) -> np.ndarray:
     """Decode an X-ray file into an (H, W) uint8 array.
 
@@ -436,22 +399,25 @@ def read_grayscale(path: Path | str, accept_any_modality: bool = False) -> np.nd
     _require_regular_file(path)
     if path.suffix.lower() == ".dcm":
         return read_dicom(path, accept_any_modality)
-    return _decode_image(path, path, None, lambda reason: _unreadable(path, reason))
+    return _decode_image(path)
 
 
-def _decode_image(path: Path, source: Path | BinaryIO, expected: tuple[str, ...] | None,
-                  unreadable: Callable[[str], ImageReadError]) -> np.ndarray:
-    """A JPEG or PNG (from `source`, named `path` in messages) as (H, W) uint8, its header
-    checked first; `unreadable` makes the error for what PIL cannot decode."""
+def _decode_image(path: Path, source: BinaryIO | None = None,
+                  expected: tuple[str, ...] | None = None) -> np.ndarray:
+    """A JPEG or PNG (from `source`, else the file `path`) as (H, W) uint8, its header checked
+    first; colour becomes luminance, deep pixels are windowed."""
     try:
         with _open_image(path, source) as img:
             _check_header(path, img, expected)
             img.load()
-            return _pil_to_uint8(img)
+            if img.mode in _DEEP_MODES:
+                return window_to_uint8(np.asarray(img))
+            return np.asarray(img.convert("L"), dtype=np.uint8)
     except ImageReadError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise unreadable(f"cannot decode image ({err})") from err
+        error = _unreadable if source is None else ImageReadError  # only a file can be looked at
+        raise error(path, f"cannot decode image ({err})") from err
 
 
 def decode_grayscale(data: bytes, accept_any_modality: bool = False) -> np.ndarray:
@@ -459,33 +425,32 @@ def decode_grayscale(data: bytes, accept_any_modality: bool = False) -> np.ndarr
     content, checked and decoded the same way, with nothing written to disk. Errors name the
     source `image`."""
     name = Path("image")
-    if not (_dicom_header(data) or data.startswith(_IMAGE_SIGNATURES)):
-        raise ImageReadError(name, "not a JPEG, PNG or DICOM file (unrecognised content)")
     if _dicom_header(data):
         ds = _read_dicom(name, accept_any_modality=accept_any_modality,
                          opener=lambda: io.BytesIO(data))
         return _dicom_to_uint8(name, ds)
-    return _decode_image(name, io.BytesIO(data), ("JPEG", "MPO", "PNG"),
-                         lambda reason: ImageReadError(name, reason))
+    if not data.startswith(_IMAGE_SIGNATURES):
+        raise ImageReadError(name, "not a JPEG, PNG or DICOM file (unrecognised content)")
+    return _decode_image(name, io.BytesIO(data), ("JPEG", "MPO", "PNG"))
 
 
-def _walk(folder: Path, problems: list[ImageReadError]) -> list[Path]:
-    """Every visible entry under folder except real folders, which are entered (folders behind
-    symbolic links are not). A folder that cannot be listed becomes a problem."""
+def _walk(folder: Path, root: Path, files: list[Path], problems: list[ImageReadError]) -> None:
+    """Sorts every visible entry under folder into `files` and `problems`, entering real folders
+    (not folders behind symbolic links). A folder that cannot be listed becomes a problem."""
     try:
         with os.scandir(folder) as it:
             entries = [e for e in it if not e.name.startswith(".")]
     except OSError as err:
         problems.append(ImageReadError(folder, f"cannot list folder ({err.strerror})"))
-        return []
-    found: list[Path] = []
+        return
     for entry in entries:
         path = Path(entry.path)
         if entry.is_dir(follow_symlinks=False):
-            found += _walk(path, problems)
+            _walk(path, root, files, problems)
+        elif (reason := _entry_problem(path, root)) is None:
+            files.append(path)
         else:
-            found.append(path)
-    return found
+            problems.append(ImageReadError(path, reason))
 
 
 def _entry_problem(path: Path, root: Path) -> str | None:
@@ -520,14 +485,8 @@ def scan_inputs(folder: Path) -> tuple[list[Path], list[ImageReadError]]:
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise MissingInputError(f"input={display_name(folder)} does not exist or is not a folder")
-    root = folder.resolve()
     files: list[Path] = []
     problems: list[ImageReadError] = []
-    for path in sorted(_walk(folder, problems)):
-        reason = _entry_problem(path, root)
-        if reason is None:
-            files.append(path)
-        else:
-            problems.append(ImageReadError(path, reason))
+    _walk(folder, folder.resolve(), files, problems)
     problems.sort(key=lambda err: err.path)
-    return files, problems
+    return sorted(files), problems

@@ -7,6 +7,7 @@ stage's positive class), p = predicted probability of class 1.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import asdict
 
 import numpy as np
 
@@ -29,14 +30,13 @@ def roc_curve(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.
 
 
 def auroc(y: np.ndarray, p: np.ndarray) -> float:
-    """Probability that a random positive scores above a random negative (ties count half)."""
-    y, p = np.asarray(y), np.asarray(p, dtype=np.float64)
-    pos, neg = p[y == 1], p[y == 0]
-    if len(pos) == 0 or len(neg) == 0:
+    """Probability that a random positive scores above a random negative (ties count half):
+    the trapezoidal area under `roc_curve`."""
+    y = np.asarray(y)
+    if not 0 < y.sum() < len(y):
         return float("nan")
-    greater = (pos[:, None] > neg[None, :]).sum()
-    ties = (pos[:, None] == neg[None, :]).sum()
-    return float((greater + 0.5 * ties) / (len(pos) * len(neg)))
+    fpr, tpr, _ = roc_curve(y, p)
+    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
 
 
 def average_precision(y: np.ndarray, p: np.ndarray) -> float:
@@ -48,7 +48,7 @@ def average_precision(y: np.ndarray, p: np.ndarray) -> float:
     n_pos, n_neg = y.sum(), len(y) - y.sum()
     tp, fp = tpr[1:] * n_pos, fpr[1:] * n_neg
     precision = tp / np.maximum(tp + fp, 1)
-    return float(np.sum(np.diff(np.r_[0.0, tpr[1:]]) * precision))
+    return float(np.sum(np.diff(tpr) * precision))  # tpr[0] = 0
 
 
 def specificity_at_sensitivity(y: np.ndarray, p: np.ndarray, sensitivity: float) -> float:
@@ -73,9 +73,7 @@ def youden_threshold(y: np.ndarray, p: np.ndarray) -> float:
 
 def binary_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float]:
     y, p = np.asarray(y), np.asarray(p, dtype=np.float64)
-    pred = p >= threshold
-    tp, fp = int(np.sum(pred & (y == 1))), int(np.sum(pred & (y == 0)))
-    fn, tn = int(np.sum(~pred & (y == 1))), int(np.sum(~pred & (y == 0)))
+    (tn, fp), (fn, tp) = confusion_matrix(y, p >= threshold, 2).tolist()
     sensitivity = tp / max(tp + fn, 1)
     precision = tp / max(tp + fp, 1)
     return {
@@ -112,16 +110,10 @@ def multiclass_metrics(y: np.ndarray, pred: np.ndarray, classes: list[str]) -> d
 
 
 def expected_calibration_error(y: np.ndarray, p: np.ndarray, bins: int = 10) -> float:
-    """Mean |observed positive rate - mean predicted probability| over equal-width bins,
-    weighted by the share of predictions in each bin (probability of class 1)."""
-    y, p = np.asarray(y), np.asarray(p, dtype=np.float64)
-    index = np.minimum((p * bins).astype(int), bins - 1)
-    ece = 0.0
-    for b in range(bins):
-        inside = index == b
-        if inside.any():
-            ece += inside.mean() * abs(y[inside].mean() - p[inside].mean())
-    return float(ece)
+    """Mean |observed positive rate - mean predicted probability| over the bins of
+    `reliability_curve`, weighted by the share of predictions in each bin."""
+    mean_p, observed, counts = reliability_curve(y, p, bins)
+    return float(np.sum(counts * np.abs(observed - mean_p)) / max(len(y), 1))
 
 
 def reliability_curve(y: np.ndarray, p: np.ndarray, bins: int = 10):
@@ -202,10 +194,7 @@ def evaluation_metrics(labels: list[str], pred, calibration, thresholds: dict[st
                                   (truth, pred.decision), samples, seed),
         "confusion": confusion_matrix(truth, pred.decision, 3).tolist()}
     metrics["calibration"] = {
-        "operating_point": calibration.operating_point, "temperature": calibration.temperature,
-        "thresholds": calibration.thresholds, "target_sensitivity": calibration.target_sensitivity,
-        "validation_images": calibration.validation_images, "source": calibration.source,
-        "priors": calibration.priors, "prior_shift": calibration.prior_shift,
+        **asdict(calibration),
         "ece": {name: expected_calibration_error(y, p) for name, (y, p) in stages.items()}}
     return metrics
 

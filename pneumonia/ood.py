@@ -1,24 +1,21 @@
 """The out-of-distribution gate: how unlike the training X-rays an image is, from stage 1's
-features.
+features (docs/formats.md: where it acts and what it catches).
 
-Each feature stage timm lists for the backbone (`feature_info`: from the first block's output to
-the last one's) describes an image by each channel's spatial mean and standard deviation (the
-mean only for stages wider than MAX_DIMS / 2 channels). Per stage, a Gaussian is fitted to the
-training split's descriptions (mean and Ledoit-Wolf shrunk covariance) and the squared
-Mahalanobis distance is divided by the validation images' (1 - fraction) quantile of it; an
-image's score is its largest stage score divided by the validation images' (1 - fraction)
-quantile of that largest score. A score above 1 is out of distribution, so a fraction
-`fraction` of validation images is flagged by construction. Early stages catch what differs in
-texture and intensity (noise, blank images, CT or MR slices, photos), the last ones what differs
-in content (research/ood_features.py measured the choice). Fitted at the end of training on the
-training and validation splits only, and stored in the checkpoint.
+Each feature stage timm lists for the backbone (`feature_info`) describes an image by each
+channel's spatial mean and standard deviation (the mean only for stages wider than MAX_DIMS / 2
+channels). Per stage, a Gaussian is fitted to the training split's descriptions (mean and
+Ledoit-Wolf shrunk covariance) and the squared Mahalanobis distance is divided by the validation
+images' (1 - fraction) quantile of it; an image's score is its largest stage score divided by the
+same quantile of that largest score. Above 1 is out of distribution, so `fraction` of the
+validation images are flagged by construction (research/ood_features.py chose the stages).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from functools import partial
 
 import numpy as np
 import torch
@@ -52,13 +49,11 @@ def watching(backbone: nn.Module, stages: list[str] | None = None) -> Iterator[d
     names = stages if stages is not None else [info["module"] for info in backbone.feature_info]
     seen: dict[str, list] = {name: [] for name in names}
 
-    def hook(name):
-        def record(_module, _inputs, output):
-            if isinstance(output, torch.Tensor) and output.ndim == 4:
-                seen[name].append(describe(output))
-        return record
+    def record(name, _module, _inputs, output):
+        if isinstance(output, torch.Tensor) and output.ndim == 4:
+            seen[name].append(describe(output))
 
-    handles = [modules[name].register_forward_hook(hook(name)) for name in names]
+    handles = [modules[name].register_forward_hook(partial(record, name)) for name in names]
     try:
         yield seen
     finally:
@@ -97,10 +92,7 @@ class OODGate:
 
     def state(self) -> dict:
         """Plain tensors, lists and numbers, for a checkpoint loaded with weights_only=True."""
-        return {"stages": list(self.stages), "means": list(self.means),
-                "precisions": list(self.precisions), "scales": list(self.scales),
-                "threshold": self.threshold, "fraction": self.fraction,
-                "images": dict(self.images)}
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @classmethod
     def from_state(cls, state: dict) -> OODGate:
@@ -123,12 +115,9 @@ class OODGate:
 
 
 def gaussian(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and precision of the Ledoit-Wolf shrunk covariance of (N, D) descriptions.
-
-    The shrunk covariance is positive definite, so its inverse comes from a Cholesky factor
-    (sklearn's LedoitWolf estimator inverts it by an eigendecomposition, about 3x the time at
-    D = 1,024).
-    """
+    """Mean and precision of the Ledoit-Wolf shrunk covariance of (N, D) descriptions; that
+    covariance is positive definite, so a Cholesky factor inverts it (faster than sklearn's
+    LedoitWolf estimator, which inverts by an eigendecomposition)."""
     x = x.double()
     covariance, _ = ledoit_wolf(x.numpy())
     precision = torch.cholesky_inverse(torch.linalg.cholesky(torch.from_numpy(covariance)))

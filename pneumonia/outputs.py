@@ -25,19 +25,6 @@ _held: dict[Path, int] = {}  # folder -> its open, flocked descriptor, held for 
 _created_by_hydra: list[Path] = []  # the first missing ancestor of the run folder, before Hydra
 
 
-def _overlap(output: Path, source: Path) -> bool:
-    return output == source or source in output.parents or output in source.parents
-
-
-def _first_missing(folder: Path) -> Path | None:
-    missing = None
-    for candidate in (folder, *folder.parents):
-        if candidate.exists():
-            return missing
-        missing = candidate
-    return missing
-
-
 def check_overlap(output_dir: Path, inputs: Iterable[Path | str | None]) -> None:
     """Refuse an output folder that is, contains or lies inside any input (symlinks resolved)."""
     output = Path(output_dir).expanduser().resolve()
@@ -45,7 +32,7 @@ def check_overlap(output_dir: Path, inputs: Iterable[Path | str | None]) -> None
         if source is None:
             continue
         resolved = Path(source).expanduser().resolve()
-        if _overlap(output, resolved):
+        if output.is_relative_to(resolved) or resolved.is_relative_to(output):
             _remove_refused_folders()
             raise OutputError(f"output folder {output} overlaps the input {resolved}; inputs are "
                               "never written: choose another hydra.run.dir")
@@ -84,11 +71,10 @@ def claim_output(output_dir: Path | str, inputs: Iterable[Path | str | None] = (
     """Check, lock and prepare an output folder; returns it resolved.
 
     Refused (OutputError, nothing written) when it overlaps an input, when another live run
-    holds it, or when it already holds any of `results` and `overwrite` is false. The lock is
-    taken before the results are looked for, so two runs cannot both pass the check. Then, when
-    Hydra runs the job, the run's `config` and overrides go to `.hydra/` and its log to
-    `<job name>.log`. A secondary process of the same run (a DDP rank other than 0, which
-    shares the folder) only checks the overlap and opens its own log file.
+    holds it, or when it already holds any of `results` and `overwrite` is false; the lock comes
+    first, so two runs cannot both pass. Then, under Hydra, the run's `config` and overrides go
+    to `.hydra/` and its log to `<job name>.log`. A secondary process (a DDP rank other than 0,
+    sharing the folder) only checks the overlap and opens its own log file.
     """
     inputs = list(inputs)
     check_overlap(output_dir, inputs)
@@ -131,5 +117,6 @@ class OutputGuard(Callback):
     run refused for overlapping its input removes exactly those (empty) folders again."""
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
-        missing = _first_missing(Path(str(config.hydra.run.dir)).expanduser().absolute())
-        _created_by_hydra[:] = [missing] if missing is not None else []
+        folder = Path(str(config.hydra.run.dir)).expanduser().absolute()
+        missing = [path for path in (folder, *folder.parents) if not path.exists()]
+        _created_by_hydra[:] = missing[-1:]  # the top one: removing it removes all

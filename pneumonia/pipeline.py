@@ -8,7 +8,7 @@ decision thresholds are fitted on the validation split only and saved with the p
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -16,11 +16,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from pneumonia.checkpoints import load_stage, resolve_all
+from pneumonia.checkpoints import load_stage
 from pneumonia.data.datamodule import XrayDataset
 from pneumonia.data.kermany import Record, scan_kermany, split_records
 from pneumonia.data.transforms import Preprocessing
-from pneumonia.errors import CheckpointError, ConfigError, DataError, ImageReadError
+from pneumonia.errors import CheckpointError, DataError, ImageReadError
 from pneumonia.metrics import threshold_for_sensitivity, youden_threshold
 from pneumonia.models import StageClassifier
 from pneumonia.stages import stage_targets
@@ -87,12 +87,10 @@ class StageEnsemble(nn.Module):
 
 def load_stages(paths: Path | list[Path], stage: str) -> StageClassifier | StageEnsemble:
     """One checkpoint, or a list of them averaged as a `StageEnsemble`."""
-    if not isinstance(paths, (list, tuple)):
-        return load_stage(Path(paths), stage)
+    paths = [Path(p) for p in paths] if isinstance(paths, (list, tuple)) else [Path(paths)]
     if len(paths) == 1:
-        return load_stage(Path(paths[0]), stage)
-    return StageEnsemble([load_stage(Path(p), stage) for p in paths],
-                         [Path(p) for p in paths]).eval()
+        return load_stage(paths[0], stage)
+    return StageEnsemble([load_stage(p, stage) for p in paths], paths).eval()
 
 
 def recorded_split(settings: dict, root: str | Path | None = None) -> list[Record]:
@@ -201,8 +199,7 @@ class Prediction:
         return np.nan_to_num(self.ood_score, nan=0.0) > 1
 
     def subset(self, keep: np.ndarray) -> Prediction:
-        return Prediction(self.p_pneumonia[keep], self.p_viral_given_pneumonia[keep],
-                          self.probabilities[keep], self.decision[keep], self.ood_score[keep])
+        return Prediction(*(getattr(self, f.name)[keep] for f in fields(self)))
 
 
 class TwoStagePipeline:
@@ -226,15 +223,6 @@ class TwoStagePipeline:
 
         return cls(load_stages(binary, "binary"), load_stages(subtype, "subtype"),
                    checkpoints={"binary": names(binary), "subtype": names(subtype)}, tta=tta)
-
-    @classmethod
-    def from_references(cls, refs: dict, tracking_uri: str | None, downloads: Path,
-                        tta: bool = False) -> TwoStagePipeline:
-        """Each stage from its reference(s) (`pneumonia.checkpoints.resolve`): a checkpoint,
-        run folder, MLflow run id or `latest`, or a list of them (averaged)."""
-        paths = {s: resolve_all(refs[s], s, tracking_uri, downloads / s)
-                 for s in ("binary", "subtype")}
-        return cls.from_checkpoints(paths["binary"], paths["subtype"], tta=tta)
 
     def data_settings(self) -> dict:
         """The split both stages were trained on; they must agree or the test split leaks."""
@@ -272,9 +260,6 @@ class TwoStagePipeline:
                   **loader) -> Calibration:
         """Fit temperatures and thresholds on labelled images: the validation split, or a
         site's own (`source` names them); never on the test split."""
-        if operating_point not in OPERATING_POINTS:
-            raise ConfigError(f"operating_point={operating_point!r} is not one of "
-                              f"{OPERATING_POINTS}")
         if any(r.split == "test" for r in val):
             raise DataError("calibration was given test images; it must only see validation data")
         logits, _ = self.outputs(val, **loader)
@@ -302,15 +287,12 @@ class TwoStagePipeline:
         if self.calibration is None:
             raise RuntimeError("calibrate the pipeline on validation data first")
         cal = self.calibration
-        p = softmax_positive(logits["binary"], cal.temperature["binary"], cal.prior_shift["binary"])
-        # P(viral | pneumonia)
-        r = softmax_positive(logits["subtype"], cal.temperature["subtype"],
-                             cal.prior_shift["subtype"])
+        p, r = (softmax_positive(logits[name], cal.temperature[name], cal.prior_shift[name])
+                for name in ("binary", "subtype"))
         t = self.stage_thresholds()
         decision = np.where(p >= t["binary"], np.where(r >= t["subtype"], 2, 1), 0)
         # A NaN compares False and would read as "normal": a non-finite output gets no decision.
-        finite = (np.isfinite(logits["binary"]).all(axis=1)
-                  & np.isfinite(logits["subtype"]).all(axis=1))
+        finite = np.isfinite(np.hstack([logits["binary"], logits["subtype"]])).all(axis=1)
         decision[~finite] = -1
         ood = np.full(len(p), np.nan, np.float32) if ood is None else ood
         return Prediction(p, r, combine(p, r), decision, ood)

@@ -33,6 +33,13 @@ def write_predictions(path: Path, paths: list[str], truth: list[str], probabilit
                                     for row in zip(paths, truth, probabilities, decisions)))
 
 
+def _save(fig: plt.Figure, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_confusion(path: Path, counts: np.ndarray, classes: list[str], title: str) -> Path:
     """Counts and row-normalised (recall) side by side."""
     fig, axes = plt.subplots(1, 2, figsize=(4.2 * 2, 3.8))
@@ -41,42 +48,34 @@ def plot_confusion(path: Path, counts: np.ndarray, classes: list[str], title: st
     for ax, values, fmt, name in ((axes[0], counts, "{:d}", "counts"),
                                   (axes[1], normalised, "{:.2f}", "normalised by true class")):
         ax.imshow(normalised, cmap="Blues", vmin=0, vmax=1)
-        for i in range(len(classes)):
-            for j in range(len(classes)):
-                ax.text(j, i, fmt.format(values[i, j]), ha="center", va="center",
-                        color="white" if normalised[i, j] > 0.5 else "black")
+        for (i, j), value in np.ndenumerate(values):
+            ax.text(j, i, fmt.format(value), ha="center", va="center",
+                    color="white" if normalised[i, j] > 0.5 else "black")
         ax.set_xticks(range(len(classes)), classes)
         ax.set_yticks(range(len(classes)), classes)
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
         ax.set_title(f"{title}: {name}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
-def plot_roc(path: Path, y: np.ndarray, p: np.ndarray, points: dict[str, float],
+def plot_roc(path: Path, y: np.ndarray, p: np.ndarray, points: dict[str, dict],
              title: str) -> Path:
-    """ROC curve with each operating point (a threshold chosen on validation data) marked."""
+    """ROC curve with each operating point (a threshold chosen on validation data, with its
+    sensitivity and specificity on these images, `metrics.json`'s `operating_points`) marked."""
     fpr, tpr, _ = roc_curve(y, p)
     fig, ax = plt.subplots(figsize=(4.6, 4.4))
     ax.plot(fpr, tpr, lw=2, label="ROC")
     ax.plot([0, 1], [0, 1], ls=":", c="grey")
-    for (name, threshold), marker in zip(points.items(), "osD^"):
-        pred = p >= threshold
-        x = pred[y == 0].mean() if (y == 0).any() else 0.0
-        t = pred[y == 1].mean() if (y == 1).any() else 0.0
+    for (name, point), marker in zip(points.items(), "osD^"):
+        x, t = 1 - point["specificity"], point["sensitivity"]
         ax.plot([x], [t], marker, ms=8,
-                label=f"{name} (t={threshold:.3f}): sens {t:.3f}, 1-spec {x:.3f}")
+                label=f"{name} (t={point['threshold']:.3f}): sens {t:.3f}, 1-spec {x:.3f}")
     ax.set_xlabel("1 - specificity")
     ax.set_ylabel("sensitivity")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_reliability(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray]]) -> Path:
@@ -92,10 +91,7 @@ def plot_reliability(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray]
         ax.set_xlabel("mean predicted probability")
         ax.set_ylabel("observed frequency")
         ax.set_title(name, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _row(name: str, value: float, interval: tuple[float, float] | None) -> str:
@@ -176,19 +172,16 @@ def evaluation_figures(output_dir: Path, labels: list[str], pred, metrics: dict,
                        thresholds: dict[str, float]) -> list[Path]:
     """Confusion matrices, ROC curves with the operating points, and the reliability diagram."""
     stages = stage_truths(labels, pred)
-    figures = []
-    for name, (y, p) in stages.items():
-        decided = (p >= thresholds[name]).astype(int)
-        figures.append(plot_confusion(output_dir / f"confusion_{name}.png",
-                                      confusion_matrix(y, decided, 2),
-                                      list(STAGE_CLASSES[name]), name))
-    figures.append(plot_confusion(output_dir / "confusion_pipeline.png",
-                                  np.array(metrics["pipeline"]["confusion"]), list(CLASSES),
-                                  "pipeline"))
+    counts = {name: confusion_matrix(y, (p >= thresholds[name]).astype(int), 2)
+              for name, (y, p) in stages.items()}
+    counts["pipeline"] = np.array(metrics["pipeline"]["confusion"])
+    classes = {**STAGE_CLASSES, "pipeline": CLASSES}
+    figures = [plot_confusion(output_dir / f"confusion_{name}.png", matrix, list(classes[name]),
+                              name) for name, matrix in counts.items()]
     for name, (y, p) in stages.items():
         positive = STAGE_CLASSES[name][1]
         figures.append(plot_roc(output_dir / f"roc_{name}.png", y, p,
-                                metrics["calibration"]["thresholds"][name],
+                                metrics[name]["operating_points"],
                                 f"{STAGE_TITLES[name]}: ROC ({positive} positive)"))
     figures.append(plot_reliability(output_dir / "reliability.png", {
         "binary: P(pneumonia)": stages["binary"],

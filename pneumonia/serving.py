@@ -7,9 +7,7 @@ The model folder holds every checkpoint (both stages, each ensemble member) as a
 package versions; preprocessing and stage 1's out-of-distribution gate travel inside the
 checkpoints. No absolute path is stored: a copy of the folder moved anywhere loads and predicts
 the same. `evaluate.py` writes it into its output folder (`model/`) and, with MLflow, logs it.
-Input: a column `image` of base64 JPEG, PNG or DICOM bytes; output per image: class
-probabilities, the OOD score, decision, the two thresholds and `error` (an image the gate flags,
-or one that cannot be read, gets no diagnosis and null probabilities).
+The request and answer columns are INPUT and OUTPUTS (`predict_images`).
 """
 
 from __future__ import annotations
@@ -33,9 +31,12 @@ import pandas as pd
 from mlflow.models import ModelSignature
 from mlflow.models.model import ModelInfo
 from mlflow.tracking import MlflowClient
+from mlflow.tracking._model_registry import utils as registry_utils
+from mlflow.tracking._tracking_service import utils as tracking_utils
 from mlflow.types import ColSpec, Schema
 from PIL import Image
 
+from pneumonia.checkpoints import resolve_all
 from pneumonia.errors import CheckpointError, ImageReadError
 from pneumonia.io import decode_grayscale
 from pneumonia.pipeline import Calibration, TwoStagePipeline
@@ -51,13 +52,11 @@ OUTPUTS = (*PROBABILITIES, "ood_score", "decision", "threshold_binary", "thresho
            "error")
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("string", "image")]),
-    outputs=Schema([*(ColSpec("double", c) for c in PROBABILITIES), ColSpec("double", "ood_score"),
-                    ColSpec("string", "decision"),
-                    ColSpec("double", "threshold_binary"), ColSpec("double", "threshold_subtype"),
-                    ColSpec("string", "error")]))
+    outputs=Schema([ColSpec("string" if c in ("decision", "error") else "double", c)
+                    for c in OUTPUTS]))
 INPUT = {"column": "image", "content": "base64 text of one JPEG, PNG or DICOM file",
          "diagnosed": "chest radiographs (a DICOM header of another modality is refused)"}
-_CHUNK = 16  # images preprocessed and predicted together
+_CHUNK = 16
 
 
 def decode_image(value: Any) -> np.ndarray:
@@ -73,61 +72,53 @@ def decode_image(value: Any) -> np.ndarray:
     return decode_grayscale(data)  # decoded from memory: nothing is written to disk
 
 
-def _rows(pipeline: TwoStagePipeline, images: list[np.ndarray]) -> list[dict[str, Any]]:
-    """Output rows of decoded images, `_CHUNK` at a time."""
-    thresholds = pipeline.stage_thresholds()
-    rows = []
-    for start in range(0, len(images), _CHUNK):
-        pred = pipeline.predict_batches(pipeline.stage_batches(images[start:start + _CHUNK]))
-        for probabilities, decision, ood, score in zip(pred.probabilities, pred.decision,
-                                                       pred.out_of_distribution, pred.ood_score):
-            error = ("out of distribution: unlike the training X-rays (score above 1), no diagnosis"
-                     if ood else "" if decision >= 0 else
-                     "the model gave a non-finite output: no diagnosis")
-            values = probabilities if not error else np.full(len(PROBABILITIES), np.nan)
-            rows.append({**dict(zip(PROBABILITIES, map(float, values))), "ood_score": float(score),
-                         "decision": "" if error else CLASSES[decision], "error": error})
-    return [{**row, "threshold_binary": thresholds["binary"],
-             "threshold_subtype": thresholds["subtype"]} for row in rows]
+def _row(probabilities: np.ndarray | None, score: float, decision: int,
+         error: str) -> dict[str, Any]:
+    """One output row without the thresholds; with an `error`, no probabilities or decision."""
+    values = np.full(len(PROBABILITIES), np.nan) if error else probabilities
+    return {**dict(zip(PROBABILITIES, map(float, values))), "ood_score": float(score),
+            "decision": "" if error else CLASSES[decision], "error": error}
 
 
 def predict_images(pipeline: TwoStagePipeline, values: list[Any]) -> pd.DataFrame:
-    """One output row per input value; an unreadable one gets NaN, no decision and its error."""
-    decoded, failed = {}, {}
+    """One output row per input value; one that cannot be read or that the gate flags gets no
+    probabilities (null), no decision and its error."""
+    decoded, rows = {}, {}
     for i, value in enumerate(values):
         try:
             decoded[i] = decode_image(value)
         except ImageReadError as err:
-            failed[i] = err.reason
-    rows = dict(zip(decoded, _rows(pipeline, list(decoded.values()))))
-    thresholds = pipeline.stage_thresholds()
-    for i, reason in failed.items():
-        rows[i] = {**{c: float("nan") for c in PROBABILITIES}, "ood_score": float("nan"),
-                   "decision": "", "error": reason,
-                   "threshold_binary": thresholds["binary"],
-                   "threshold_subtype": thresholds["subtype"]}
+            rows[i] = _row(None, float("nan"), -1, err.reason)
+    keys = list(decoded)
+    for start in range(0, len(keys), _CHUNK):  # preprocessed and predicted together
+        chunk = keys[start:start + _CHUNK]
+        pred = pipeline.predict_batches(pipeline.stage_batches([decoded[i] for i in chunk]))
+        for i, probabilities, decision, ood, score in zip(chunk, pred.probabilities, pred.decision,
+                                                          pred.out_of_distribution, pred.ood_score):
+            error = ("out of distribution: unlike the training X-rays (score above 1), no diagnosis"
+                     if ood else "" if decision >= 0 else
+                     "the model gave a non-finite output: no diagnosis")
+            rows[i] = _row(probabilities, score, decision, error)
     frame = pd.DataFrame([rows[i] for i in range(len(values))], columns=list(OUTPUTS))
+    for stage, threshold in pipeline.stage_thresholds().items():
+        frame[f"threshold_{stage}"] = threshold
     # No diagnosis is null in the JSON answer: NaN is not JSON, and strict parsers refuse it.
     return frame.astype(object).where(frame.notna(), None)
-
-
-def pipeline_from_artifacts(artifacts: dict[str, str]) -> TwoStagePipeline:
-    """The pipeline a model folder's artifacts describe (paths as MLflow resolved them); MLflow
-    calls it through PipelineModel.load_context, `load_pipeline` is the way in."""
-    spec = json.loads(Path(artifacts["pipeline"]).read_text())
-    if tuple(spec["classes"]) != CLASSES:
-        raise CheckpointError(f"the model's classes {spec['classes']} are not {CLASSES}")
-    paths = {stage: [artifacts[key] for key in keys] for stage, keys in spec["checkpoints"].items()}
-    pipeline = TwoStagePipeline.from_checkpoints(paths["binary"], paths["subtype"], tta=spec["tta"])
-    pipeline.calibration = Calibration(**spec["calibration"])
-    return pipeline
 
 
 class PipelineModel(mlflow.pyfunc.PythonModel):
     """MLflow's view of the pipeline: a DataFrame with `image` in, one row per image out."""
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        self.pipeline = pipeline_from_artifacts(context.artifacts)
+        """The pipeline the model folder's artifacts describe (paths as MLflow resolved them)."""
+        spec = json.loads(Path(context.artifacts["pipeline"]).read_text())
+        if tuple(spec["classes"]) != CLASSES:
+            raise CheckpointError(f"the model's classes {spec['classes']} are not {CLASSES}")
+        paths = {stage: [context.artifacts[key] for key in keys]
+                 for stage, keys in spec["checkpoints"].items()}
+        self.pipeline = TwoStagePipeline.from_checkpoints(paths["binary"], paths["subtype"],
+                                                          tta=spec["tta"])
+        self.pipeline.calibration = Calibration(**spec["calibration"])
 
     def predict(self, context: mlflow.pyfunc.PythonModelContext, model_input: pd.DataFrame,
                 params: dict[str, Any] | None = None) -> pd.DataFrame:
@@ -179,11 +170,8 @@ def tracking(uri: str | None) -> Iterator[None]:
     process is as it was. MLflow's setters also export MLFLOW_TRACKING_URI and
     MLFLOW_REGISTRY_URI, which later clients and every subprocess would inherit, so those are
     restored too, and URIs that were unset are unset again (MLflow keeps them in its modules)."""
-    from mlflow.tracking._model_registry import utils as registry
-    from mlflow.tracking._tracking_service import utils as service
-
     saved_env = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    saved_tracking, saved_registry = service._tracking_uri, registry._registry_uri
+    saved_tracking, saved_registry = tracking_utils._tracking_uri, registry_utils._registry_uri
     if uri:
         mlflow.set_tracking_uri(uri)
         mlflow.set_registry_uri(uri)
@@ -191,7 +179,7 @@ def tracking(uri: str | None) -> Iterator[None]:
         yield
     finally:
         mlflow.set_tracking_uri(saved_tracking)  # None unsets it
-        registry._registry_uri = saved_registry
+        registry_utils._registry_uri = saved_registry
         for key, value in saved_env.items():
             if value is None:
                 os.environ.pop(key, None)
@@ -241,7 +229,8 @@ def load_pipeline(model: str | None, stages: dict | None, tracking_uri: str | No
     uncalibrated one from `stages` ({"binary": ref, "subtype": ref}, each a checkpoint, run
     folder, MLflow run id or `latest`, or a list of them, averaged)."""
     if not model:
-        return TwoStagePipeline.from_references(stages, tracking_uri, downloads, tta=tta)
+        paths = {s: resolve_all(stages[s], s, tracking_uri, downloads / s) for s in STAGE_CLASSES}
+        return TwoStagePipeline.from_checkpoints(paths["binary"], paths["subtype"], tta=tta)
     local = Path(model).expanduser()
     if (local / "model" / "MLmodel").is_file():  # an evaluation's output folder
         local = local / "model"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pneumonia.errors import ConfigError
+from pneumonia.checks import check_choice
 
 # The pipeline's three classes, in its output order.
 CLASSES = ("normal", "bacterial", "viral")
@@ -18,8 +18,7 @@ _TARGETS: dict[str, dict[str, int]] = {
 
 
 def check_stage(stage: str) -> str:
-    if stage not in STAGE_CLASSES:
-        raise ConfigError(f"stage={stage!r} is not one of: {', '.join(STAGE_CLASSES)}")
+    check_choice("stage", stage, tuple(STAGE_CLASSES))
     return stage
 
 

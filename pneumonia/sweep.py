@@ -38,18 +38,17 @@ def run_job(cfg: DictConfig, task: Callable[[DictConfig], dict[str, Any]]) -> di
         return task(cfg)
     hydra_cfg = HydraConfig.get()
     record = {"job": hydra_cfg.job.num, "overrides": " ".join(hydra_cfg.overrides.task)}
-    out = Path(hydra_cfg.runtime.output_dir)
     try:
         result = task(cfg)
     except Exception as err:  # one failed job must not stop the sweep
         log.error("Job %s failed:\n%s", record["job"], traceback.format_exc())
         record.update(status="FAILED", error=f"{err.__class__.__name__}: {err}")
-        (out / RESULT_FILE).write_text(json.dumps(record))
-        return None
-    record.update(status="COMPLETED", run_id=result.get("run_id"), stage=cfg.stage.name,
-                  best_checkpoint=result.get("best_checkpoint"),
-                  **{k: result["metrics"].get(k) for k in ("val/auroc", "val/acc")})
-    (out / RESULT_FILE).write_text(json.dumps(record))
+        result = None
+    else:
+        record.update(status="COMPLETED", run_id=result.get("run_id"), stage=cfg.stage.name,
+                      best_checkpoint=result.get("best_checkpoint"),
+                      **{k: result["metrics"].get(k) for k in ("val/auroc", "val/acc")})
+    (Path(hydra_cfg.runtime.output_dir) / RESULT_FILE).write_text(json.dumps(record))
     return result
 
 

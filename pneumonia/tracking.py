@@ -11,12 +11,13 @@ import re
 import subprocess
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from alembic.util import CommandError
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.tracking import MlflowClient
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from pneumonia.errors import TrackingError
@@ -24,7 +25,6 @@ from pneumonia.errors import TrackingError
 if TYPE_CHECKING:  # annotations only: tracking.py loads without Lightning
     from lightning.pytorch.loggers import MLFlowLogger
 
-_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 PACKAGES = ("torch", "torchvision", "lightning", "timm", "numpy", "mlflow", "albumentations")
 PROJECT = Path(__file__).resolve().parents[1]  # the repository root in a source checkout
 _READY: set[str] = set()  # tracking URIs this process has created or checked
@@ -50,7 +50,7 @@ def git_state(repo: Path = PROJECT) -> tuple[str, str]:
         return "unknown", "unknown"
 
 
-def environment(repo: Path = PROJECT) -> dict[str, str]:
+def environment() -> dict[str, str]:
     """What a run needs to be reproduced: Python and package versions, the git commit."""
     env = {"python": platform.python_version()}
     for name in PACKAGES:
@@ -58,7 +58,7 @@ def environment(repo: Path = PROJECT) -> dict[str, str]:
             env[name] = version(name)
         except PackageNotFoundError:
             env[name] = "not installed"
-    env["git_commit"], env["git_dirty"] = git_state(repo)
+    env["git_commit"], env["git_dirty"] = git_state()
     return env
 
 
@@ -72,14 +72,13 @@ def write_environment(path: Path) -> tuple[Path, dict[str, str]]:
 
 def is_run_id(ref: object) -> bool:
     """True for strings shaped like an MLflow run id (32 hex digits)."""
-    return bool(_RUN_ID.match(str(ref)))
+    return bool(re.fullmatch(r"[0-9a-f]{32}", str(ref)))
 
 
 def check_server(uri: str, timeout: float = 5.0) -> None:
     """Fail fast when an http(s) tracking server is not reachable (other URIs pass)."""
     if not uri.startswith(("http://", "https://")):
         return
-    import urllib.error
     import urllib.request
 
     try:
@@ -87,7 +86,7 @@ def check_server(uri: str, timeout: float = 5.0) -> None:
             if response.status == 200:
                 return
             reason = f"HTTP {response.status}"
-    except (urllib.error.URLError, OSError) as err:
+    except OSError as err:  # URLError and HTTPError among them
         reason = str(getattr(err, "reason", err))
     raise TrackingError(
         f"MLflow tracking server {uri} is not reachable ({reason}). Start it (make mlflow-server), "
@@ -95,22 +94,14 @@ def check_server(uri: str, timeout: float = 5.0) -> None:
     )
 
 
-def _sqlite_file(uri: str) -> Path | None:
-    """The database file of a sqlite:/// URI; None for other URIs and in-memory databases."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    path = uri[len("sqlite:///"):].split("?", 1)[0]
-    return Path(path) if path and path != ":memory:" else None
-
-
 def ensure_tracking_store(uri: str) -> None:
-    """Creates or upgrades a SQLite tracking database while holding an exclusive lock on
-    `<database>.lock`, so that of several processes starting at once (a sweep, evaluate and
-    explain together) only one runs MLflow's schema migration; without it the others failed in
-    an alembic traceback. Other URIs pass unchanged."""
-    database = _sqlite_file(uri)
-    if database is None or uri in _READY:
+    """Creates or upgrades a SQLite tracking database under an exclusive lock on `<database>.lock`:
+    of several processes starting at once (a sweep, evaluate and explain) only one runs MLflow's
+    schema migration, which the others failed in. Other URIs pass unchanged."""
+    path = make_url(uri).database if uri.startswith("sqlite://") else None
+    if path in (None, "", ":memory:") or uri in _READY:  # not a database file
         return
+    database = Path(path)
     database.parent.mkdir(parents=True, exist_ok=True)
     with open(database.with_name(database.name + ".lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
@@ -126,22 +117,11 @@ def ensure_tracking_store(uri: str) -> None:
     _READY.add(uri)
 
 
-def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
-    """{'a': {'b': 1}} -> {'a/b': 1}; lists are kept as their string form."""
-    out: dict[str, Any] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{name}/"))
-        else:
-            out[name] = value
-    return out
-
-
 def log_run_inputs(logger: MLFlowLogger, config: dict, preprocessing: dict, files: list[Path],
                    tags: dict[str, str]) -> None:
-    """Parameters (the resolved config and the measured preprocessing), tags, input artifacts."""
-    logger.log_hyperparams({**flatten(config), **flatten(preprocessing, "preprocessing/")})
+    """Parameters (the resolved config and the measured preprocessing, flattened by the logger
+    to `data/root`, `preprocessing/mean`, ...), tags, input artifacts."""
+    logger.log_hyperparams({**config, "preprocessing": preprocessing})
     tag_experiment_kind(logger.experiment, logger.experiment_id)  # MLFlowLogger created it
     for key, value in tags.items():
         logger.experiment.set_tag(logger.run_id, key, value)
@@ -149,14 +129,13 @@ def log_run_inputs(logger: MLFlowLogger, config: dict, preprocessing: dict, file
         logger.experiment.log_artifact(logger.run_id, str(path))
 
 
-def log_results(logger: MLFlowLogger, metrics: dict[str, float], checkpoint: Path | None,
+def log_results(logger: MLFlowLogger, metrics: dict[str, float], checkpoint: Path,
                 log_checkpoint: bool = True) -> None:
     """The best checkpoint's validation metrics (as best/*), its path and the file itself."""
     logger.log_metrics({f"best/{k.split('/', 1)[-1]}": v for k, v in metrics.items()})
-    if checkpoint is not None:
-        logger.experiment.set_tag(logger.run_id, "best_checkpoint", str(checkpoint.resolve()))
-        if log_checkpoint:
-            logger.experiment.log_artifact(logger.run_id, str(checkpoint), "checkpoints")
+    logger.experiment.set_tag(logger.run_id, "best_checkpoint", str(checkpoint.resolve()))
+    if log_checkpoint:
+        logger.experiment.log_artifact(logger.run_id, str(checkpoint), "checkpoints")
 
 
 def tag_experiment_kind(client: MlflowClient, experiment: str) -> None:
@@ -187,7 +166,6 @@ def experiment_id(client: MlflowClient, name: str, artifact_dir: str) -> str:
 def log_folder_run(tracking_uri: str, artifact_dir: str, experiment: str, folder: Path,
                    params: dict[str, str]) -> str:
     """One MLflow run holding a whole output folder as artifacts."""
-    ensure_tracking_store(tracking_uri)
     client = MlflowClient(tracking_uri)
     run = client.create_run(experiment_id(client, experiment, artifact_dir),
                             tags={"mlflow.runName": f"{experiment}/{folder.name}"})

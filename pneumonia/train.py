@@ -41,9 +41,6 @@ from pneumonia.tracking import (
 log = logging.getLogger(__name__)
 
 
-# Keys of the data group that the run uses itself and does not hand to the data module: the
-# normalisation mode (turned into the backbone's mean and std) and the synthetic data recipe.
-RUN_DATA_KEYS = ("normalization", "synthetic")
 # What a checkpoint records of its data (besides the root), so evaluation can rebuild the split.
 SPLIT_KEYS = ("split", "split_seed", "val_fraction", "test_fraction", "skip_bad")
 
@@ -53,7 +50,7 @@ def build_datamodule(cfg: DictConfig) -> KermanyDataModule:
     group cannot know: stage, input size, the backbone's mean and std, the run's seed. The
     synthetic data set is made first when data=synthetic."""
     data = OmegaConf.to_container(cfg.data, resolve=True)
-    normalization, synthetic = (data.pop(key) for key in RUN_DATA_KEYS)
+    normalization, synthetic = data.pop("normalization"), data.pop("synthetic")  # the run's own
     root = Path(data.pop("root")).expanduser()
     if synthetic:
         root = make_synthetic_dataset(root, **synthetic)
@@ -116,8 +113,7 @@ class EpochSeed(L.Callback):
 
 
 def resolve_resume(ref: str, tracking_uri: str | None) -> tuple[Path, Path, str | None]:
-    """(last checkpoint, the run's output folder, its MLflow run id) from a run folder, a
-    checkpoint file or an MLflow run id."""
+    """(last checkpoint, run folder, MLflow run id) from a run folder, checkpoint or run id."""
     checkpoint = resolve(ref, "resume", tracking_uri, Path(), last=True)
     saved = read_checkpoint(checkpoint)
     return checkpoint, checkpoint.parent.parent, saved.get("mlflow_run_id")
@@ -125,8 +121,7 @@ def resolve_resume(ref: str, tracking_uri: str | None) -> tuple[Path, Path, str 
 
 def build_logger(cfg: DictConfig,
                  run_id: str | None = None) -> tuple[MLFlowLogger | bool, str | None]:
-    """The MLflow logger (continuing `run_id` if given) and its tracking URI, the server
-    checked before any long work."""
+    """The MLflow logger (continuing `run_id`) and its URI, the server checked before long work."""
     if not cfg.get("logger"):
         return False, None
     logger_cfg = cfg.logger
@@ -155,24 +150,10 @@ def _run_tags(cfg: DictConfig) -> dict[str, str]:
     return tags
 
 
-def _choose_hardware(cfg: DictConfig) -> hardware.Choice:
-    """The accelerator, devices, strategy and precision of the run (`auto` decided by the
-    machine), said once at start-up."""
-    given = OmegaConf.to_container(cfg.trainer, resolve=True)
-    choice = hardware.choose(given["accelerator"], given["devices"], given["precision"],
-                             given["strategy"])
-    if rank_zero_only.rank == 0:
-        log.info("Hardware: %s", hardware.describe(choice))
-    return choice
-
-
 def _trainer_overrides(choice: hardware.Choice) -> dict[str, Any]:
-    """The Trainer arguments of the chosen hardware.
-
-    Plain DDP re-launches the script, which inside a Hydra sweep re-runs the whole sweep in
-    every child rank; spawned workers do not. Under SLURM (submitit_slurm with
-    tasks_per_node = devices) every rank already is its own process and plain DDP is right.
-    """
+    """The Trainer arguments of the chosen hardware. In a local Hydra sweep DDP is spawned: plain
+    DDP re-launches the script, so every child rank would re-run the whole sweep. Under SLURM
+    (tasks_per_node = devices) every rank already is its own process and plain DDP is right."""
     overrides = choice._asdict()
     if in_multirun() and choice.strategy == "ddp":
         launcher = str(HydraConfig.get().launcher.get("_target_", ""))
@@ -183,11 +164,9 @@ def _trainer_overrides(choice: hardware.Choice) -> dict[str, Any]:
 
 
 def _claim_run_folder(cfg: DictConfig) -> tuple[Path | None, str | None]:
-    """Claim the run's output folder (pneumonia.outputs); on resume, the interrupted run's.
-
-    Returns the checkpoint to resume from and its MLflow run id (None, None for a new run).
-    DDP ranks other than 0 share rank 0's folder and only open their log file there.
-    """
+    """Claim the run's output folder (on resume, the interrupted run's); returns the checkpoint
+    to resume from and its MLflow run id, (None, None) for a new run. Other DDP ranks share
+    rank 0's folder and only open their log file there."""
     primary = rank_zero_only.rank == 0
     inputs = [cfg.data.root]
     if not cfg.get("resume"):
@@ -235,13 +214,6 @@ def _fit(trainer: L.Trainer, module, datamodule, resume_from: Path | None,
         raise SystemExit(143 if sigterm else 130) from stop
 
 
-def _leave_process_group() -> None:
-    """End a DDP process group once training is over: rank 0 then scores on one device, and a
-    metric synced over a group whose other ranks have exited would wait for them forever."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
-
 def _add_ood_gate(module: StageClassifier, datamodule: KermanyDataModule, fraction: float,
                   device: str, checkpoint: Path) -> None:
     """Fit the out-of-distribution gate of the module's (best) weights on the training and
@@ -263,11 +235,13 @@ def _add_ood_gate(module: StageClassifier, datamodule: KermanyDataModule, fracti
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Train one stage. Returns the MLflow run id, the best checkpoint and its validation
-    metrics."""
+    """Train one stage; returns the MLflow run id, best checkpoint and its validation metrics."""
     validate(cfg)
     resolve_weights(cfg.model.backbone, cfg.model.pretrained)  # fails before any data is read
-    choice = _choose_hardware(cfg)
+    given = OmegaConf.to_container(cfg.trainer, resolve=True)  # `auto` decided by the machine
+    choice = hardware.choose(**{key: given[key] for key in hardware.Choice._fields})
+    if rank_zero_only.rank == 0:
+        log.info("Hardware: %s", hardware.describe(choice))
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg)  # a bad data folder fails here, before any file is written
     module = build_module(cfg, datamodule)
@@ -286,7 +260,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     log.info("Training %s/%s on %s: %s", cfg.stage.name, cfg.model.name, datamodule.root,
              {s: datamodule.class_counts(s) for s in ("train", "val", "test")})
     _fit(trainer, module, datamodule, resume_from, output_dir)
-    _leave_process_group()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # rank 0 scores alone next: a metric synced over the group would wait forever for the
+        # ranks that have exited
+        torch.distributed.destroy_process_group()
     result: dict[str, Any] = {
         "run_id": logger.run_id if isinstance(logger, MLFlowLogger) else None,
         "tracking_uri": tracking_uri, "output_dir": str(output_dir), "best_checkpoint": None,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pneumonia.data.datamodule import CachedDataset, EpochShuffle, XrayDataset
+from pneumonia.data.datamodule import EpochShuffle, XrayDataset
 from pneumonia.data.kermany import scan_kermany
 from pneumonia.data.transforms import Augmentation, Preprocessing
 from tests.conftest import REPO, compose_train
@@ -138,7 +138,7 @@ def test_cached_and_decoded_paths_augment_the_same_image_identically(synthetic_r
                                 scale=(0.9, 1.15), rotate=10.0, translate=0.06)
     decoded = XrayDataset(records, "binary", pre, augmentation)
     rows = np.stack([decoded.image(i) for i in range(len(records))])  # the same preprocessed images
-    cached = CachedDataset(rows, records, "binary", pre, augmentation)
+    cached = XrayDataset(records, "binary", pre, augmentation, rows=rows)
     for key in [(0, 0), (3, 0), (3, 1), (5, 4)]:
         image, target = decoded[key]
         torch.testing.assert_close(cached[key][0], image, rtol=0, atol=0)

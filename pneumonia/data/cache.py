@@ -3,9 +3,8 @@
 Each split's images are stored as one uint8 array (N, S, S) in `<cache_dir>/<key>.u8`, with
 `<key>.json` beside it. The key hashes the data files (path, size, modification time) and
 the preprocessing settings, so any change makes a new cache; the JSON holds a checksum of
-the array, so a damaged file is detected and rebuilt, never used. `cached_array` is that
-mechanism (validate, else build into a temporary file, checksum, move into place) for any
-array, and is shared with the feature cache (`pneumonia.data.features`).
+the array, so a damaged file is detected and rebuilt, never used. The feature cache
+(`pneumonia.data.features`) stores its arrays through the same `cached_array`.
 """
 
 from __future__ import annotations
@@ -37,12 +36,13 @@ VERSION = 1
 DRAFT_MARGIN = 2.0
 # Space a cache leaves free on its disk, for the logs, checkpoints and other programs there.
 FREE_MARGIN = 256 * 2**20
+_DISK_ADVICE = "free some space, point paths.cache_dir at a larger disk, or set data.cache=false"
 
 
-def decode_preprocessed(path: Path, pre: Preprocessing, draft: bool = True) -> np.ndarray:
+def decode_preprocessed(path: Path, pre: Preprocessing) -> np.ndarray:
     """The (S, S) uint8 image `pre` would give, decoding JPEGs at reduced size where exact
     enough."""
-    if not draft or path.suffix.lower() not in (".jpeg", ".jpg"):
+    if path.suffix.lower() not in (".jpeg", ".jpg"):
         return pre(read_grayscale(path))
     try:
         with Image.open(path) as img:
@@ -71,22 +71,18 @@ def cache_key(records: list[Record], pre: Preprocessing) -> str:
 
 
 def _checksum(path: Path) -> str:
-    digest = hashlib.blake2b(digest_size=16)
     with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
 
 
-def _valid(array_file: Path, meta_file: Path, shape: tuple[int, ...], dtype: np.dtype) -> bool:
+def _valid(array_file: Path, meta_file: Path, shape: tuple[int, ...], nbytes: int) -> bool:
     if not (array_file.is_file() and meta_file.is_file()):
         return False
     try:
         meta = json.loads(meta_file.read_text())
     except (OSError, ValueError):
         return False
-    if (array_file.stat().st_size != int(np.prod(shape)) * dtype.itemsize
-            or meta.get("shape") != list(shape)):
+    if array_file.stat().st_size != nbytes or meta.get("shape") != list(shape):
         return False
     return meta.get("checksum") == _checksum(array_file)
 
@@ -98,8 +94,8 @@ def _check_free_space(folder: Path, nbytes: int) -> None:
     free = shutil.disk_usage(existing).free
     if nbytes + FREE_MARGIN > free:
         raise OSError(errno.ENOSPC, f"the cache in {folder} needs {nbytes:,} bytes (and "
-                      f"{FREE_MARGIN:,} left free) but its disk has {free:,} bytes free: free some "
-                      "space, point paths.cache_dir at a larger disk, or set data.cache=false")
+                      f"{FREE_MARGIN:,} left free) but its disk has {free:,} bytes free: "
+                      + _DISK_ADVICE)
 
 
 def _reserve(path: Path, nbytes: int) -> None:
@@ -114,9 +110,8 @@ def _reserve(path: Path, nbytes: int) -> None:
         except OSError as err:
             free = shutil.disk_usage(path.parent).free
             raise OSError(err.errno, f"cannot reserve {nbytes:,} bytes for the cache file {path} "
-                          f"({free:,} bytes free on that disk; {err.strerror}): free some space, "
-                          "point paths.cache_dir at a larger disk, "
-                          "or set data.cache=false") from err
+                          f"({free:,} bytes free on that disk; {err.strerror}): "
+                          + _DISK_ADVICE) from err
 
 
 def cached_array(array_file: Path, shape: tuple[int, ...], dtype, fill: Callable[[np.memmap], None],
@@ -128,15 +123,16 @@ def cached_array(array_file: Path, shape: tuple[int, ...], dtype, fill: Callable
     never leaves a file that looks valid. `meta` is stored in the JSON for people to read.
     """
     dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
     meta_file = array_file.with_suffix(".json")
-    if not _valid(array_file, meta_file, shape, dtype):
+    if not _valid(array_file, meta_file, shape, nbytes):
         if array_file.exists():
             log.warning("Cache %s is damaged or incomplete: rebuilding it", array_file)
-        _check_free_space(array_file.parent, int(np.prod(shape)) * dtype.itemsize)
+        _check_free_space(array_file.parent, nbytes)
         array_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = array_file.with_suffix(f".tmp{os.getpid()}")
         try:
-            _reserve(tmp, int(np.prod(shape)) * dtype.itemsize)
+            _reserve(tmp, nbytes)
             out = np.memmap(tmp, dtype=dtype, mode="r+", shape=shape)
             fill(out)
             out.flush()

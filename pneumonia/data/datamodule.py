@@ -13,7 +13,6 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pneumonia.data.cache import build_cache, cache_key
 from pneumonia.data.kermany import (
-    DataError,
     Record,
     scan_with_skipped,
     split_records,
@@ -21,7 +20,7 @@ from pneumonia.data.kermany import (
     write_skipped,
 )
 from pneumonia.data.transforms import Augmentation, Preprocessing
-from pneumonia.errors import ConfigError
+from pneumonia.errors import ConfigError, DataError
 from pneumonia.io import read_grayscale
 from pneumonia.stages import STAGE_CLASSES, stage_target, stage_targets
 
@@ -29,28 +28,31 @@ from pneumonia.stages import STAGE_CLASSES, stage_target, stage_targets
 FeatureExtractor = Callable[[np.ndarray, str, Path, "torch.device | None"], np.ndarray]
 
 
-class StageImages(Dataset):
+class XrayDataset(Dataset):
     """Normalised images (1, S, S) of one stage and their class index (-1 where it has none).
 
-    A key is an image index, or an (index, epoch) pair from `EpochShuffle`: with an
-    `augmentation`, a pair draws that image's augmentation for that epoch. Both paths below
-    thus augment and normalise the same uint8 image the same way; they differ only in where
-    the image comes from.
+    The preprocessed uint8 image is decoded, cropped and resized from its file at each access,
+    or read from `rows` (N, S, S), the preprocessed cache; both are then augmented and
+    normalised the same way. A key is an image index, or an (index, epoch) pair from
+    `EpochShuffle`: with an `augmentation`, a pair draws that image's augmentation for that epoch.
     """
 
     def __init__(self, records: list[Record], stage: str, preprocessing: Preprocessing,
-                 augmentation: Augmentation | None = None):
+                 augmentation: Augmentation | None = None, rows: np.ndarray | None = None):
         self.records = records
         self.targets = stage_targets(stage, (r.label for r in records))
         self.preprocessing = preprocessing
         self.augmentation = augmentation
+        self.rows = rows
 
     def __len__(self) -> int:
         return len(self.records)
 
     def image(self, index: int) -> np.ndarray:
         """The preprocessed uint8 image (S, S) of record `index`."""
-        raise NotImplementedError
+        if self.rows is not None:
+            return np.array(self.rows[index])
+        return self.preprocessing(read_grayscale(self.records[index].path))
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
         index, epoch = key if isinstance(key, tuple) else (key, None)
@@ -60,28 +62,9 @@ class StageImages(Dataset):
         return torch.from_numpy(self.preprocessing.normalize(image)), self.targets[index]
 
 
-class XrayDataset(StageImages):
-    """Images decoded, cropped and resized from their files at each access."""
-
-    def image(self, index: int) -> np.ndarray:
-        return self.preprocessing(read_grayscale(self.records[index].path))
-
-
-class CachedDataset(StageImages):
-    """Images read from the preprocessed cache: `rows` (N, S, S) uint8, one per record."""
-
-    def __init__(self, rows: np.ndarray, records: list[Record], stage: str,
-                 preprocessing: Preprocessing, augmentation: Augmentation | None = None):
-        super().__init__(records, stage, preprocessing, augmentation)
-        self.rows = rows
-
-    def image(self, index: int) -> np.ndarray:
-        return np.array(self.rows[index])
-
-
 class FeatureDataset(Dataset):
     """Frozen-backbone features (C, H, W) from the feature cache and the class index. A key is
-    an index or an (index, epoch) pair, as for `StageImages`; features are never augmented."""
+    an index or an (index, epoch) pair, as for `XrayDataset`; features are never augmented."""
 
     def __init__(self, features: np.ndarray, records: list[Record], stage: str):
         self.features = features
@@ -163,11 +146,10 @@ class KermanyDataModule(L.LightningDataModule):
         super().__init__()
         if cache and not cache_dir:
             raise ConfigError("data.cache=true needs data.cache_dir")
-        if feature_cache and not cache:
-            raise ConfigError("data.feature_cache=true needs data.cache=true")
-        if feature_cache and augment:
-            raise ConfigError("data.feature_cache=true needs data.augment=null: features are "
-                              "computed once per image, so no training image may change")
+        if feature_cache and (not cache or augment):
+            raise ConfigError("data.feature_cache=true needs data.cache=true and "
+                              "data.augment=null: features are computed once per cached image, "
+                              "so no training image may change")
         self.cache_dir = Path(cache_dir).expanduser() if cache else None
         self.feature_cache, self.extract_features = feature_cache, None
         self.cache_workers, self.pin_memory = cache_workers, pin_memory
@@ -202,8 +184,7 @@ class KermanyDataModule(L.LightningDataModule):
     def _check_classes(self) -> None:
         classes = STAGE_CLASSES[self.stage]
         for split in ("train", "val"):
-            counts = self.class_counts(split)
-            missing = [c for c, n in zip(classes, counts) if n == 0]
+            missing = [c for c, n in zip(classes, self.class_counts(split)) if n == 0]
             if missing:
                 raise DataError(
                     f"stage={self.stage} needs {' and '.join(classes)} images in the {split} "
@@ -215,8 +196,7 @@ class KermanyDataModule(L.LightningDataModule):
         return [counts[i] for i in range(len(STAGE_CLASSES[self.stage]))]
 
     def class_weights(self) -> list[float]:
-        """Inverse-frequency weights n / (k * n_c): the minority error costs n_major / n_minor
-        more."""
+        """Inverse-frequency weights n / (k * n_c): a minority error costs n_major/n_minor more."""
         counts = np.asarray(self.class_counts("train"), dtype=np.float64)
         return (counts.sum() / (len(counts) * counts)).tolist()
 
@@ -264,10 +244,8 @@ class KermanyDataModule(L.LightningDataModule):
         augmentation = None
         if augment and self.augment:
             augmentation = Augmentation(self.shuffle_seed, **self.augment)
-        if self.cache_dir is not None:
-            return CachedDataset(self.cached_images(split), self.splits[split], self.stage,
-                                 self.preprocessing, augmentation)
-        return XrayDataset(self.splits[split], self.stage, self.preprocessing, augmentation)
+        rows = self.cached_images(split) if self.cache_dir is not None else None
+        return XrayDataset(self.splits[split], self.stage, self.preprocessing, augmentation, rows)
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         data = self.dataset(split, augment=train)

@@ -3,20 +3,16 @@
 When nothing before the head trains (model.freeze=features, model.adapter=none) and no image
 is augmented (data.augment=null, as in study B's recipes), an image's features never change.
 They are computed once, in eval mode, and stored beside the preprocessed images as one float32
-array (N, C, H, W) per split, built and checked by the same `cached_array` as the images
-(checksum, temporary file moved into place). `FrozenFeatures` is the one seam between the
-network and the data module: train() builds it from the network and hands it to the data
-module (`KermanyDataModule.use_features`).
+array (N, C, H, W) per split by `cached_array`. `FrozenFeatures` is the one seam between the
+network and the data module (`KermanyDataModule.use_features`).
 
 float32, not float16: the head then sees what the full network would compute, up to float
-rounding, so training on the cache is the same training; float16 would halve the file but
-add about 1e-3 relative error and overflow past 65504 on backbones with unbounded activations.
+rounding; float16 would halve the file but add about 1e-3 relative error and overflow past
+65504 on backbones with unbounded activations.
 
-The key covers the split's preprocessed-image key (files and preprocessing), the backbone
-and a hash of the frozen weights themselves (every parameter and buffer of the
-adapter and backbone that does not train). Hub weights, a weights file and a seeded random
-initialisation are thus all identified by the numbers the features are computed with: another
-file, seed or release of the weights makes another cache, the same weights reuse it.
+The key covers the split's image key, the backbone and a hash of the frozen weights themselves,
+so hub weights, a weights file and a seeded random initialisation are all identified by the
+numbers the features are computed with: other weights make another cache, the same reuse it.
 """
 
 from __future__ import annotations
@@ -83,8 +79,7 @@ def compute_features(net: PneumoniaNet, images: np.ndarray, mean: float,
 
 def build_feature_cache(images: np.ndarray, image_key: str, net: PneumoniaNet, mean: float,
                         std: float, cache_dir: Path, batch_size: int = 32,
-                        device: torch.device | str | None = None,
-                        desc: str = "features") -> np.memmap:
+                        device: torch.device | str | None = None) -> np.memmap:
     """(N, C, H, W) float32 features of the frozen part for the preprocessed `images`, computed
     in eval mode on `device` (default: the network's) unless a valid cache exists."""
     check_cacheable(net)
@@ -96,29 +91,27 @@ def build_feature_cache(images: np.ndarray, image_key: str, net: PneumoniaNet, m
                                        mean, std).shape[1:])
         if len(images) == 0:
             return np.zeros((0, *shape), DTYPE)
-        key = feature_key(image_key, backbone_name(net), frozen_weights_digest(net))
+        backbone = backbone_name(net)
+        key = feature_key(image_key, backbone, frozen_weights_digest(net))
 
         def fill(out: np.memmap) -> None:
-            for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch",
+            for start in tqdm(range(0, len(images), batch_size), desc="features", unit="batch",
                               leave=False):
                 block = images[start:start + batch_size]
                 features = compute_features(net, block, mean, std)
                 out[start:start + len(block)] = features.float().cpu().numpy()
 
         return cached_array(Path(cache_dir) / f"{key}.f32", (len(images), *shape), DTYPE, fill,
-                            {"images": image_key, "backbone": backbone_name(net),
-                             "version": VERSION})
+                            {"images": image_key, "backbone": backbone, "version": VERSION})
     finally:
         net.train(was_training).to(home)
 
 
 class FrozenFeatures:
     """A data module's feature extractor (`KermanyDataModule.use_features`): the cached
-    features of `net`'s frozen part, normalised with `mean` and `std`.
-
-    It holds the network itself, so the features are hashed from the weights in use when the
-    data is asked for (after a resumed run has restored its weights).
-    """
+    features of `net`'s frozen part, normalised with `mean` and `std`. It holds the network
+    itself, so the features are hashed from the weights in use when the data is asked for
+    (after a resumed run has restored its weights)."""
 
     def __init__(self, net: PneumoniaNet, mean: float, std: float, batch_size: int = 32):
         check_cacheable(net)

@@ -62,8 +62,7 @@ def parse_name(class_folder: str, filename: str) -> tuple[str, str]:
 
 def scan_kermany(root: Path | str, folders: tuple[str, ...] = SPLIT_FOLDERS,
                  skip_bad: bool = False) -> list[Record]:
-    """Every readable image under root/{train,val,test}/{NORMAL,PNEUMONIA} (see
-    scan_with_skipped)."""
+    """The readable images of `scan_with_skipped`."""
     return scan_with_skipped(root, folders, skip_bad)[0]
 
 
@@ -91,9 +90,7 @@ def scan_with_skipped(root: Path | str, folders: tuple[str, ...] = SPLIT_FOLDERS
             if not class_dir.is_dir():
                 raise DataError(f"{class_dir} is missing; expected {folder}/NORMAL and "
                                 f"{folder}/PNEUMONIA")
-            for path in sorted(class_dir.iterdir()):
-                if not is_image_file(path):
-                    continue
+            for path in sorted(filter(is_image_file, class_dir.iterdir())):
                 label, patient = parse_name(class_folder, path.name)
                 try:
                     width, height = image_size(path)
@@ -108,11 +105,10 @@ def scan_with_skipped(root: Path | str, folders: tuple[str, ...] = SPLIT_FOLDERS
     if bad:
         log.warning("Skipping %d unreadable image file(s) under %s (data.skip_bad=true):\n  %s",
                     len(bad), root, "\n  ".join(map(str, bad)))
-    train_labels = Counter("normal" if r.label == "normal" else "pneumonia"
-                           for r in records if r.folder == "train")
-    for name in ("normal", "pneumonia"):
-        if train_labels[name] == 0:
-            raise DataError(f"{root / 'train' / name.upper()} holds no images")
+    filled = {r.path.parent.name for r in records if r.folder == "train"}
+    for class_folder in CLASS_FOLDERS:
+        if class_folder not in filled:
+            raise DataError(f"{root / 'train' / class_folder} holds no images")
     return records, bad
 
 
@@ -174,11 +170,8 @@ def split_records(
 
 
 def write_manifest(records: list[Record], path: Path) -> Path:
-    """One row per image (path, label, patient, split, source folder, size): a run's exact split.
-
-    Text that a spreadsheet would run as a formula is written with a leading apostrophe
-    (`pneumonia.csvio.write_csv`); `read_manifest` removes it again.
-    """
+    """One row per image (path, label, patient, split, source folder, size): a run's exact split,
+    safe to open in a spreadsheet (`pneumonia.csvio.write_csv`) and read back by `read_manifest`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     return write_csv(path, ["path", "label", "patient", "split", "folder", "width", "height"],
                      ([str(r.path), r.label, r.patient, r.split, r.folder, r.width, r.height]

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from pneumonia.data.kermany import LABELS
 from pneumonia.errors import OutputError
 
 _MARKER = ".synthetic.json"
@@ -52,11 +53,29 @@ def draw_xray(label: str, width: int, height: int, rng: np.random.Generator) -> 
     return (np.clip(img, 0, 1) * 255).astype(np.uint8)
 
 
-def _file_name(label: str, patient: int, index: int) -> tuple[str, str]:
+def _file_name(label: str, patient: int, index: int) -> str:
+    """The image's path below its split folder, named as Kermany's files are."""
     if label == "normal":
-        return "NORMAL", f"IM-{patient:04d}-{index + 1:04d}.jpeg"
+        return f"NORMAL/IM-{patient:04d}-{index + 1:04d}.jpeg"
     kind = "bacteria" if label == "bacterial" else "virus"
-    return "PNEUMONIA", f"person{patient}_{kind}_{index + 1}.jpeg"
+    return f"PNEUMONIA/person{patient}_{kind}_{index + 1}.jpeg"
+
+
+def _write_images(folder: Path, rng: np.random.Generator, patients_per_class: int,
+                  images_per_patient: int, min_size: int, max_size: int) -> None:
+    """Every split's patients of every label, numbered across the data set, and their images."""
+    patients = [(split, label) for split, share in _COUNTS.items() for label in LABELS
+                for _ in range(max(1, round(share * patients_per_class)))]
+    for patient, (split, label) in enumerate(patients, start=1):
+        for index in range(images_per_patient):
+            height = int(rng.integers(min_size, max_size + 1))
+            width = int(height * rng.uniform(1.0, 1.45))
+            image = Image.fromarray(draw_xray(label, width, height, rng))
+            if rng.random() < 0.2:  # some real files are stored as RGB
+                image = image.convert("RGB")
+            out = folder / split / _file_name(label, patient, index)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            image.save(out, quality=92)
 
 
 def make_synthetic_dataset(
@@ -84,26 +103,11 @@ def make_synthetic_dataset(
             f"{root} exists but is not a synthetic data set made with {settings}; "
             "choose another data.root (nothing was written there)"
         )
-    rng = np.random.default_rng(seed)
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".synthetic-", dir=root.parent))
     try:
-        patient = 0
-        for split, share in _COUNTS.items():
-            for label in ("normal", "bacterial", "viral"):
-                for _ in range(max(1, round(share * patients_per_class))):
-                    patient += 1
-                    for index in range(images_per_patient):
-                        height = int(rng.integers(min_size, max_size + 1))
-                        width = int(height * rng.uniform(1.0, 1.45))
-                        pixels = draw_xray(label, width, height, rng)
-                        folder, name = _file_name(label, patient, index)
-                        image = Image.fromarray(pixels)
-                        if rng.random() < 0.2:  # some real files are stored as RGB
-                            image = image.convert("RGB")
-                        out = tmp / split / folder / name
-                        out.parent.mkdir(parents=True, exist_ok=True)
-                        image.save(out, quality=92)
+        _write_images(tmp, np.random.default_rng(seed), patients_per_class, images_per_patient,
+                      min_size, max_size)
         (tmp / _MARKER).write_text(json.dumps(settings))
         tmp.rename(root)
     except BaseException:

@@ -75,15 +75,14 @@ def normalize(pixels, mean: float, std: float):
 
 class Augmentation:
     """Training augmentation of preprocessed uint8 (S, S) images, each draw fixed by
-    (seed, epoch, image index).
+    (seed, epoch, image index), for the decoded and the cached path alike.
 
-    One albumentations 2.0.8 pipeline serves the decoded and the cached path alike: a flip with
-    probability `hflip`; one affine step (zoom drawn from `scale`, used for both axes, rotation
-    up to `rotate` degrees, shift up to `translate` of the side, black outside the image); then
-    brightness and contrast, which 2.0.8 applies as img * (1 + c) + b * 255 (not centred on the
-    mean). Before each image every transform is reseeded from (seed, epoch, index), each from
-    its own stream, so that its draws do not depend on the transforms before it: a resumed run
-    repeats its draws, and the number of loader workers changes nothing.
+    A flip with probability `hflip`; one affine step (zoom drawn from `scale` for both axes,
+    rotation up to `rotate` degrees, shift up to `translate` of the side, black outside); then
+    brightness and contrast, which albumentations applies as img * (1 + c) + b * 255 (not
+    centred on the mean). Each transform is reseeded from its own stream before each image, so
+    its draws do not depend on the others: a resumed run repeats them, and the number of loader
+    workers changes nothing.
     """
 
     def __init__(self, seed: int = 0, hflip: float = 0.5, brightness=(-0.1, 0.1),

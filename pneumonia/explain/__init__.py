@@ -1,3 +1,2 @@
-"""Explanations: attribution maps (`attribution`), the incremental occlusion engine
-(`occlusion`), the per-X-ray figures and the index page (`figures`), and `run.explain`, what
-explain.py runs over a folder."""
+"""Explanations: attribution maps, the incremental occlusion engine, the report figures, and
+`run.explain`, what explain.py runs over a folder."""

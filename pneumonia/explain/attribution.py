@@ -16,29 +16,22 @@ from pneumonia.explain.occlusion import incremental_occlusion_map, saves_work
 METHODS = ("occlusion", "gradcam", "integrated_gradients")
 
 
-class Probabilities(nn.Module):
+class Probabilities(nn.Sequential):
     """Logits -> softmax, so attributions are changes in class probability."""
 
     def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x).softmax(dim=1)
+        super().__init__(model, nn.Softmax(dim=1))
 
 
 def occlusion_map(model: nn.Module, images: torch.Tensor, target: torch.Tensor, window: int = 15,
                   stride: int = 10, baseline: float = 0.0, perturbations_per_eval: int = 32,
                   mode: str = "exact", incremental: bool = True) -> torch.Tensor:
-    """Drop in the target probability when a window x window patch is set to `baseline`.
+    """Drop in the target probability when a window x window patch is set to `baseline`
+    (positive: the patch supported the target class).
 
     images: (N, 1, H, W) in the model's normalised space; baseline in that space too.
-    `perturbations_per_eval` occluded copies of an image go through the network per pass.
-    Positive values: the patch supported the target class.
-    incremental: recompute each layer only where the patch changes it (pneumonia.explain.occlusion),
-    exact unless mode="approximate" (drill-down, pneumonia.explain.occlusion); networks that
-    torch.fx cannot trace or where that saves too little by the engine's own count, and
-    incremental=False, run every copy through Captum (exact).
+    incremental: pneumonia.explain.occlusion's engine (exact unless mode="approximate"); networks
+    it cannot trace or where it saves too little, and incremental=False, run Captum.
     """
     if incremental and saves_work(model, images[:1], window, stride, perturbations_per_eval):
         return incremental_occlusion_map(model, images, target, window, stride, baseline,
@@ -55,31 +48,26 @@ def occlusion_map(model: nn.Module, images: torch.Tensor, target: torch.Tensor, 
     return attributions[:, 0]
 
 
-def gradcam_map(model: nn.Module, layer: nn.Module, images: torch.Tensor,
-                target: torch.Tensor) -> torch.Tensor:
-    """Grad-CAM on `layer`, ReLU'd and upsampled to the input size."""
+def gradcam_map(net: nn.Module, images: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Grad-CAM on the last feature stage of a PneumoniaNet's timm backbone (timm's own
+    feature_info), ReLU'd and upsampled to the input size."""
+    if not hasattr(net, "backbone"):
+        raise ConfigError("method=gradcam explains one network, and this stage averages several "
+                          "checkpoints: use method=occlusion or integrated_gradients")
+    layer = net.backbone.get_submodule(net.backbone.feature_info[-1]["module"])
     with torch.enable_grad():
-        cam = LayerGradCam(Probabilities(model), layer).attribute(
+        cam = LayerGradCam(Probabilities(net), layer).attribute(
             images, target=target, relu_attributions=True)
     return LayerAttribution.interpolate(cam.detach(), images.shape[-2:], "bilinear")[:, 0]
 
 
 def integrated_gradients_map(model: nn.Module, images: torch.Tensor, target: torch.Tensor,
-                             baseline: float = 0.0, steps: int = 32,
-                             internal_batch_size: int = 32) -> torch.Tensor:
+                             baseline: float = 0.0) -> torch.Tensor:
     with torch.enable_grad():
         attributions = IntegratedGradients(Probabilities(model)).attribute(
-            images.requires_grad_(True), baselines=baseline, target=target, n_steps=steps,
-            internal_batch_size=internal_batch_size)
+            images.requires_grad_(True), baselines=baseline, target=target, n_steps=32,
+            internal_batch_size=32)
     return attributions.detach()[:, 0]
-
-
-def gradcam_layer(net: nn.Module) -> nn.Module:
-    """The last feature stage of a PneumoniaNet's timm backbone (timm's own feature_info)."""
-    if not hasattr(net, "backbone"):
-        raise ConfigError("method=gradcam explains one network, and this stage averages several "
-                          "checkpoints: use method=occlusion or integrated_gradients")
-    return net.backbone.get_submodule(net.backbone.feature_info[-1]["module"])
 
 
 def attribution_map(method: str, net: nn.Module, images: torch.Tensor, target: torch.Tensor,
@@ -92,7 +80,7 @@ def attribution_map(method: str, net: nn.Module, images: torch.Tensor, target: t
         return occlusion_map(net, images, target, window, stride, baseline, perturbations_per_eval,
                              occlusion_mode)
     if method == "gradcam":
-        return gradcam_map(net, gradcam_layer(net), images, target)
+        return gradcam_map(net, images, target)
     if method == "integrated_gradients":
         return integrated_gradients_map(net, images, target, baseline)
     raise ConfigError(f"method={method!r} is not one of: {', '.join(METHODS)}")

@@ -6,40 +6,33 @@ import html
 import urllib.parse
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import numpy as np
+from matplotlib.figure import Figure
 
 
 def plot_explanation(path: Path, image: np.ndarray, heatmap: np.ndarray, probabilities: np.ndarray,
                      classes: tuple[str, ...], decision: str, caption: str, threshold_note: str,
-                     title: str) -> Path:
+                     title: str) -> None:
     """One image's report: what the model saw, the heatmap over it, the three probabilities."""
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4.4), gridspec_kw={"width_ratios": [1, 1.2, 1]})
-    axes[0].imshow(image, cmap="gray", vmin=0, vmax=255)
+    fig = Figure(figsize=(13, 4.4))  # no pyplot: no global figure to close, no GUI backend
+    axes = fig.subplots(1, 3, gridspec_kw={"width_ratios": [1, 1.2, 1]})
+    for ax in axes[:2]:
+        ax.imshow(image, cmap="gray", vmin=0, vmax=255)
+        ax.axis("off")
     axes[0].set_title("input as the model saw it\n(cropped, resized)", fontsize=9)
-    axes[1].imshow(image, cmap="gray", vmin=0, vmax=255)
     limit = float(np.abs(heatmap).max()) or 1.0
     overlay = axes[1].imshow(heatmap, cmap="bwr", vmin=-limit, vmax=limit, alpha=0.5)
     fig.colorbar(overlay, ax=axes[1], fraction=0.046, pad=0.04, label="change in probability")
     axes[1].set_title(caption, fontsize=9)
-    for ax in axes[:2]:
-        ax.axis("off")
     bars = axes[2].bar(classes, probabilities, color=["#4c72b0", "#dd8452", "#c44e52"])
-    bars[classes.index(decision)].set_edgecolor("black")
-    bars[classes.index(decision)].set_linewidth(2.5)
-    for bar, value in zip(bars, probabilities):
-        axes[2].text(bar.get_x() + bar.get_width() / 2, value + 0.02, f"{value:.2f}", ha="center")
+    bars[classes.index(decision)].set(edgecolor="black", linewidth=2.5)
+    axes[2].bar_label(bars, fmt="%.2f", padding=2)
     axes[2].set_ylim(0, 1.1)
     axes[2].set_title(f"decision: {decision}", fontsize=11)
     axes[2].set_xlabel(threshold_note, fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
 
 
 def report_names(files: list[str]) -> list[Path]:
@@ -72,10 +65,10 @@ def index_html(rows: list[dict], title: str, classes: tuple[str, ...]) -> str:
             continue
         link = html.escape(urllib.parse.quote(row["report"], errors="replace"))
         probs = ", ".join(f"{c} {float(row['p_' + c]):.2f}" for c in classes)
-        cards.append(f'<figure><a href="{link}"><img src="{link}" loading="lazy"></a><figcaption>'
-                     f'<b class="{html.escape(row["decision"])}">'
-                     f'{html.escape(row["decision"])}</b> '
-                     f"{name}<br>{probs}</figcaption></figure>")
+        decision = html.escape(row["decision"])
+        cards.append(f'<figure><a href="{link}"><img src="{link}" loading="lazy"></a>'
+                     f'<figcaption><b class="{decision}">{decision}</b> {name}<br>{probs}'
+                     "</figcaption></figure>")
     failures = f"<h2>Not explained ({len(failed)})</h2><ul>{''.join(failed)}</ul>" if failed else ""
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;margin:1em}} figure{{display:inline-block;width:640px;\

@@ -1,23 +1,19 @@
-"""Incremental occlusion (Krypton, Nakandala et al., SIGMOD 2019): the same map as Captum's
-`Occlusion`, computed by recomputing each layer only where the occluding patches change it.
+"""Incremental occlusion (Krypton, Nakandala et al., SIGMOD 2019): Captum's `Occlusion` map,
+computed by recomputing each layer only where the occluding patches change it.
 
-The network is traced once with torch.fx (timm's leaf modules stay whole). The unoccluded image
-runs once and every node's output is kept. For a batch of occluded copies, each node's output is
-then a `Box`: per copy, the rectangle of the output map that differs from the unoccluded output,
-all copies sharing one rectangle size so they run as one batch. A convolution or pooling layer
-recomputes only the output rectangle its changed input reaches (from kernel, stride, padding and
-dilation), reading the rest of its input window from the stored activations (once its input
-changed everywhere, it runs as itself). Pointwise layers, residual additions and concatenations
-work on the union of their inputs' rectangles; a concatenation writes each changed input into
-the stored output there, and an input widened to the whole map keeps that form. Anything
-else (global pooling, squeeze-and-excitation, flatten, the classifier, unknown ops) runs on full
+The network is traced once with torch.fx and the unoccluded image runs once, keeping every
+node's output. For a batch of occluded copies, a node's output is then a `Box`: per copy, the
+rectangle that differs from the unoccluded output, one rectangle size for all copies so they run
+as one batch. A convolution or pooling layer recomputes only the output rectangle its changed
+input reaches, reading the rest of its input window from the stored activations; pointwise
+layers, residual additions and concatenations work on the union of their inputs' rectangles;
+anything else (global pooling, squeeze-and-excitation, the classifier, unknown ops) runs on full
 maps from there on: still exact, no longer incremental.
 
-mode="approximate" drills down (Krypton's adaptive drill-down): a checkerboard of window
-positions is computed exactly, each other window gets the mean of its four neighbours, and only
-the `refine` share of those with the largest values is computed as well. (Krypton's other
-approximation, capping every rectangle at a fraction of its map's side, was measured and did not
-pay on VGG16: docs/options.md.)
+mode="approximate" is Krypton's adaptive drill-down: a checkerboard of window positions is
+computed exactly, each other window gets the mean of its four neighbours, and only the `refine`
+share of those with the largest values is computed as well (docs/options.md measures it, and
+Krypton's other approximation, which did not pay).
 """
 
 from __future__ import annotations
@@ -26,7 +22,7 @@ import functools
 import math
 import operator
 import weakref
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -37,8 +33,10 @@ from timm.layers import BatchNormAct2d
 from timm.layers import _fx as timm_fx
 from timm.layers.norm_act import FrozenBatchNormAct2d
 from torch import nn
+from torchvision.models.feature_extraction import LeafModuleAwareTracer
 from torchvision.ops import FrozenBatchNorm2d
 
+from pneumonia.checks import check_choice, check_fraction_key
 from pneumonia.errors import ConfigError
 
 MODES = ("exact", "approximate")
@@ -67,19 +65,13 @@ class Box:
     """The changed part of one node's (B, C, H, W) output for a batch of B occluded copies.
 
     `value` (B, C, h, w) is copy b's output on rows top[b]:top[b]+h, columns left[b]:left[b]+w;
-    everywhere else the copy's output equals the unoccluded one.
+    everywhere else the copy's output equals the unoccluded one. A node whose output changed
+    beyond what a box holds keeps its whole output for the batch instead.
     """
 
     value: torch.Tensor
     top: torch.Tensor  # (B,) int64, on the CPU
     left: torch.Tensor
-
-
-@dataclass
-class Full:
-    """A node's whole output for the batch of copies (batch on dim 0, or a value from it)."""
-
-    value: Any
 
 
 @dataclass
@@ -102,26 +94,17 @@ def window_starts(size: int, window: int, stride: int) -> list[int]:
     return [i * stride for i in range(math.ceil((size - window) / stride) + 1)]
 
 
-class _Tracer(fx.Tracer):
-    """fx tracer that keeps timm's no-trace modules (attention, BatchNormAct, ConvMlp...) whole."""
-
-    def __init__(self) -> None:
-        functions = tuple(f for f in timm_fx.get_notrace_functions() if callable(f))
-        super().__init__(autowrap_functions=functions)
-        self.leaves = tuple(timm_fx.get_notrace_modules())
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, self.leaves) or super().is_leaf_module(m, qualname)
-
-
 _TRACED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def trace(model: nn.Module) -> fx.GraphModule | None:
-    """The model as an fx graph sharing its modules, or None when it cannot be traced."""
+    """The model as an fx graph sharing its modules, timm's no-trace modules and functions
+    (attention, BatchNormAct, ConvMlp...) kept whole; None when it cannot be traced."""
     if model not in _TRACED:
         try:
-            tracer = _Tracer()
+            tracer = LeafModuleAwareTracer(
+                leaf_modules=timm_fx.get_notrace_modules(),
+                autowrap_functions=tuple(f for f in timm_fx.get_notrace_functions() if callable(f)))
             _TRACED[model] = fx.GraphModule(model, tracer.trace(model))
         except Exception:  # fx raises many kinds on data-dependent control flow
             _TRACED[model] = None
@@ -129,12 +112,13 @@ def trace(model: nn.Module) -> fx.GraphModule | None:
 
 
 @contextmanager
-def products_for_whole_kernels(model: nn.Module) -> Iterator[None]:
-    """For the duration, a convolution whose kernel covers its whole input (VGG's 7x7 and 1x1
-    head convolutions, inside timm's ConvMlp too) runs as the matrix product it is: oneDNN lays
-    its weights out anew on every call, which cost VGG16 more than the product itself
-    (docs/options.md)."""
-    convs = [m for m in model.modules() if type(m) is nn.Conv2d and "forward" not in vars(m)]
+def engine_passes(model: nn.Module) -> Iterator[None]:
+    """What the engine's passes run under: no autograd, even inside a caller's inference mode;
+    `inplace` flags off, so stored activations stay intact (a BatchNormAct's activation keeps its
+    own: it acts on the batch norm's new output); and a convolution whose kernel covers its whole
+    input (VGG's 7x7 and 1x1 head convolutions, timm's ConvMlp) runs as the matrix product it is:
+    oneDNN lays its weights out anew on every call, which cost VGG16 more (docs/options.md)."""
+    fresh = {id(m.act) for m in model.modules() if isinstance(m, NORM_ACT_MODULES)}
     flat: dict[nn.Module, torch.Tensor] = {}
 
     def forward(m: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -144,39 +128,15 @@ def products_for_whole_kernels(model: nn.Module) -> Iterator[None]:
             flat[m] = m.weight.flatten(1)
         return F.linear(x.flatten(1), flat[m], m.bias)[:, :, None, None]
 
-    for m in convs:
-        m.forward = functools.partial(forward, m)
-    try:
+    with torch.inference_mode(False), torch.no_grad(), ExitStack() as restore:
+        for m in model.modules():
+            if getattr(m, "inplace", False) is True and id(m) not in fresh:
+                m.inplace = False
+                restore.callback(setattr, m, "inplace", True)
+            if type(m) is nn.Conv2d and "forward" not in vars(m):
+                m.forward = functools.partial(forward, m)
+                restore.callback(delattr, m, "forward")
         yield
-    finally:
-        for m in convs:
-            del m.forward
-
-
-@contextmanager
-def engine_passes(model: nn.Module) -> Iterator[None]:
-    """What the engine's passes over `model` run under: no autograd, even inside a caller's
-    inference mode; stored activations kept intact; convolutions covering their whole input
-    run as products."""
-    with torch.inference_mode(False), torch.no_grad(), out_of_place(model), \
-            products_for_whole_kernels(model):
-        yield
-
-
-@contextmanager
-def out_of_place(model: nn.Module) -> Iterator[None]:
-    """Turns off modules' `inplace` flags for the duration, so stored activations stay intact.
-    A BatchNormAct's activation keeps its flag: it acts on the batch norm's own new output."""
-    fresh = {id(m.act) for m in model.modules() if isinstance(m, NORM_ACT_MODULES)}
-    flagged = [m for m in model.modules()
-               if getattr(m, "inplace", False) is True and id(m) not in fresh]
-    for m in flagged:
-        m.inplace = False
-    try:
-        yield
-    finally:
-        for m in flagged:
-            m.inplace = True
 
 
 def place(first: torch.Tensor, last: torch.Tensor, size: int) -> tuple[torch.Tensor, int]:
@@ -188,10 +148,8 @@ def place(first: torch.Tensor, last: torch.Tensor, size: int) -> tuple[torch.Ten
 
 def reached_span(first: torch.Tensor, length: int, geometry: tuple[int, int, int, int],
                  size: int) -> tuple[torch.Tensor, int]:
-    """The output span of a sliding-window layer that input rows first:first+length reach.
-
-    geometry: (kernel, stride, padding, dilation) along this axis; size: the output's length.
-    """
+    """The output span that input rows first:first+length reach through a sliding-window layer
+    of `geometry` (kernel, stride, padding, dilation) along this axis; size: the output's length."""
     kernel, stride, padding, dilation = geometry
     low = first + padding - dilation * (kernel - 1)
     lo = torch.div(low + stride - 1, stride, rounding_mode="floor").clamp(min=0)
@@ -207,11 +165,9 @@ def fits(state: Box, top: torch.Tensor, left: torch.Tensor, shape: tuple[int, in
 
 def gather(state: Box | None, base: torch.Tensor, top: torch.Tensor, left: torch.Tensor,
            shape: tuple[int, int], pad_value: float = 0.0) -> torch.Tensor:
-    """Each copy's values on rows top:top+h, columns left:left+w, as (B, C, h, w).
-
-    The window may reach past the map's border, where it reads `pad_value`. It reads the box's
-    values where the box has them and the unoccluded output `base` (1, C, H, W) elsewhere.
-    """
+    """Each copy's values on rows top:top+h, columns left:left+w, as (B, C, h, w): the box's
+    values where it has them, the unoccluded output `base` (1, C, H, W) elsewhere, `pad_value`
+    past the map's border."""
     height, width = shape
     if state is not None and fits(state, top, left, shape):
         return state.value
@@ -250,32 +206,21 @@ def _paste(out: torch.Tensor, state: Box, top: torch.Tensor, left: torch.Tensor)
     out[b, r[b, i], c[b, j]] = values[b, i, j]
 
 
-def full_value(state: Any, base: Any, copies: int) -> Any:
-    """A node's whole output for every copy: boxes pasted into the stored map, unchanged
-    activations repeated over the batch."""
-    if isinstance(state, Full):
-        return state.value
-    if isinstance(state, Box):
-        zeros = torch.zeros(copies, dtype=torch.long)
-        return gather(state, base, zeros, zeros, tuple(base.shape[-2:]))
-    return base.expand(copies, *base.shape[1:])
-
-
 def sliding_geometry(m: nn.Module) -> tuple[tuple[int, int, int, int], ...] | None:
     """(kernel, stride, padding, dilation) per spatial axis of a layer the engine recomputes
     on windows, or None for any other layer (or an unsupported setting of one)."""
-    pair = nn.modules.utils._pair
     if type(m) is nn.Conv2d and m.padding_mode == "zeros" and not isinstance(m.padding, str):
-        dims = (m.kernel_size, m.stride, m.padding, m.dilation)
-    elif type(m) is nn.MaxPool2d and not m.ceil_mode and not m.return_indices:
-        dims = (pair(m.kernel_size), pair(m.stride or m.kernel_size), pair(m.padding),
-                pair(m.dilation))
+        return tuple(zip(m.kernel_size, m.stride, m.padding, m.dilation))
+    pair = nn.modules.utils._pair
+    if type(m) is nn.MaxPool2d and not m.ceil_mode and not m.return_indices:
+        dilation = pair(m.dilation)
     elif type(m) is nn.AvgPool2d and not m.ceil_mode and m.divisor_override is None and (
             m.count_include_pad or pair(m.padding) == (0, 0)):
-        dims = (pair(m.kernel_size), pair(m.stride or m.kernel_size), pair(m.padding), (1, 1))
+        dilation = (1, 1)
     else:
         return None
-    return tuple(zip(*dims))
+    return tuple(zip(pair(m.kernel_size), pair(m.stride or m.kernel_size), pair(m.padding),
+                     dilation))
 
 
 def unpadded(m: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -335,7 +280,10 @@ class Engine:
             if node.op == "output":
                 break
             args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: values[n])
-            values[node] = _channels_last(self._call(node, args, kwargs))
+            values[node] = self._call(node, args, kwargs)
+            if isinstance(values[node], torch.Tensor) and values[node].dim() == 4:
+                # channels last, so that gathering a window copies whole channel vectors
+                values[node] = values[node].contiguous(memory_format=torch.channels_last)
             if node.op == "call_module":
                 self.counter.full_pass += module_macs(self._module(node), values[node])
         return values
@@ -384,20 +332,19 @@ class Engine:
                  base_out: torch.Tensor) -> Box:
         """A convolution or pooling layer recomputed on the output rectangle its box reaches."""
         if state.value.shape[-2:] == base_in.shape[-2:]:  # the whole map changed: no windows
+            top, left = torch.zeros_like(state.top), torch.zeros_like(state.left)
             out = m(state.value)
-            self.counter.incremental += module_macs(m, out)
-            return Box(out, torch.zeros_like(state.top), torch.zeros_like(state.left))
-        spans = []
-        for axis, first in enumerate((state.top, state.left)):
-            size = base_out.shape[2 + axis]
-            spans.append(reached_span(first, state.value.shape[2 + axis], geometry[axis], size))
-        (top, height), (left, width) = spans
-        window = [(n - 1) * s + d * (k - 1) + 1
-                  for n, (k, s, _, d) in zip((height, width), geometry)]
-        pad_value = float("-inf") if isinstance(m, nn.MaxPool2d) else 0.0
-        x = gather(state, base_in, top * geometry[0][1] - geometry[0][2],
-                   left * geometry[1][1] - geometry[1][2], tuple(window), pad_value)
-        out = unpadded(m)(x)
+        else:
+            size = base_out.shape[-2:]
+            (top, height), (left, width) = (
+                reached_span(first, state.value.shape[2 + a], geometry[a], size[a])
+                for a, first in enumerate((state.top, state.left)))
+            window = [(n - 1) * s + d * (k - 1) + 1
+                      for n, (k, s, _, d) in zip((height, width), geometry)]
+            pad_value = float("-inf") if isinstance(m, nn.MaxPool2d) else 0.0
+            x = gather(state, base_in, top * geometry[0][1] - geometry[0][2],
+                       left * geometry[1][1] - geometry[1][2], tuple(window), pad_value)
+            out = unpadded(m)(x)
         self.counter.incremental += module_macs(m, out)
         return Box(out, top, left)
 
@@ -429,15 +376,12 @@ class Engine:
                        base: dict[fx.Node, Any]) -> Box:
         """A pointwise node computed on the union of its inputs' boxes."""
         boxes = [states[n] for n in node.all_input_nodes if n in states]
-        size_h, size_w = base[node].shape[-2:]
-        spans = []
-        for axis, size in enumerate((size_h, size_w)):
-            firsts = torch.stack([b.top if axis == 0 else b.left for b in boxes])
-            lasts = torch.stack([(b.top if axis == 0 else b.left) + b.value.shape[2 + axis] - 1
-                                 for b in boxes])
-            spans.append(place(firsts.min(0).values, lasts.max(0).values, size))
-        (top, height), (left, width) = spans
-        whole = (height, width) == (size_h, size_w)
+        firsts = torch.stack([torch.stack((b.top, b.left)) for b in boxes])  # (boxes, 2, B)
+        sides = torch.tensor([tuple(b.value.shape[-2:]) for b in boxes])[:, :, None]
+        first, last = firsts.min(0).values, (firsts + sides - 1).max(0).values
+        size = tuple(base[node].shape[-2:])
+        (top, height), (left, width) = (place(first[a], last[a], size[a]) for a in (0, 1))
+        whole = (height, width) == size
         if node.target is torch.cat and not whole:
             return Box(self._pasted_cat(node, states, base, top, left, (height, width)),
                        top, left)
@@ -471,23 +415,27 @@ class Engine:
         return out
 
     def _full_node(self, node: fx.Node, states: dict[fx.Node, Any],
-                   base: dict[fx.Node, Any]) -> Full:
+                   base: dict[fx.Node, Any]) -> Any:
         """A node computed on whole maps for every copy."""
         args, kwargs = fx.node.map_arg((node.args, node.kwargs),
                                        lambda n: self._full(n, states, base))
         out = self._call(node, args, kwargs)
         if node.op == "call_module":
             self.counter.incremental += module_macs(self._module(node), out)
-        return Full(out)
+        return out
 
     def _full(self, node: fx.Node, states: dict[fx.Node, Any], base: dict[fx.Node, Any]) -> Any:
-        """`node`'s whole output for every copy; values that do not depend on the image (weights,
-        constants) stay as they are."""
+        """`node`'s whole output for every copy: a box pasted into the stored map, an unchanged
+        activation repeated over the batch; weights and constants stay as they are."""
+        value = base[node]
+        if isinstance(states.get(node), Box):
+            zeros = torch.zeros(self.copies, dtype=torch.long)
+            return gather(states[node], value, zeros, zeros, tuple(value.shape[-2:]))
         if node in states:
-            return full_value(states[node], base[node], self.copies)
-        if node in self.activations and isinstance(base[node], torch.Tensor):
-            return base[node].expand(self.copies, *base[node].shape[1:])
-        return base[node]
+            return states[node]
+        if node in self.activations and isinstance(value, torch.Tensor):
+            return value.expand(self.copies, *value.shape[1:])
+        return value
 
     def _module(self, node: fx.Node) -> nn.Module:
         return self.graph.get_submodule(node.target)
@@ -506,22 +454,8 @@ class Engine:
                 name = name[:-1]
             return getattr(args[0], name)(*args[1:], **kwargs)
         if node.op == "get_attr":
-            return _get_attr(self.graph, node.target)
+            return operator.attrgetter(node.target)(self.graph)
         raise ValueError(f"unexpected fx node kind {node.op}")
-
-
-def _channels_last(value: Any) -> Any:
-    """4-D maps stored channels last, so that gathering a window copies whole channel vectors."""
-    if isinstance(value, torch.Tensor) and value.dim() == 4:
-        return value.contiguous(memory_format=torch.channels_last)
-    return value
-
-
-def _get_attr(root: nn.Module, target: str) -> Any:
-    value: Any = root
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value
 
 
 _SAVES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -529,9 +463,8 @@ _SAVES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def saves_work(model: nn.Module, image: torch.Tensor, window: int, stride: int,
                copies_per_pass: int) -> bool:
-    """Whether the engine's count on one batch of copies of `image` (1, C, H, W) says a full pass
-    costs at least MIN_SAVING times a copy; False when the model cannot be traced. Networks that
-    mix the whole map early run faster as whole passes. Decided once per model and geometry."""
+    """Whether, by the engine's count on a batch of copies of `image` (1, C, H, W), a full pass
+    costs MIN_SAVING times a copy or more; False if untraceable. Cached per model and geometry."""
     graph = trace(model)
     if graph is None:
         return False
@@ -539,9 +472,8 @@ def saves_work(model: nn.Module, image: torch.Tensor, window: int, stride: int,
     key = (tuple(image.shape[1:]), window, stride, copies_per_pass)
     if key not in decided:
         engine = Engine(graph)
-        size_h, size_w = image.shape[-2:]
-        starts = [(r, c) for r in window_starts(size_h, window, stride)
-                  for c in window_starts(size_w, window, stride)][:copies_per_pass]
+        rows, cols = (window_starts(size, window, stride) for size in image.shape[-2:])
+        starts = [(r, c) for r in rows for c in cols][:copies_per_pass]
         with engine_passes(model):
             engine.run_copies(engine.run_base(image[:1]), starts, window, 0.0)
         decided[key] = engine.counter.full_pass >= MIN_SAVING * engine.counter.per_copy()
@@ -553,16 +485,10 @@ def incremental_occlusion_map(model: nn.Module, images: torch.Tensor, target: to
                               mode: str = "exact", refine: float = APPROXIMATE_REFINE,
                               counter: Counter | None = None) -> torch.Tensor | None:
     """Captum's occlusion map of the target probability, (N, H, W), computed incrementally;
-    None when the model cannot be traced (the caller then runs Captum).
-
-    images: (N, C, H, W); each window covers all channels. mode="approximate" computes a
-    checkerboard of window positions plus the `refine` share of the rest where their neighbours'
-    mean is largest.
-    """
-    if mode not in MODES:
-        raise ConfigError(f"mode={mode!r} is not one of: {', '.join(MODES)}")
-    if not 0 <= refine <= 1:
-        raise ConfigError(f"refine={refine} must be between 0 and 1")
+    None when the model cannot be traced (the caller then runs Captum). images: (N, C, H, W);
+    each window covers all channels."""
+    check_choice("mode", mode, MODES)
+    check_fraction_key("refine", refine, high_inclusive=True)
     graph = trace(model)
     if graph is None:
         return None
@@ -591,18 +517,14 @@ def fill_in(grid: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
 
 
 def _one_map(engine: Engine, image: torch.Tensor, target: int, window: int, stride: int,
-             baseline: float, copies_per_pass: int, refine: float = 1.0) -> torch.Tensor:
-    """One image's map: the mean probability drop over the windows covering each pixel.
-
-    refine < 1 drills down: the drops of a checkerboard of window positions are computed, each
-    other window gets the mean of its four neighbours, and the `refine` share of those with the
-    largest |mean| is computed as well (1: every window, the exact map)."""
+             baseline: float, copies_per_pass: int, refine: float) -> torch.Tensor:
+    """One image's map: the mean probability drop over the windows covering each pixel; refine < 1
+    drills down (the module's docstring), 1 computes every window."""
     base = engine.run_base(image)
     output = next(n for n in engine.graph.graph.nodes if n.op == "output")
     reference = fx.node.map_arg(output.args[0], lambda n: base[n])
     p_reference = reference.softmax(1)[0, target]
-    size_h, size_w = image.shape[-2:]
-    rows, cols = window_starts(size_h, window, stride), window_starts(size_w, window, stride)
+    rows, cols = (window_starts(size, window, stride) for size in image.shape[-2:])
 
     def drops(cells: list[tuple[int, int]]) -> torch.Tensor:
         """The probability drop of the windows at these (row, column) grid cells."""
@@ -615,16 +537,16 @@ def _one_map(engine: Engine, image: torch.Tensor, target: int, window: int, stri
     cells = [(r, c) for r in range(len(rows)) for c in range(len(cols))]
     grid = torch.zeros(len(rows), len(cols), dtype=p_reference.dtype, device=image.device)
     if refine < 1:  # cells and boolean masks both run in row-major order
-        mask = checkerboard(len(rows), len(cols))
-        first = mask.to(grid.device)
-        grid[first] = drops([cell for cell, f in zip(cells, mask.flatten().tolist()) if f])
+        first = checkerboard(len(rows), len(cols)).to(grid.device)
+        flags = first.flatten().tolist()
+        grid[first] = drops([cell for cell, f in zip(cells, flags) if f])
         grid = fill_in(grid, first)
-        rest = [cell for cell, f in zip(cells, mask.flatten().tolist()) if not f]
+        rest = [cell for cell, f in zip(cells, flags) if not f]
         largest = grid[~first].abs().argsort(descending=True)[:math.ceil(refine * len(rest))]
         cells = [rest[i] for i in largest.tolist()]
     if cells:
         grid[tuple(torch.tensor(cells).T)] = drops(cells)
-    return spread(grid, window, stride, (size_h, size_w))
+    return spread(grid, window, stride, tuple(image.shape[-2:]))
 
 
 def spread(grid: torch.Tensor, window: int, stride: int, size: tuple[int, int]) -> torch.Tensor:

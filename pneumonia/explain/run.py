@@ -23,18 +23,12 @@ from pneumonia.checks import at_least, check_choice, check_device
 from pneumonia.config import check_values
 from pneumonia.csvio import write_csv
 from pneumonia.data.transforms import normalize
-from pneumonia.errors import ConfigError
+from pneumonia.errors import ConfigError, ImageReadError, NotChestRadiograph, display_name
 from pneumonia.explain.attribution import METHODS, attribution_map
 from pneumonia.explain.figures import index_html, plot_explanation, report_names
 from pneumonia.explain.occlusion import MODES as OCCLUSION_MODES
 from pneumonia.hardware import inference_precision, resolve_device
-from pneumonia.io import (
-    ImageReadError,
-    NotChestRadiograph,
-    display_name,
-    read_grayscale,
-    scan_inputs,
-)
+from pneumonia.io import read_grayscale, scan_inputs
 from pneumonia.outputs import claim_output
 from pneumonia.pipeline import OPERATING_POINTS, TwoStagePipeline
 from pneumonia.serving import load_pipeline
@@ -44,8 +38,6 @@ log = logging.getLogger(__name__)
 SUMMARY_FIELDS = ("file", "status", "reason", "ood_score", "p_normal", "p_bacterial", "p_viral",
                   "decision", "explained_class", "attribution_seconds", "report")
 RESULTS = ("summary.csv", "index.html", "reports")
-
-
 MAX_WINDOW = 512  # pixels; the window is also checked against the model's input size
 
 
@@ -214,15 +206,14 @@ class Explainer:
                 "attribution_seconds": f"{seconds:.3f}", "report": report.as_posix()}
 
 
-def _read(path: Path, name: str,
-          accept_any_modality: bool) -> tuple[np.ndarray | None, dict | None]:
+def _read(path: Path, name: str, accept_any_modality: bool) -> np.ndarray | dict:
     """The decoded image, or the row that says why there is none."""
     try:
-        return read_grayscale(path, accept_any_modality), None
+        return read_grayscale(path, accept_any_modality)
     except NotChestRadiograph as err:
-        return None, {**_failed(name, err.reason), "status": "not a chest radiograph"}
+        return {**_failed(name, err.reason), "status": "not a chest radiograph"}
     except ImageReadError as err:
-        return None, _failed(name, err.reason)
+        return _failed(name, err.reason)
 
 
 def explain_files(explainer: Explainer, input_dir: Path, files: list[Path]) -> list[dict]:
@@ -232,16 +223,12 @@ def explain_files(explainer: Explainer, input_dir: Path, files: list[Path]) -> l
     reports = report_names(names)
     rows: list[dict] = []
     for start in tqdm(range(0, len(files), size), desc="explaining", unit="batch"):
-        batch, images = [], []
-        for i in range(start, min(start + size, len(files))):
-            image, failed = _read(files[i], names[i], explainer.cfg.accept_any_modality)
-            if failed:
-                rows.append(failed)
-            else:
-                batch.append(i)
-                images.append(image)
-        if images:
-            rows += explainer.explain([names[i] for i in batch], images,
+        read = {i: _read(files[i], names[i], explainer.cfg.accept_any_modality)
+                for i in range(start, min(start + size, len(files)))}
+        rows += [r for r in read.values() if isinstance(r, dict)]
+        batch = [i for i, r in read.items() if not isinstance(r, dict)]
+        if batch:
+            rows += explainer.explain([names[i] for i in batch], [read[i] for i in batch],
                                       [reports[i] for i in batch])
     return rows
 

@@ -67,19 +67,16 @@ def _metrics(num_classes: int) -> nn.ModuleDict:
 class StageClassifier(L.LightningModule):
     """Class-weighted cross-entropy classifier for one stage.
 
-    Every argument is a plain value (names and options, no modules), so the checkpoint
-    rebuilds the model by itself; `preprocessing` is what inference needs to see images the
-    way training did. `pretrained` is separate so a checkpoint can be loaded offline with
-    `StageClassifier.load_from_checkpoint(path, pretrained=False)` (its weights are in it);
-    `weights` records where the initial weights came from (source, sha256), taken from
-    `pretrained` when not given, so a loaded checkpoint keeps the provenance it was trained with.
-    `data` records the data root and split settings, so evaluation finds the same test split.
-    Batches arrive augmented and normalised by the data module. `retired` takes the arguments
-    of older checkpoints that this version dropped (`RETIRED`, `TRAINING_RECORDS`).
+    Every argument is a plain value (no modules), so the checkpoint rebuilds the model by
+    itself; `preprocessing` is what inference needs to see images the way training did.
+    `pretrained` is separate so a checkpoint loads offline with `pretrained=False` (its weights
+    are in it); `weights` is the provenance (source, sha256) of the initial weights, resolved
+    from `pretrained` when not given, so a loaded checkpoint keeps the one it was trained with.
+    `data` records the data root and split, so evaluation finds the same test split. `retired`
+    takes the arguments of older checkpoints (`RETIRED`, `TRAINING_RECORDS`).
 
-    With `cached_features` set (train() sets it for data.feature_cache=true; it is not saved,
-    so the checkpoint stays an ordinary one) batches hold the frozen part's features
-    (N, C, H, W) and only the head runs.
+    With `cached_features` set (for data.feature_cache=true; not saved, so the checkpoint stays
+    an ordinary one) batches hold the frozen part's features (N, C, H, W) and only the head runs.
     """
 
     def __init__(
@@ -145,10 +142,6 @@ class StageClassifier(L.LightningModule):
             images = images.contiguous(memory_format=torch.channels_last)
         return images, targets
 
-    def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits, targets, weight=self.class_weights,
-                               label_smoothing=self.hparams.label_smoothing)
-
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Lets evaluation link its report to the training run that made the weights.
         run_id = getattr(self.logger, "run_id", None) if self._trainer is not None else None
@@ -164,7 +157,8 @@ class StageClassifier(L.LightningModule):
         inputs, targets = batch
         forward = self.net.classify if self.cached_features else self
         logits = forward(inputs)
-        loss = self._loss(logits, targets)
+        loss = F.cross_entropy(logits, targets, weight=self.class_weights,
+                               label_smoothing=self.hparams.label_smoothing)
         probs = logits.detach().float().softmax(dim=1)
         for name, metric in self.metrics[f"{split}_metrics"].items():
             metric.update(probs[:, 1] if name == "auroc" else probs, targets)
@@ -183,7 +177,8 @@ class StageClassifier(L.LightningModule):
 
     def _log_epoch(self, split: str) -> None:
         metrics: dict[str, Metric] = self.metrics[f"{split}_metrics"]
-        values = {name: metric.compute() for name, metric in metrics.items()}  # synced across ranks
+        # synced across ranks by torchmetrics: identical on every rank
+        values = {name: metric.compute() for name, metric in metrics.items()}
         self.log(f"{split}/auroc", values["auroc"], prog_bar=True, sync_dist=True)
         out = {f"{split}/acc": values["acc"]}
         classes = self.hparams.classes
@@ -192,7 +187,6 @@ class StageClassifier(L.LightningModule):
                 out[f"{split}/{name}_{cls}"] = values[name][i]
             for j, pred in enumerate(classes):
                 out[f"{split}/confusion_{cls}_as_{pred}"] = values["confusion"][i, j].float()
-        # already synced by torchmetrics: identical on every rank
         self.log_dict(out, sync_dist=True)
         for metric in metrics.values():
             metric.reset()

