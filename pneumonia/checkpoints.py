@@ -105,12 +105,15 @@ def _from_run_folder(folder: Path, stage: str, last: bool) -> Path:
     return found[0].resolve()
 
 
+def as_list(refs: Any) -> list:
+    """One reference (a string, a path) or a list of them (an ensemble), as a list."""
+    return [refs] if isinstance(refs, str) or not hasattr(refs, "__iter__") else list(refs)
+
+
 def resolve_all(refs: Any, stage: str, tracking_uri: str | None,
                 download_dir: Path) -> Path | list[Path]:
     """`resolve` for one reference, or for each of a list (an ensemble)."""
-    if isinstance(refs, str) or not hasattr(refs, "__iter__"):
-        return resolve(refs, stage, tracking_uri, download_dir)
-    refs = list(refs)
+    refs = as_list(refs)
     if not refs:
         raise CheckpointError(f"{stage}=[]: give at least one checkpoint or run id")
     if len(refs) == 1:
@@ -118,11 +121,10 @@ def resolve_all(refs: Any, stage: str, tracking_uri: str | None,
     return [resolve(r, stage, tracking_uri, download_dir / str(i)) for i, r in enumerate(refs)]
 
 
-def local_references(refs: Any) -> list[Path]:
-    """The references (one or a list) that name files or folders on this machine: inputs that
-    an output folder must not overlap."""
-    items = [refs] if isinstance(refs, str) or not hasattr(refs, "__iter__") else list(refs)
-    paths = [Path(str(r)).expanduser() for r in items if r is not None]
+def local_references(*refs: Any) -> list[Path]:
+    """The references (each one or a list) that name files or folders on this machine: inputs
+    that an output folder must not overlap."""
+    paths = [Path(str(r)).expanduser() for ref in refs for r in as_list(ref) if r is not None]
     return [p for p in paths if p.exists()]
 
 

@@ -173,10 +173,9 @@ class TrainerConfig:
                               "least 1")
 
 
-def register() -> None:
-    for group, node in (("model", ModelConfig), ("data", DataConfig), ("stage", StageConfig),
-                        ("trainer", TrainerConfig)):
-        ConfigStore.instance().store(group=group, name="schema", node=node)
+for group, node in (("model", ModelConfig), ("data", DataConfig), ("stage", StageConfig),
+                    ("trainer", TrainerConfig)):
+    ConfigStore.instance().store(group=group, name="schema", node=node)
 
 
 def check_feature_cache(cfg: DictConfig) -> None:
@@ -223,9 +222,6 @@ def validate(cfg: DictConfig) -> None:
     lr = cfg.optimizer.get("lr")
     if not isinstance(lr, (int, float)) or lr <= 0:
         raise ConfigError(f"optimizer.lr={lr} must be a positive number")
-
-
-register()
 
 
 def check_values(cfg: DictConfig) -> None:

@@ -14,7 +14,7 @@ from hydra.core.config_store import ConfigStore
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, open_dict
 
-from pneumonia.checkpoints import local_references
+from pneumonia.checkpoints import as_list, local_references
 from pneumonia.checks import at_least, check_choice, check_device
 from pneumonia.config import check_values
 from pneumonia.data.kermany import Record
@@ -105,9 +105,7 @@ def _evaluation_tags(metrics: dict, pipeline) -> dict[str, str]:
     tags = {"mlflow.runName": f"evaluate/{models['binary']}+{models['subtype']}/{metrics['split']}",
             "split": metrics["split"]}
     for stage, module in pipeline.stages.items():
-        checkpoint = pipeline.checkpoints[stage]
-        tags[f"{stage}_checkpoint"] = (",".join(checkpoint) if isinstance(checkpoint, list)
-                                       else checkpoint)
+        tags[f"{stage}_checkpoint"] = ",".join(as_list(pipeline.checkpoints[stage]))
         if module.mlflow_run_id:
             tags[f"{stage}_run_id"] = module.mlflow_run_id
     return tags
@@ -158,16 +156,6 @@ def references(cfg: DictConfig) -> dict[str, Any]:
                           "run id>, sweep=<a multirun folder that trained both stages> or "
                           "model=<a logged pipeline model>")
     return refs
-
-
-def _splits(pipeline: TwoStagePipeline, cfg: DictConfig) -> tuple[list[Record], list[Record]]:
-    """The validation images (for calibration) and the reported split's, as recorded."""
-    records = pipeline.split(cfg.data.root)
-    held_out = [r for r in records if r.split == cfg.report_split]
-    if not held_out:
-        root = cfg.data.root or pipeline.data_settings()["root"]
-        raise DataError(f"the {cfg.report_split} split of {root} holds no images")
-    return [r for r in records if r.split == "val"], held_out
 
 
 def unscored(records: list[Record], pred: Prediction) -> list[dict[str, str]]:
@@ -224,15 +212,19 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         cfg.device = resolve_device(cfg.device)  # auto: the first GPU if there is one, else cpu
     refs = references(cfg)
     inputs = [cfg.data.root, cfg.sweep, cfg.calibration, cfg.adapt,
-              *local_references(cfg.model_uri),
-              *(p for r in refs.values() for p in local_references(r))]
+              *local_references(cfg.model_uri, *refs.values())]
     output_dir = claim_output(cfg.paths.output_dir, inputs, REPORT_FILES, cfg.overwrite, config=cfg)
     pipeline = load_pipeline(cfg.model_uri, refs, cfg.paths.tracking_uri,
                              output_dir / "downloads", tta=cfg.tta)
     check_overlap(output_dir, [pipeline.data_settings()["root"]])
-    val, held_out = _splits(pipeline, cfg)
+    records = pipeline.split(cfg.data.root)
+    held_out = [r for r in records if r.split == cfg.report_split]
+    if not held_out:
+        root = cfg.data.root or pipeline.data_settings()["root"]
+        raise DataError(f"the {cfg.report_split} split of {root} holds no images")
     loader = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=cfg.device)
-    site = _fit(pipeline, cfg, val, held_out, loader, output_dir)
+    site = _fit(pipeline, cfg, [r for r in records if r.split == "val"], held_out, loader,
+                output_dir)
     calibration = pipeline.calibration
     pred = pipeline.predict(held_out, **loader)
     failed = unscored(held_out, pred)  # reported, and left out of the figures

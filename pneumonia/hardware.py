@@ -112,8 +112,8 @@ def tags(choice: Choice) -> dict[str, str]:
 
 def describe(choice: Choice) -> str:
     """One line for the start-up log."""
-    return (f"accelerator={choice.accelerator}, devices={choice.devices}, "
-            f"strategy={choice.strategy}, precision={choice.precision} on {device_name(choice)}")
+    fields = ", ".join(f"{key}={value}" for key, value in choice._asdict().items())
+    return f"{fields} on {device_name(choice)}"
 
 
 def resolve_device(name: str) -> str:
@@ -129,8 +129,5 @@ def inference_precision(device: str, precision: str) -> str:
     if precision != "auto":
         return precision
     where = torch.device(device)
-    if where.type == "cuda":
-        native = torch.cuda.get_device_capability(where.index or 0) >= BF16_CAPABILITY
-    else:
-        native = where.type == "cpu" and cpu_has_native_bf16()
-    return "bf16" if native else "32"
+    accelerator = "gpu" if where.type == "cuda" else where.type
+    return "bf16" if _precision(accelerator, [where.index or 0]) == "bf16-mixed" else "32"

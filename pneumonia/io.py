@@ -176,16 +176,12 @@ def image_size(path: Path | str) -> tuple[int, int]:
             fmt = img.format
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise _unreadable(path, f"not a readable image ({err.__class__.__name__})") from err
-    if fmt in ("JPEG", "MPO") and not _jpeg_has_end_marker(path):
-        raise ImageReadError(path, "truncated JPEG (no end-of-image marker)")
+    if fmt in ("JPEG", "MPO"):
+        with path.open("rb") as f:  # writers may pad after the marker: read the last 4 KiB
+            f.seek(max(0, path.stat().st_size - 4096))
+            if b"\xff\xd9" not in f.read():
+                raise ImageReadError(path, "truncated JPEG (no end-of-image marker)")
     return width, height
-
-
-def _jpeg_has_end_marker(path: Path, tail: int = 4096) -> bool:
-    # Some writers pad after the marker, so look at the last few KiB, not the last 2 bytes.
-    with path.open("rb") as f:
-        f.seek(max(0, path.stat().st_size - tail))
-        return b"\xff\xd9" in f.read()
 
 
 def _stretch_to_uint8(arr: np.ndarray, lo: float, hi: float) -> np.ndarray:
@@ -398,7 +394,7 @@ def read_grayscale(path: Path | str, accept_any_modality: bool = False) -> np.nd
     path = Path(path)
     _require_regular_file(path)
     if path.suffix.lower() == ".dcm":
-        return read_dicom(path, accept_any_modality)
+        return _dicom_to_uint8(path, _read_dicom(path, accept_any_modality=accept_any_modality))
     return _decode_image(path)
 
 
@@ -420,15 +416,13 @@ def _decode_image(path: Path, source: BinaryIO | None = None,
         raise error(path, f"cannot decode image ({err})") from err
 
 
-def decode_grayscale(data: bytes, accept_any_modality: bool = False) -> np.ndarray:
+def decode_grayscale(data: bytes) -> np.ndarray:
     """`read_grayscale` for a file's bytes (a request's image): JPEG, PNG or DICOM recognised by
-    content, checked and decoded the same way, with nothing written to disk. Errors name the
-    source `image`."""
+    content, checked and decoded the same way (DICOM must be a chest radiograph), with nothing
+    written to disk. Errors name the source `image`."""
     name = Path("image")
     if _dicom_header(data):
-        ds = _read_dicom(name, accept_any_modality=accept_any_modality,
-                         opener=lambda: io.BytesIO(data))
-        return _dicom_to_uint8(name, ds)
+        return _dicom_to_uint8(name, _read_dicom(name, opener=lambda: io.BytesIO(data)))
     if not data.startswith(_IMAGE_SIGNATURES):
         raise ImageReadError(name, "not a JPEG, PNG or DICOM file (unrecognised content)")
     return _decode_image(name, io.BytesIO(data), ("JPEG", "MPO", "PNG"))

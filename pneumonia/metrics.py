@@ -6,7 +6,7 @@ stage's positive class), p = predicted probability of class 1.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 
 import numpy as np
@@ -97,7 +97,7 @@ def confusion_matrix(y: np.ndarray, pred: np.ndarray, n_classes: int) -> np.ndar
                        minlength=n_classes * n_classes).reshape(n_classes, n_classes)
 
 
-def multiclass_metrics(y: np.ndarray, pred: np.ndarray, classes: list[str]) -> dict[str, float]:
+def multiclass_metrics(y: np.ndarray, pred: np.ndarray, classes: Sequence[str]) -> dict[str, float]:
     cm = confusion_matrix(y, pred, len(classes))
     out = {"accuracy": float(np.trace(cm) / cm.sum())}
     for i, name in enumerate(classes):
@@ -187,10 +187,9 @@ def evaluation_metrics(labels: list[str], pred, calibration, thresholds: dict[st
     metrics = {name: _stage_block(y, p, thresholds[name], calibration.thresholds[name],
                                   samples, seed)
                for name, (y, p) in stages.items()}
-    labels3 = list(CLASSES)
     metrics["pipeline"] = {
-        "images": len(truth), "metrics": multiclass_metrics(truth, pred.decision, labels3),
-        "ci": bootstrap_intervals(lambda a, b: multiclass_metrics(a, b, labels3),
+        "images": len(truth), "metrics": multiclass_metrics(truth, pred.decision, CLASSES),
+        "ci": bootstrap_intervals(lambda a, b: multiclass_metrics(a, b, CLASSES),
                                   (truth, pred.decision), samples, seed),
         "confusion": confusion_matrix(truth, pred.decision, 3).tolist()}
     metrics["calibration"] = {

@@ -76,7 +76,6 @@ def claim_output(output_dir: Path | str, inputs: Iterable[Path | str | None] = (
     to `.hydra/` and its log to `<job name>.log`. A secondary process (a DDP rank other than 0,
     sharing the folder) only checks the overlap and opens its own log file.
     """
-    inputs = list(inputs)
     check_overlap(output_dir, inputs)
     folder = Path(output_dir).expanduser().resolve()
     folder.mkdir(parents=True, exist_ok=True)

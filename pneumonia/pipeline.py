@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from pneumonia.checkpoints import load_stage
+from pneumonia.checkpoints import as_list, load_stage
 from pneumonia.data.datamodule import XrayDataset
 from pneumonia.data.kermany import Record, scan_kermany, split_records
 from pneumonia.data.transforms import Preprocessing
@@ -87,7 +87,7 @@ class StageEnsemble(nn.Module):
 
 def load_stages(paths: Path | list[Path], stage: str) -> StageClassifier | StageEnsemble:
     """One checkpoint, or a list of them averaged as a `StageEnsemble`."""
-    paths = [Path(p) for p in paths] if isinstance(paths, (list, tuple)) else [Path(paths)]
+    paths = [Path(p) for p in as_list(paths)]
     if len(paths) == 1:
         return load_stage(paths[0], stage)
     return StageEnsemble([load_stage(p, stage) for p in paths], paths).eval()

@@ -36,7 +36,7 @@ from mlflow.tracking._tracking_service import utils as tracking_utils
 from mlflow.types import ColSpec, Schema
 from PIL import Image
 
-from pneumonia.checkpoints import resolve_all
+from pneumonia.checkpoints import as_list, resolve_all
 from pneumonia.errors import CheckpointError, ImageReadError
 from pneumonia.io import decode_grayscale
 from pneumonia.pipeline import Calibration, TwoStagePipeline
@@ -138,8 +138,7 @@ def model_artifacts(pipeline: TwoStagePipeline, folder: Path) -> dict[str, str]:
             "versions": environment()}
     artifacts = {}
     for stage in STAGE_CLASSES:
-        paths = pipeline.checkpoints[stage]
-        paths = paths if isinstance(paths, (list, tuple)) else [paths]
+        paths = as_list(pipeline.checkpoints[stage])
         spec["checkpoints"][stage] = [f"{stage}_{i}" for i in range(len(paths))]
         for key, path in zip(spec["checkpoints"][stage], paths):
             artifacts[key] = str(shutil.copyfile(path, folder / f"{key}.ckpt"))

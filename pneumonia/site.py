@@ -29,11 +29,6 @@ from pneumonia.pipeline import softmax_positive, stage_outputs
 ADAPT_METHODS = ("batchnorm", "prior", "both")
 
 
-def _records(files: list[Path], labels: list[tuple[str, str]]) -> list[Record]:
-    return [Record(path, label, patient, "site", 0, 0, split="site")
-            for path, (label, patient) in zip(files, labels)]
-
-
 def labelled_images(folder: Path) -> list[Record]:
     """The site's labelled X-rays: <folder>/NORMAL/* and <folder>/PNEUMONIA/* (Kermany names)."""
     folder = Path(folder).expanduser()
@@ -45,7 +40,7 @@ def labelled_images(folder: Path) -> list[Record]:
         files, problems = scan_inputs(folder / name)
         if problems:
             raise DataError(f"calibration={display_name(folder)}: {problems[0]}")
-        records += _records(files, [parse_name(name, f.name) for f in files])
+        records += [Record(f, *parse_name(name, f.name), "site", 0, 0, split="site") for f in files]
     return records
 
 
@@ -56,7 +51,7 @@ def unlabelled_images(folder: Path) -> list[Record]:
         raise DataError(f"adapt={display_name(Path(folder))}: {problems[0]}")
     if not files:
         raise DataError(f"adapt={display_name(Path(folder))} holds no files")
-    return _records(files, [("", "")] * len(files))
+    return [Record(f, "", "", "site", 0, 0, split="site") for f in files]
 
 
 def _digest(path: Path) -> str:

@@ -9,6 +9,7 @@ import json
 import platform
 import re
 import subprocess
+import urllib.request
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -62,12 +63,11 @@ def environment() -> dict[str, str]:
     return env
 
 
-def write_environment(path: Path) -> tuple[Path, dict[str, str]]:
+def write_environment(path: Path) -> dict[str, str]:
     """environment.json in a run's folder, and the MLflow tags that carry the same facts."""
     env = environment()
-    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(env, indent=2) + "\n")
-    return path, {k if k.startswith("git_") else f"version/{k}": v for k, v in env.items()}
+    return {k if k.startswith("git_") else f"version/{k}": v for k, v in env.items()}
 
 
 def is_run_id(ref: object) -> bool:
@@ -79,8 +79,6 @@ def check_server(uri: str, timeout: float = 5.0) -> None:
     """Fail fast when an http(s) tracking server is not reachable (other URIs pass)."""
     if not uri.startswith(("http://", "https://")):
         return
-    import urllib.request
-
     try:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
             if response.status == 200:

@@ -124,8 +124,7 @@ def build_logger(cfg: DictConfig,
     """The MLflow logger (continuing `run_id`) and its URI, the server checked before long work."""
     if not cfg.get("logger"):
         return False, None
-    logger_cfg = cfg.logger
-    uri = logger_cfg.tracking_uri
+    uri = cfg.logger.tracking_uri
     overrides: dict[str, Any] = {"run_id": run_id} if run_id else {}
     try:
         check_server(uri)
@@ -138,7 +137,7 @@ def build_logger(cfg: DictConfig,
     if uri.startswith(("http://", "https://")):
         overrides["artifact_location"] = None  # the server decides where artifacts go
     ensure_tracking_store(uri)  # one process creates a fresh SQLite database, the others wait
-    return instantiate(logger_cfg, **overrides), uri
+    return instantiate(cfg.logger, **overrides), uri
 
 
 def _run_tags(cfg: DictConfig) -> dict[str, str]:
@@ -186,10 +185,9 @@ def _record_inputs(cfg: DictConfig, logger, datamodule: KermanyDataModule, outpu
                    tags: dict[str, str]) -> None:
     """The split, config and environment files of a new run, and its MLflow params and tags."""
     files = [datamodule.write_manifest(output_dir / "split_manifest.csv"),
-             output_dir / "config.yaml"]
+             output_dir / "config.yaml", output_dir / "environment.json"]
     OmegaConf.save(cfg, files[1], resolve=True)
-    env_file, env_tags = write_environment(output_dir / "environment.json")
-    files.append(env_file)
+    env_tags = write_environment(files[2])
     skipped = {}
     if cfg.data.skip_bad:
         files.append(datamodule.write_skipped(output_dir / "bad_files.csv"))

@@ -76,15 +76,13 @@ def _checksum(path: Path) -> str:
 
 
 def _valid(array_file: Path, meta_file: Path, shape: tuple[int, ...], nbytes: int) -> bool:
-    if not (array_file.is_file() and meta_file.is_file()):
-        return False
-    try:
+    try:  # a missing file is an OSError too
         meta = json.loads(meta_file.read_text())
+        size = array_file.stat().st_size
     except (OSError, ValueError):
         return False
-    if array_file.stat().st_size != nbytes or meta.get("shape") != list(shape):
-        return False
-    return meta.get("checksum") == _checksum(array_file)
+    return (size == nbytes and meta.get("shape") == list(shape)
+            and meta.get("checksum") == _checksum(array_file))
 
 
 def _check_free_space(folder: Path, nbytes: int) -> None:

@@ -215,13 +215,12 @@ class KermanyDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         """Build the preprocessed caches once (Lightning calls this on one process per node),
         and the feature caches on the trainer's device."""
-        if self.cache_dir is not None:
-            for split in ("train", "val", "test"):
-                self.cached_images(split)
-        if self.feature_cache:
-            device = self.trainer.strategy.root_device if self.trainer is not None else None
-            for split in ("train", "val", "test"):
+        device = self.trainer.strategy.root_device if self.trainer is not None else None
+        for split in ("train", "val", "test"):
+            if self.feature_cache:  # (features() builds the split's image cache first)
                 self.features(split, device)
+            elif self.cache_dir is not None:
+                self.cached_images(split)
 
     def cached_images(self, split: str) -> np.ndarray:
         return build_cache(self.splits[split], self.preprocessing, self.cache_dir,

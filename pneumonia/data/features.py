@@ -51,11 +51,6 @@ def frozen_weights_digest(net: PneumoniaNet) -> str:
     return digest.hexdigest()
 
 
-def backbone_name(net: PneumoniaNet) -> str:
-    return (getattr(net.backbone, "pretrained_cfg", {}).get("architecture")
-            or type(net.backbone).__name__)
-
-
 def feature_key(image_key: str, backbone: str, weights: str) -> str:
     spec = {"version": VERSION, "images": image_key, "backbone": backbone, "weights": weights,
             "dtype": np.dtype(DTYPE).name}
@@ -91,7 +86,8 @@ def build_feature_cache(images: np.ndarray, image_key: str, net: PneumoniaNet, m
                                        mean, std).shape[1:])
         if len(images) == 0:
             return np.zeros((0, *shape), DTYPE)
-        backbone = backbone_name(net)
+        backbone = (getattr(net.backbone, "pretrained_cfg", {}).get("architecture")
+                    or type(net.backbone).__name__)
         key = feature_key(image_key, backbone, frozen_weights_digest(net))
 
         def fill(out: np.memmap) -> None:

@@ -114,7 +114,6 @@ def scan_with_skipped(root: Path | str, folders: tuple[str, ...] = SPLIT_FOLDERS
 
 def write_skipped(skipped: list[ImageReadError], path: Path) -> Path:
     """The files a run left out (data.skip_bad=true), one row each: path, reason."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     return write_csv(path, ["path", "reason"], ([str(err.path), err.reason] for err in skipped))
 
 
@@ -133,12 +132,9 @@ def _group_split(records: list[Record], fraction: float, rng: random.Random) -> 
         rng.shuffle(patients)
         target = round(fraction * sum(len(by_patient[p]) for p in patients))
         taken = 0
-        for patient in patients:
-            if taken < target:
-                held.extend(by_patient[patient])
-                taken += len(by_patient[patient])
-            else:
-                keep.extend(by_patient[patient])
+        for patient in patients:  # held until the target is reached, then kept
+            (held if taken < target else keep).extend(by_patient[patient])
+            taken += len(by_patient[patient])
     return keep, held
 
 
@@ -172,7 +168,6 @@ def split_records(
 def write_manifest(records: list[Record], path: Path) -> Path:
     """One row per image (path, label, patient, split, source folder, size): a run's exact split,
     safe to open in a spreadsheet (`pneumonia.csvio.write_csv`) and read back by `read_manifest`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     return write_csv(path, ["path", "label", "patient", "split", "folder", "width", "height"],
                      ([str(r.path), r.label, r.patient, r.split, r.folder, r.width, r.height]
                       for r in records))

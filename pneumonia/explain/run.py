@@ -241,8 +241,7 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
         cfg.precision = inference_precision(cfg.device, cfg.precision)
     input_dir = Path(cfg.input).expanduser()
     files, problems = scan_inputs(input_dir)
-    inputs = [input_dir, *local_references(cfg.model_uri), *local_references(cfg.binary),
-              *local_references(cfg.subtype)]
+    inputs = [input_dir, *local_references(cfg.model_uri, cfg.binary, cfg.subtype)]
     output_dir = claim_output(cfg.paths.output_dir, inputs, RESULTS, cfg.overwrite, config=cfg)
     explainer = Explainer(cfg, calibrated_pipeline(cfg, output_dir / "downloads"), output_dir)
     rows = [_failed(display_name(err.path.relative_to(input_dir)), err.reason) for err in problems]
