@@ -28,3 +28,44 @@ def test_sharpness_is_lower_for_a_blurred_image_and_zero_for_a_flat_one():
     blurred = ndimage.gaussian_filter(image, 1.0)
     assert sharpness(blurred) < 0.5 * sharpness(image)
     assert sharpness(np.full((64, 64), 128, np.uint8)) == 0.0
+
+
+def _evaluation(folder, truth, p_normal, p_viral, decision, subtype_threshold=0.5):
+    """An evaluation output folder as research.paired reads it."""
+    import json
+
+    folder.mkdir()
+    lines = ["path,truth,p_normal,p_bacterial,p_viral,decision"]
+    lines += [f"/x/{i}.jpeg,{t},{n},{1 - n - v},{v},{d}"
+              for i, (t, n, v, d) in enumerate(zip(truth, p_normal, p_viral, decision))]
+    (folder / "predictions.csv").write_text("\n".join(lines) + "\n")
+    (folder / "metrics.json").write_text(json.dumps({"subtype": {"threshold": subtype_threshold}}))
+    return folder
+
+
+def test_paired_comparison_is_zero_against_itself_and_positive_against_a_worse_model(tmp_path):
+    import numpy as np
+
+    from research.paired import compare
+
+    rng = np.random.default_rng(0)
+    truth = rng.choice(["normal", "bacterial", "viral"], 300)
+    # A: right on every image, with margin; B: the same scores with a third of them swapped
+    p_normal = np.where(truth == "normal", 0.9, 0.1)
+    p_viral = np.where(truth == "viral", 0.8, np.where(truth == "bacterial", 0.1, 0.05))
+    a = _evaluation(tmp_path / "a", truth, p_normal, p_viral, truth)
+    worse = rng.random(300) < 0.33
+    b_normal = np.where(worse, 1 - p_normal, p_normal)
+    r = p_viral / (1 - p_normal)  # P(viral | pneumonia), which B keeps
+    b = _evaluation(tmp_path / "b", truth, b_normal, r * (1 - b_normal),
+                    np.where(worse & (truth == "normal"), "bacterial",
+                             np.where(worse, "normal", truth)))
+
+    for a_value, b_value, (lo, hi) in compare(a, a).values():
+        assert a_value == b_value and lo == hi == 0.0
+    figures = compare(a, b)
+    assert figures["stage 1 AUROC"][0] == 1.0 and figures["three-class accuracy"][0] == 1.0
+    for name in ("stage 1 AUROC", "stage 1 accuracy", "three-class accuracy"):
+        a_value, b_value, (lo, hi) = figures[name]
+        assert a_value > b_value and lo > 0, name
+    assert figures["stage 2 AUROC"][2] == (0.0, 0.0)  # B changed stage 1 only
