@@ -74,6 +74,20 @@ def test_gradients_reach_the_adapter_through_a_frozen_backbone():
     assert net.backbone.conv1.weight.grad is None
 
 
+def test_lower_freeze_fixes_the_stem_and_first_stages_and_trains_the_rest():
+    net = build_network("resnet18", adapter="none", head="linear", freeze="lower", input_size=64)
+    trainable = _trainable(net)
+    lower = ("backbone.conv1", "backbone.bn1", "backbone.layer1")
+    assert trainable == {n for n, _ in net.named_parameters() if not n.startswith(lower)}
+    assert any(n.startswith("backbone.layer2") for n in trainable)
+    frozen = {k: v.clone() for k, v in net.backbone.layer1.state_dict().items()}
+    net.train()
+    net(torch.randn(4, 1, 64, 64) * 3 + 1).sum().backward()
+    assert all(torch.equal(v, net.backbone.layer1.state_dict()[k]) for k, v in frozen.items())
+    assert net.backbone.layer1[0].conv1.weight.grad is None
+    assert net.backbone.layer2[0].downsample[0].weight.grad.abs().sum() > 0
+
+
 def test_unfrozen_network_trains_everything():
     net = build_network("resnet18", adapter="none", head="linear", freeze="none")
     assert _trainable(net) == {n for n, _ in net.named_parameters()}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import timm
 import torch
 from timm.models import PretrainedCfg
+from timm.models._manipulate import group_modules
 from torch import nn
 
 from pneumonia.checks import check_choice
@@ -13,7 +14,7 @@ from pneumonia.models.weights import resolve_weights
 
 ADAPTERS = ("conv", "none")
 HEADS = ("linear", "deep_mlp")
-FREEZE = ("features", "none")
+FREEZE = ("features", "lower", "none")
 
 
 class DeepMLPHead(nn.Module):
@@ -82,6 +83,14 @@ def _head_trainable_names(backbone: nn.Module) -> list[str]:
     return names
 
 
+def _lower_half(backbone: nn.Module) -> list[str]:
+    """The modules of the stem and the first half of the stages: the first half of timm's
+    coarse parameter groups, the classifier's group not counted (EfficientNet-Lite0: the stem
+    and blocks 0-2, at 112-28 px of 224; ResNet-18: the stem and layer1)."""
+    groups = list(group_modules(backbone, backbone.group_matcher(coarse=True)).values())
+    return [name for group in groups[:(len(groups) - 1) // 2] for name in group]
+
+
 def build_network(
     backbone: str,
     pretrained: bool | str = False,
@@ -124,11 +133,13 @@ def build_network(
             features = net.eval().forward_features(torch.zeros(1, in_chans, input_size, input_size))
         net.train()
         head_module = DeepMLPHead(features.shape[1], tuple(features.shape[2:]), num_classes)
+    # Frozen BatchNorm becomes FrozenBatchNorm2d: no running-stat updates in train mode.
     if freeze == "features":
-        # Frozen BatchNorm becomes FrozenBatchNorm2d: no running-stat updates in train mode.
         timm.utils.freeze(net)
         if head_module is None:
             timm.utils.unfreeze(net, _head_trainable_names(net))
+    elif freeze == "lower":
+        timm.utils.freeze(net, _lower_half(net))
     return PneumoniaNet(adapter_module, net, head_module, frozen_features=freeze == "features")
 
 
