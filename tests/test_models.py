@@ -80,8 +80,10 @@ def test_lower_freeze_fixes_the_stem_and_first_stages_and_trains_the_rest():
     lower = ("backbone.conv1", "backbone.bn1", "backbone.layer1")
     assert trainable == {n for n, _ in net.named_parameters() if not n.startswith(lower)}
     assert any(n.startswith("backbone.layer2") for n in trainable)
+    assert type(net.backbone.bn1) is torch.nn.BatchNorm2d  # not FrozenBatchNorm2d: AdaBN adapts it
     frozen = {k: v.clone() for k, v in net.backbone.layer1.state_dict().items()}
     net.train()
+    assert not net.backbone.bn1.training and net.backbone.layer2[0].bn1.training
     net(torch.randn(4, 1, 64, 64) * 3 + 1).sum().backward()
     assert all(torch.equal(v, net.backbone.layer1.state_dict()[k]) for k, v in frozen.items())
     assert net.backbone.layer1[0].conv1.weight.grad is None

