@@ -9,21 +9,20 @@ Each argument is an evaluation's output folder (predictions.csv and metrics.json
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 from pathlib import Path
 
 import numpy as np
 
+from pneumonia.csvio import read_csv
 from pneumonia.metrics import auroc, bootstrap_intervals
 
 
 def read(folder: Path) -> tuple[dict[str, tuple[str, float, float, str]], float]:
     """path -> (truth, P(pneumonia), P(viral | pneumonia), decision), and the stage 2 threshold."""
-    with open(folder / "predictions.csv", newline="") as f:
-        rows = {r["path"]: (r["truth"], 1 - float(r["p_normal"]),
-                            float(r["p_viral"]) / max(1 - float(r["p_normal"]), 1e-12),
-                            r["decision"]) for r in csv.DictReader(f)}
+    rows = {r["path"]: (r["truth"], 1 - float(r["p_normal"]),
+                        float(r["p_viral"]) / max(1 - float(r["p_normal"]), 1e-12), r["decision"])
+            for r in read_csv(folder / "predictions.csv")}
     threshold = json.loads((folder / "metrics.json").read_text())["subtype"]["threshold"]
     return rows, threshold
 

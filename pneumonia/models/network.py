@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import timm
 import torch
-from timm.models import PretrainedCfg
-from timm.models._manipulate import group_modules
+from timm.models import PretrainedCfg, group_modules
 from torch import nn
 
 from pneumonia.checks import check_choice
