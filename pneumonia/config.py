@@ -16,6 +16,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf
 
 from pneumonia.checks import check_choice, check_fraction_key
+from pneumonia.data.transforms import STANDARDIZATIONS
 from pneumonia.errors import ConfigError
 from pneumonia.models.network import ADAPTERS, FREEZE, HEADS, check_backbone
 from pneumonia.ood import check_fraction
@@ -63,16 +64,29 @@ class AugmentConfig:
     scale: Optional[list[float]]   # zoom [low, high], e.g. [0.9, 1.15]
     rotate: float                   # degrees, either way
     translate: float                # fraction of the side, either way
+    acquisition: float              # probability of each acquisition change below
+    gamma: Optional[list[float]]
+    noise: Optional[list[float]]    # Gaussian std, fraction of 255
+    blur: Optional[list[float]]     # Gaussian sigma, px
+    sharpen: Optional[list[float]]  # alpha
+    jpeg: Optional[list[float]]     # quality
+    downscale: Optional[list[float]]  # resolution kept
 
     def __post_init__(self) -> None:
         check_fraction_key("data.augment.hflip", self.hflip, high_inclusive=True)
-        for key in ("brightness", "contrast", "scale"):
+        check_fraction_key("data.augment.acquisition", self.acquisition, high_inclusive=True)
+        for key in ("brightness", "contrast", "scale", "gamma", "noise", "blur", "sharpen",
+                    "jpeg", "downscale"):
             bounds = getattr(self, key)
             if bounds is not None and (len(bounds) != 2 or bounds[0] > bounds[1]):
                 raise ConfigError(f"data.augment.{key}={bounds} must be [low, high] with "
                                   "low <= high")
-        if self.scale is not None and self.scale[0] <= 0:
-            raise ConfigError(f"data.augment.scale={self.scale} must be positive")
+        for key in ("scale", "gamma", "downscale"):
+            bounds = getattr(self, key)
+            if bounds is not None and bounds[0] <= 0:
+                raise ConfigError(f"data.augment.{key}={bounds} must be positive")
+        if self.jpeg is not None and not 1 <= self.jpeg[0] <= self.jpeg[1] <= 100:
+            raise ConfigError(f"data.augment.jpeg={self.jpeg} must be JPEG qualities in [1, 100]")
         if not 0 <= self.rotate <= 180:
             raise ConfigError(f"data.augment.rotate={self.rotate} must be in [0, 180] degrees")
         check_fraction_key("data.augment.translate", self.translate)
@@ -98,6 +112,7 @@ class DataConfig:
     val_fraction: float
     test_fraction: float
     normalization: str
+    standardize: str
     crop: CropConfig
     augment: Optional[AugmentConfig]
     batch_size: int
@@ -114,6 +129,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         check_choice("data.split", self.split, ("official", "random"))
         check_choice("data.normalization", self.normalization, ("backbone", "unit"))
+        check_choice("data.standardize", self.standardize, STANDARDIZATIONS)
         check_fraction_key("data.val_fraction", self.val_fraction)
         check_fraction_key("data.test_fraction", self.test_fraction)
         if self.batch_size < 1:

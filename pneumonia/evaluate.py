@@ -185,7 +185,7 @@ def _fit(pipeline: TwoStagePipeline, cfg: DictConfig, val: list[Record], held_ou
         if not cfg.transductive:
             check_disjoint(images, held_out, "calibration=")
         pipeline.calibrate(images, cfg.target_sensitivity, cfg.operating_point,
-                           source=f"site folder {cfg.calibration}", **loader)
+                           source=f"site folder {cfg.calibration}", shifted=False, **loader)
     elif cfg.model_uri:
         log.info("Evaluating model %s with its own calibration", cfg.model_uri)
     else:

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from pneumonia.checkpoints import as_list, load_stage
 from pneumonia.data.datamodule import XrayDataset
 from pneumonia.data.kermany import Record, scan_kermany, split_records
-from pneumonia.data.transforms import Preprocessing
+from pneumonia.data.transforms import Preprocessing, held_out_shift
 from pneumonia.errors import CheckpointError, DataError, ImageReadError
 from pneumonia.metrics import threshold_for_sensitivity, youden_threshold
 from pneumonia.models import StageClassifier
@@ -115,14 +115,21 @@ class ScoredImages(XrayDataset):
             return torch.full((1, size, size), float("nan")), self.targets[key]
 
 
+class ShiftedImages(ScoredImages):
+    """The images each under one held-out acquisition change (`held_out_shift`)."""
+
+    def image(self, index: int) -> np.ndarray:
+        return held_out_shift(super().image(index), index)
+
+
 @torch.inference_mode()
 def stage_outputs(module: StageClassifier, records: list[Record], batch_size: int = 32,
-                  num_workers: int = 0, device: str = "cpu",
-                  tta: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                  num_workers: int = 0, device: str = "cpu", tta: bool = False,
+                  shifted: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(N, 2) logits and (N,) OOD scores of one stage for these images, preprocessed as that
-    stage was trained (`forward_outputs`)."""
-    data = ScoredImages(records, module.hparams.stage,
-                        Preprocessing(**module.hparams.preprocessing))
+    stage was trained (`forward_outputs`); `shifted`: each under a held-out acquisition change."""
+    data = (ShiftedImages if shifted else ScoredImages)(
+        records, module.hparams.stage, Preprocessing(**module.hparams.preprocessing))
     loader = DataLoader(data, batch_size=batch_size, num_workers=num_workers)
     module = module.to(device)
     out = [forward_outputs(module, images.to(device), tta) for images, _ in loader]
@@ -139,20 +146,24 @@ def stage_inputs(module: StageClassifier,
     return seen, torch.from_numpy(np.stack([pre.normalize(image) for image in seen]))
 
 
-def fit_temperature(logits: np.ndarray, targets: np.ndarray) -> float:
-    """Temperature T minimising the negative log-likelihood of softmax(logits / T)."""
-    x, y = torch.as_tensor(logits, dtype=torch.float64), torch.as_tensor(targets)
+def fit_temperature(logits: np.ndarray, targets: np.ndarray) -> tuple[float, float]:
+    """Bias-corrected temperature scaling (Alexandari et al. 2020): the temperature T and bias b
+    minimising the negative log-likelihood of P(class 1) = sigmoid((z1 - z0) / T + b). The bias
+    takes up a miscalibrated class prior, which prior re-estimation by EM needs removed."""
+    x = torch.as_tensor(logits[:, 1] - logits[:, 0], dtype=torch.float64)
+    y = torch.as_tensor(targets, dtype=torch.float64)
     log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200)
+    bias = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_t, bias], lr=0.1, max_iter=200)
 
     def closure():
         optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(x / log_t.exp(), y)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(x / log_t.exp() + bias, y)
         loss.backward()
         return loss
 
     optimizer.step(closure)
-    return float(log_t.detach().exp().clamp(0.05, 20.0))
+    return float(log_t.detach().exp().clamp(0.05, 20.0)), float(bias.detach().clamp(-10, 10))
 
 
 def softmax_positive(logits: np.ndarray, temperature: float = 1.0,
@@ -183,6 +194,14 @@ class Calibration:
     # their positive-class fraction, per stage
     priors: dict[str, float] = field(default_factory=dict)
     prior_shift: dict[str, float] = field(default_factory=lambda: {"binary": 0.0, "subtype": 0.0})
+    # thresholds chosen on the images pooled with a copy under held-out acquisition changes
+    shifted_copy: bool = False
+    # each stage's logit bias fitted with its temperature (0: a model calibrated before)
+    bias: dict[str, float] = field(default_factory=lambda: {"binary": 0.0, "subtype": 0.0})
+
+    def shift(self, stage: str) -> float:
+        """The calibrated logit's offset: the fitted bias and any re-estimated prior's shift."""
+        return self.bias.get(stage, 0.0) + self.prior_shift.get(stage, 0.0)
 
 
 @dataclass
@@ -240,9 +259,10 @@ class TwoStagePipeline:
         """Every image with its split, rebuilt from the recorded settings (root may be moved)."""
         return recorded_split(self.data_settings(), root)
 
-    def outputs(self, records: list[Record], **loader) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    def outputs(self, records: list[Record], shifted: bool = False,
+                **loader) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """Each stage's logits and stage 1's OOD scores (`stage_outputs`)."""
-        out = {name: stage_outputs(m, records, tta=self.tta, **loader)
+        out = {name: stage_outputs(m, records, tta=self.tta, shifted=shifted, **loader)
                for name, m in self.stages.items()}
         return {name: logits for name, (logits, _) in out.items()}, out["binary"][1]
 
@@ -257,27 +277,38 @@ class TwoStagePipeline:
 
     def calibrate(self, val: list[Record], target_sensitivity: float = 0.99,
                   operating_point: str = "youden", source: str = "validation split",
-                  **loader) -> Calibration:
+                  shifted: bool = True, **loader) -> Calibration:
         """Fit temperatures and thresholds on labelled images: the validation split, or a
-        site's own (`source` names them); never on the test split."""
+        site's own (`source` names them); never on the test split.
+
+        The temperature is fitted on the images as they are. With `shifted` (for the training
+        folder's validation split, not a site's own images) the thresholds are chosen on the
+        images and, pooled with them, a copy under held-out acquisition changes
+        (`held_out_shift`): validation from the training folder separates the classes so
+        cleanly that its own best threshold can land anywhere in a wide gap, and a new site's
+        images fall in that gap (docs/site.md)."""
         if any(r.split == "test" for r in val):
             raise DataError("calibration was given test images; it must only see validation data")
         logits, _ = self.outputs(val, **loader)
-        temperature, thresholds, counts, priors = {}, {}, {}, {}
+        moved = self.outputs(val, shifted=True, **loader)[0] if shifted else None
+        temperature, bias, thresholds, counts, priors = {}, {}, {}, {}, {}
         for name, z in logits.items():
             y = np.array(stage_targets(name, (r.label for r in val)))
             keep = (y >= 0) & np.isfinite(z).all(axis=1)  # an unreadable image has no logits
             if len(np.unique(y[keep])) < 2:
                 raise DataError(f"the {source} has no images of one {name} class")
-            temperature[name] = fit_temperature(z[keep], y[keep])
-            p = softmax_positive(z[keep], temperature[name])
-            thresholds[name] = {"youden": youden_threshold(y[keep], p), "default": 0.5}
+            temperature[name], bias[name] = fit_temperature(z[keep], y[keep])
+            z_fit, y_fit = z[keep], y[keep]
+            if moved is not None:
+                z_fit, y_fit = np.vstack([z_fit, moved[name][keep]]), np.r_[y_fit, y_fit]
+            p = softmax_positive(z_fit, temperature[name], bias[name])
+            thresholds[name] = {"youden": youden_threshold(y_fit, p), "default": 0.5}
             if name == "binary":  # a sensitivity target is a screening question: stage 1 only
-                thresholds[name]["sensitivity"] = threshold_for_sensitivity(y[keep], p,
+                thresholds[name]["sensitivity"] = threshold_for_sensitivity(y_fit, p,
                                                                             target_sensitivity)
             counts[name], priors[name] = int(keep.sum()), float(y[keep].mean())
         self.calibration = Calibration(temperature, thresholds, target_sensitivity, operating_point,
-                                       counts, source, priors)
+                                       counts, source, priors, bias=bias, shifted_copy=shifted)
         return self.calibration
 
     def predict_logits(self, logits: dict[str, np.ndarray],
@@ -287,7 +318,7 @@ class TwoStagePipeline:
         if self.calibration is None:
             raise RuntimeError("calibrate the pipeline on validation data first")
         cal = self.calibration
-        p, r = (softmax_positive(logits[name], cal.temperature[name], cal.prior_shift[name])
+        p, r = (softmax_positive(logits[name], cal.temperature[name], cal.shift(name))
                 for name in ("binary", "subtype"))
         t = self.stage_thresholds()
         decision = np.where(p >= t["binary"], np.where(r >= t["subtype"], 2, 1), 0)

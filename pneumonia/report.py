@@ -137,9 +137,9 @@ def _site_lines(site: dict) -> list[str]:
     lines = []
     adaptation = site.get("adaptation")
     if adaptation:
-        what = {"batchnorm": "BatchNorm statistics (AdaBN)", "prior": "the share of pneumonia (EM)",
-                "both": "BatchNorm statistics (AdaBN) and the share of "
-                        "pneumonia (EM)"}[adaptation["method"]]
+        adabn = "stage 1's BatchNorm statistics (class-balanced AdaBN; stage 2 unchanged)"
+        what = {"batchnorm": adabn, "prior": "the share of pneumonia (EM)",
+                "both": f"{adabn} and the share of pneumonia (EM)"}[adaptation["method"]]
         lines.append(f"Adapted to the site: {what}, on the {adaptation['images']} unlabelled "
                      f"images of `{adaptation['folder']}`.")
         for stage, prior in (adaptation.get("priors") or {}).items():

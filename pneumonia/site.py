@@ -1,7 +1,8 @@
 """Fitting the pipeline to a new site (docs/site.md): site calibration on its labelled X-rays
-(`TwoStagePipeline.calibrate`), and on its unlabelled X-rays AdaBN (Li et al. 2016, BatchNorm
-statistics re-estimated) and prior re-estimation (Saerens, Latinne & Decaestecker 2002, EM on
-stage 1's calibrated probabilities, applied as `Calibration.prior_shift`).
+(`TwoStagePipeline.calibrate`), and on its unlabelled X-rays class-balanced AdaBN (Li et al.
+2016, stage 1's BatchNorm statistics re-estimated) and prior re-estimation (Saerens, Latinne &
+Decaestecker 2002, EM on stage 1's bias-corrected calibrated probabilities, applied as
+`Calibration.prior_shift`).
 
 The images that calibrate or adapt and the images that are scored must differ (compared by
 content), unless the user asks for transductive adaptation; the report then says so.
@@ -130,39 +131,56 @@ def _save_adapted(module: nn.Module, sources: str | list[str], stage: str,
 
 def adapt_to_site(pipeline, records: list[Record], method: str, folder: Path, **loader) -> dict:
     """Adapt a calibrated pipeline to a site's unlabelled images (`ADAPT_METHODS`); AdaBN's
-    checkpoints are written to `folder`. Stage 1 scores the images once (after its AdaBN): its
-    probabilities choose stage 2's AdaBN images and re-estimate the prior. Returns what the
-    report says about it."""
+    checkpoints are written to `folder`. Returns what the report says about it.
+
+    AdaBN adapts stage 1 only, on the site's images resampled to the calibration images' class
+    mix (`class_balanced`): its statistics then carry the site's acquisition, not its share of
+    pneumonia, which the prior re-estimation carries instead. Stage 2 keeps its statistics:
+    re-estimated on the images stage 1 calls pneumonia they cost it accuracy (docs/site.md)."""
     done: dict = {"images": len(records), "method": method}
     stages, cal = pipeline.stages, pipeline.calibration
+    if "binary" not in cal.priors:
+        raise ConfigError("this pipeline's calibration does not record its class priors (made "
+                          "before prior re-estimation existed); calibrate it again to adapt it")
     if method in ("batchnorm", "both"):
-        stages["binary"] = adapt_batchnorm(stages["binary"], records, **loader)
-    logits = stage_outputs(stages["binary"], records, tta=pipeline.tta, **loader)[0]
-    finite = np.isfinite(logits).all(axis=1)  # an unreadable image has no logits
-    if method in ("batchnorm", "both"):
-        p = softmax_positive(logits, cal.temperature["binary"], cal.prior_shift["binary"])
-        threshold = pipeline.stage_thresholds()["binary"]
-        pneumonic = [r for r, q, ok in zip(records, p, finite) if ok and q >= threshold]
-        if pneumonic:  # stage 2 was trained on pneumonia images: adapted on those stage 1 finds
-            stages["subtype"] = adapt_batchnorm(stages["subtype"], pneumonic, **loader)
-        done["batchnorm_images"] = {"binary": len(records), "subtype": len(pneumonic)}
-        for stage in ("binary", "subtype") if pneumonic else ("binary",):
-            pipeline.checkpoints[stage] = _save_adapted(stages[stage], pipeline.checkpoints[stage],
-                                                        stage, folder)
+        logits = stage_outputs(stages["binary"], records, tta=pipeline.tta, **loader)[0]
+        finite = np.isfinite(logits).all(axis=1)  # an unreadable image has no logits
+        sample = class_balanced([r for r, ok in zip(records, finite) if ok], logits[finite], cal)
+        stages["binary"] = adapt_batchnorm(stages["binary"], sample, **loader)
+        done["batchnorm_images"] = {"binary": int(finite.sum()), "subtype": 0}
+        pipeline.checkpoints["binary"] = _save_adapted(stages["binary"],
+                                                       pipeline.checkpoints["binary"], "binary",
+                                                       folder)
     if method in ("prior", "both"):
-        done["priors"] = adapt_prior(cal, logits[finite])
+        logits = stage_outputs(stages["binary"], records, tta=pipeline.tta, **loader)[0]
+        done["priors"] = adapt_prior(cal, logits[np.isfinite(logits).all(axis=1)])
     return done
+
+
+def class_balanced(records: list[Record], logits: np.ndarray, cal, seed: int = 0) -> list[Record]:
+    """The site's images drawn with replacement (as many as there are) in proportion to how much
+    more common their class is at calibration than at the site: weight
+    q * pi / pi_site + (1 - q) * (1 - pi) / (1 - pi_site), with pi the calibration images'
+    P(pneumonia), pi_site its EM estimate at the site and q each image's posterior there."""
+    pi = cal.priors["binary"]
+    p = softmax_positive(logits, cal.temperature["binary"], cal.bias.get("binary", 0.0))
+    site = estimate_prior(p, pi)
+    ratio = site / pi, (1 - site) / (1 - pi)
+    q = ratio[0] * p / (ratio[0] * p + ratio[1] * (1 - p))
+    weights = q * pi / site + (1 - q) * (1 - pi) / (1 - site)
+    chosen = np.random.default_rng(seed).choice(len(records), len(records),
+                                                p=weights / weights.sum())
+    return [records[i] for i in chosen]
 
 
 def adapt_prior(cal, logits: np.ndarray) -> dict[str, dict[str, float]]:
     """Re-estimate stage 1's class prior, P(pneumonia), from its logits of the site's images
-    (EM) and move the calibration's P(pneumonia) to it (`cal.prior_shift`). Stage 2 keeps its
-    prior: estimated from unlabelled images, P(viral | pneumonia) also counts the normal images
-    stage 2 was never meant to see (docs/site.md measured the harm)."""
-    if "binary" not in cal.priors:
-        raise ConfigError("this pipeline's calibration does not record its class priors (made "
-                          "before prior re-estimation existed); calibrate it again to adapt priors")
-    estimate = estimate_prior(softmax_positive(logits, cal.temperature["binary"]),
+    (EM on the bias-corrected calibrated probabilities, Alexandari et al. 2020) and move the
+    calibration's P(pneumonia) to it (`cal.prior_shift`). Stage 2 keeps its prior: estimated
+    from unlabelled images, P(viral | pneumonia) also counts the normal images stage 2 was never
+    meant to see (docs/site.md measured the harm)."""
+    estimate = estimate_prior(softmax_positive(logits, cal.temperature["binary"],
+                                               cal.bias.get("binary", 0.0)),
                               cal.priors["binary"])
     cal.prior_shift = {**cal.prior_shift, "binary": logit_shift(cal.priors["binary"], estimate)}
     return {"binary": {"calibration": cal.priors["binary"], "site": estimate,

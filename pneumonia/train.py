@@ -23,7 +23,7 @@ from pneumonia.data.datamodule import XrayDataset
 from pneumonia.data.features import FrozenFeatures
 from pneumonia.data.synthetic import make_synthetic_dataset
 from pneumonia.errors import ConfigError
-from pneumonia.models import StageClassifier, normalization_stats
+from pneumonia.models import StageClassifier, interpolation, normalization_stats
 from pneumonia.models.weights import resolve_weights
 from pneumonia.ood import MAX_FIT_IMAGES, OODGate, stage_descriptions
 from pneumonia.outputs import claim_output
@@ -56,7 +56,8 @@ def build_datamodule(cfg: DictConfig) -> KermanyDataModule:
         root = make_synthetic_dataset(root, **synthetic)
     mean, std = normalization_stats(cfg.model.backbone, normalization)
     return instantiate(data, root=str(root), stage=check_stage(cfg.stage.name),
-                       image_size=cfg.model.input_size, mean=mean, std=std, shuffle_seed=cfg.seed)
+                       image_size=cfg.model.input_size, mean=mean, std=std,
+                       interpolation=interpolation(cfg.model.backbone), shuffle_seed=cfg.seed)
 
 
 def instantiate(config: Any, **kwargs: Any) -> Any:

@@ -6,14 +6,14 @@ python -m research.site_adaptation multirun/scratch_cpu/<time> [--data ../shared
 The test folder's patients are split in two halves (stratified by class, seed 0). For each half,
 every method is fitted on the *other* half and scored on this one with `evaluate.py`'s own code
 (sweep=<the recipe's sweep>, tta=true; the fitting and scored images never meet):
-  none           thresholds and temperatures from the training split's validation images
-  calibration    calibration=<other half> (labelled)
-  adabn          adapt=<other half> adapt_method=batchnorm (labels unused)
-  prior          adapt=<other half> adapt_method=prior
-  adabn + prior  adapt=<other half> adapt_method=both
+  (i) none                     temperatures and thresholds from the training split's validation
+                               images (and their held-out shifted copy); no test image fits
+  (ii) unlabelled adaptation   adapt=<other half> adapt_method=both (labels unused)
+  (iii) labelled calibration   calibration=<other half>
 Each figure is the mean of the two halves; its 95 % interval resamples the images of each half
-(1,000 times) and averages the halves again. The halves are copies in --out (never written into
---data); each evaluation's report stays in --out/eval/<method>/<half>.
+(1,000 times) and averages the halves again. The wall clock is both halves' evaluations. The
+halves are copies in --out (never written into --data); each evaluation's report stays in
+--out/eval/<method>/<half>.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import random
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -34,11 +35,11 @@ from pneumonia.metrics import auroc
 from pneumonia.stages import CLASSES
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-FIGURES = ("stage 1 accuracy", "stage 1 AUROC", "stage 2 accuracy", "three-class accuracy")
-METHODS = {"none": {}, "calibration": {"calibration": "{site}"},
-           "adabn": {"adapt": "{site}", "adapt_method": "batchnorm"},
-           "prior": {"adapt": "{site}", "adapt_method": "prior"},
-           "adabn + prior": {"adapt": "{site}", "adapt_method": "both"}}
+FIGURES = ("stage 1 accuracy", "stage 1 AUROC", "sensitivity", "specificity", "stage 2 accuracy",
+           "three-class accuracy")
+METHODS = {"(i) none": {},
+           "(ii) unlabelled adaptation": {"adapt": "{site}", "adapt_method": "both"},
+           "(iii) labelled calibration": {"calibration": "{site}"}}
 
 
 def patient_halves(records: list[Record], seed: int = 0) -> tuple[list[Record], list[Record]]:
@@ -88,6 +89,8 @@ def scores(h: dict[str, np.ndarray], index: np.ndarray | None = None) -> dict[st
     pneumonia = truth > 0
     return dict(zip(FIGURES, (float(np.mean((p >= h["t1"]) == pneumonia)),
                               auroc(pneumonia.astype(int), p),
+                              float(np.mean(p[pneumonia] >= h["t1"])),
+                              float(np.mean(p[~pneumonia] < h["t1"])),
                               float(np.mean((r[pneumonia] >= h["t2"]) == (truth[pneumonia] == 2))),
                               float(np.mean(decision == truth)))))
 
@@ -124,14 +127,15 @@ def main() -> None:
              for i, h in enumerate(halves)]
     print(f"halves: {[len(h) for h in halves]} images; classes per half: "
           f"{[{c: sum(r.label == c for r in h) for c in CLASSES} for h in halves]}")
-    print("\n| method | " + " | ".join(FIGURES) + " |\n|---|---|---|---|---|")
+    print("\n| method | " + " | ".join(FIGURES) + " | wall clock |\n|---|"
+          + "---|" * (len(FIGURES) + 1))
     for method, options in METHODS.items():
-        per_half = []
+        per_half, started = [], time.monotonic()
         for i in (0, 1):
             with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
                 cfg = compose("evaluate", overrides=[f"sweep={args.sweep}", "tta=true",
                                                      "log_to_mlflow=false", "bootstrap.samples=1"])
-            out = args.out / "eval" / method.replace(" + ", "+") / f"half{i}"
+            out = args.out / "eval" / method.split()[0].strip("()") / f"half{i}"
             with open_dict(cfg):
                 cfg.paths.work_dir = str(Path.cwd())  # what Hydra's runtime would give
                 cfg.paths.output_dir = str(out)
@@ -144,7 +148,7 @@ def main() -> None:
         figures = averaged(per_half)
         print(f"| {method} | " + " | ".join(f"{v:.3f} ({lo:.3f}-{hi:.3f})"
                                             for v, lo, hi in figures.values())
-              + " |", flush=True)
+              + f" | {time.monotonic() - started:.0f} s |", flush=True)
 
 
 if __name__ == "__main__":

@@ -195,3 +195,73 @@ def test_bounds_must_be_ordered(tmp_path, key):
 
     with pytest.raises(ValueError, match=f"data.augment.{key}"):
         validate(compose_train(tmp_path, ["data.root=/x", f"data.augment.{key}=[1.1,0.9]"]))
+
+
+def _xray() -> np.ndarray:
+    """A smooth, X-ray-like 96 px image: two dark lung fields in a brighter body, some noise."""
+    ys, xs = np.mgrid[0:96, 0:96] / 96.0
+    body = 170 - 60 * np.exp(-((xs - 0.3) ** 2 / 0.01 + (ys - 0.5) ** 2 / 0.05)) \
+        - 60 * np.exp(-((xs - 0.7) ** 2 / 0.01 + (ys - 0.5) ** 2 / 0.05))
+    noisy = body + np.random.default_rng(0).normal(0, 6, body.shape)
+    return np.clip(noisy, 0, 255).astype(np.uint8)
+
+
+ACQUISITION = dict(gamma=[0.6, 0.7], noise=[0.05, 0.06], blur=[1.5, 2.0], jpeg=[10, 12],
+                   downscale=[0.3, 0.35])
+
+
+@pytest.mark.parametrize("key", sorted(ACQUISITION))
+def test_each_acquisition_change_does_what_it_says(key):
+    image = np.tile(np.linspace(40, 215, 96, dtype=np.float32), (96, 1)).astype(np.uint8)
+    image[40:56, 40:56] = 250  # an edge for blur, downscaling and JPEG to soften
+    out = Augmentation(**NONE, acquisition=1.0, **{key: ACQUISITION[key]})(image, 0, 0)
+    diff = out.astype(np.float32) - image
+    if key == "gamma":  # a gamma below 1 brightens every mid-tone
+        assert (diff[:, 10:86] > 0).mean() > 0.95
+    elif key == "noise":  # zero-mean, about 0.055 * 255 = 14 grey levels
+        assert abs(diff.mean()) < 2 and 10 < diff.std() < 18
+    elif key == "jpeg":  # a JPEG round trip at the drawn quality
+        import cv2
+
+        out = Augmentation(**NONE, acquisition=1.0, jpeg=[10, 10])(image, 0, 0)
+        encoded = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 10])[1]
+        np.testing.assert_array_equal(out, cv2.imdecode(encoded, cv2.IMREAD_UNCHANGED))
+        assert np.abs(out.astype(np.float32) - image).mean() > 1
+    else:  # blur and downscaling lose the sharp edge's high frequencies
+        edge = np.abs(np.diff(image.astype(np.float32), axis=1)).max()
+        assert np.abs(np.diff(out.astype(np.float32), axis=1)).max() < 0.8 * edge
+
+
+def test_acquisition_changes_are_drawn_with_their_probability():
+    image = _square()
+    aug = Augmentation(**NONE, acquisition=0.3, noise=[0.05, 0.05])
+    changed = np.mean([not np.array_equal(aug(image, 0, i), image) for i in range(400)])
+    assert changed == pytest.approx(0.3, abs=0.07)
+
+
+def test_standardisations_remove_a_global_intensity_change():
+    from pneumonia.data.transforms import standardize
+
+    image = _xray()
+    darker = (image.astype(np.float32) * 0.6 + 20).round().astype(np.uint8)
+    for method in ("stretch", "equalize"):
+        a, b = standardize(image, method), standardize(darker, method)
+        assert np.abs(a.astype(float) - b).mean() < 4, method  # raw: 0.4 * mean - 20 apart
+    stretched = standardize(darker, "stretch")
+    assert np.percentile(stretched, 1) <= 3 and np.percentile(stretched, 99) >= 252
+    assert standardize(image, "none") is image
+    pre = Preprocessing(image_size=96, mean=0.5, std=0.25, standardize="equalize")
+    # equalised, the mean is mid-grey (0 after mean 0.5, std 0.25); the image's own is brighter
+    assert pre.normalize(image).mean() == pytest.approx(0.0, abs=0.1)
+    assert Preprocessing(image_size=96, mean=0.5, std=0.25).normalize(image).mean() > 0.2
+
+
+def test_held_out_shifts_are_fixed_by_index_and_each_changes_the_image():
+    from pneumonia.data.transforms import HELD_OUT_SHIFTS, held_out_shift
+
+    image = _xray()
+    outs = [held_out_shift(image, i) for i in range(len(HELD_OUT_SHIFTS))]
+    for i, out in enumerate(outs):
+        assert out.dtype == np.uint8 and out.shape == image.shape
+        assert np.abs(out.astype(float) - image).mean() > 1, list(HELD_OUT_SHIFTS)[i]
+        np.testing.assert_array_equal(out, held_out_shift(image, i))

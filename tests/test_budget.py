@@ -1,5 +1,6 @@
-"""TimeBudget chooses the epochs that fit from the first epoch's time, shortens the cosine
-schedule to match, and a run resumed from its first checkpoint keeps the choice."""
+"""TimeBudget chooses the epochs that fit the whole job from the time before training, the first
+epoch's time and the work after training, shortens the cosine schedule to match, and a run
+resumed from its first checkpoint keeps the choice."""
 
 import itertools
 import math
@@ -33,7 +34,8 @@ class LearningRates(L.Callback):
 
 
 def _fake_clock(monkeypatch, epoch_seconds: float) -> None:
-    """The clock TimeBudget reads: each reading epoch_seconds after the one before."""
+    """The clock TimeBudget reads: each reading epoch_seconds after the one before (its creation,
+    the first epoch's start and end: so epoch_seconds of start-up, then an epoch as long)."""
     readings = itertools.count()
     monkeypatch.setattr(budget, "monotonic", lambda: next(readings) * epoch_seconds)
 
@@ -55,7 +57,7 @@ def _cosine(epoch: int, period: int) -> float:
 
 def test_epochs_fit_the_budget_and_the_schedule_ends_with_them(monkeypatch, tmp_path):
     _fake_clock(monkeypatch, epoch_seconds=30)
-    trainer, rates = _fit(tmp_path, minutes=1.5)  # three 30 s epochs fit in 90 s
+    trainer, rates = _fit(tmp_path, minutes=2)  # 30 s start-up, three 30 s epochs: 120 s
     assert trainer.current_epoch == 3
     assert rates == pytest.approx([_cosine(e, 3) for e in range(3)])  # not the 6-epoch cosine
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
@@ -69,13 +71,20 @@ def test_never_more_than_configured_and_at_least_one_epoch(monkeypatch, tmp_path
     assert trainer.current_epoch == epochs
 
 
+def test_the_work_after_training_is_counted(monkeypatch, tmp_path):
+    _fake_clock(monkeypatch, epoch_seconds=30)
+    monkeypatch.setattr(budget, "_after_training_seconds", lambda trainer, module: 30.0)
+    trainer, _ = _fit(tmp_path, minutes=2)  # 30 s start-up, two epochs, 30 s after
+    assert trainer.current_epoch == 2
+
+
 def test_a_resumed_run_keeps_the_epochs_chosen(monkeypatch, tmp_path):
     _fake_clock(monkeypatch, epoch_seconds=30)
-    _fit(tmp_path / "first", minutes=1.5)
+    _fit(tmp_path / "first", minutes=2)
     first_epoch = tmp_path / "first" / "epoch=0.ckpt"
     assert torch.load(first_epoch, weights_only=True)["callbacks"]["TimeBudget"] == {"epochs": 3}
     _fake_clock(monkeypatch, epoch_seconds=1)  # this machine would choose all six
-    trainer, rates = _fit(tmp_path / "resumed", minutes=1.5, ckpt_path=first_epoch)
+    trainer, rates = _fit(tmp_path / "resumed", minutes=2, ckpt_path=first_epoch)
     assert trainer.current_epoch == 3
     assert rates == pytest.approx([_cosine(e, 3) for e in (1, 2)])
 

@@ -95,15 +95,19 @@ def test_evaluation_report_end_to_end(trained, tmp_path, read_only_data):
         lo, hi = metrics[section]["ci"]["accuracy"]
         assert lo <= metrics[section]["metrics"]["accuracy"] <= hi
 
-    # Thresholds come from validation images: recomputed from val logits they agree,
-    # recomputed from test logits they do not.
+    # Thresholds come from validation images and their copy under held-out acquisition changes:
+    # recomputed from those logits they agree, recomputed from test logits they do not.
     val = [r for r in pipeline.split() if r.split == "val"]
     cal = metrics["calibration"]
+    assert cal["shifted_copy"]
     y_val = np.array([r.label != "normal" for r in val], dtype=int)
     y_test = np.array([r.label != "normal" for r in test], dtype=int)
-    p_val = softmax_positive(pipeline.outputs(val)[0]["binary"], cal["temperature"]["binary"])
-    p_test = softmax_positive(pipeline.outputs(test)[0]["binary"], cal["temperature"]["binary"])
-    assert cal["thresholds"]["binary"]["youden"] == pytest.approx(youden_threshold(y_val, p_val))
+    calibrated = (cal["temperature"]["binary"], cal["bias"]["binary"])
+    z_val = np.vstack([pipeline.outputs(val, shifted=s)[0]["binary"] for s in (False, True)])
+    p_val = softmax_positive(z_val, *calibrated)
+    p_test = softmax_positive(pipeline.outputs(test)[0]["binary"], *calibrated)
+    assert cal["thresholds"]["binary"]["youden"] == pytest.approx(
+        youden_threshold(np.r_[y_val, y_val], p_val))
     assert cal["thresholds"]["binary"]["youden"] != pytest.approx(youden_threshold(y_test, p_test))
 
     from mlflow.tracking import MlflowClient

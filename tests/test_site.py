@@ -107,7 +107,8 @@ def test_site_calibration_fits_the_thresholds_on_the_site_folder_only(trained, t
         y = np.array([r.label != "normal" for r in site], dtype=int)
         cal = results[flip]["metrics"]["calibration"]
         p = softmax_positive(stage_outputs(pipeline.stages["binary"], site)[0],
-                             cal["temperature"]["binary"])
+                             cal["temperature"]["binary"], cal["bias"]["binary"])
+        assert not cal["shifted_copy"]  # a site's own images need no stand-in for a site
         assert cal["thresholds"]["binary"]["youden"] == pytest.approx(youden_threshold(y, p))
         assert cal["validation_images"]["binary"] == len(site) \
             and cal["source"].startswith("site folder")
@@ -134,7 +135,7 @@ def test_fitting_and_scoring_images_must_differ_unless_transductive(trained, tmp
                                     transductive=True, log_to_mlflow=False))
     site = result["metrics"]["site"]
     assert site["transductive"] and site["adaptation"]["images"] == 6
-    assert site["adaptation"]["batchnorm_images"]["binary"] == 6
+    assert site["adaptation"]["batchnorm_images"] == {"binary": 6, "subtype": 0}
     assert set(site["adaptation"]["priors"]) == {"binary"}  # stage 2 keeps its prior
     report = (tmp_path / "transductive" / "report.md").read_text()
     assert "**Transductive**" in report and "AdaBN" in report
@@ -146,5 +147,35 @@ def test_fitting_and_scoring_images_must_differ_unless_transductive(trained, tmp
     original = load_stage(refs["binary"], "binary")
     key = next(k for k in original.state_dict() if k.endswith("running_mean"))
     assert not torch.equal(adapted.state_dict()[key], original.state_dict()[key])
+    # stage 2 keeps its statistics (AdaBN on the images stage 1 calls pneumonia cost accuracy)
+    kept = load_stage(model / "artifacts" / f"{saved['checkpoints']['subtype'][0]}.ckpt",
+                      "subtype")
+    trained_2 = load_stage(refs["subtype"], "subtype")
+    key = next(k for k in trained_2.state_dict() if k.endswith("running_mean"))
+    assert torch.equal(kept.state_dict()[key], trained_2.state_dict()[key])
     assert saved["calibration"]["prior_shift"] == {
         "binary": site["adaptation"]["priors"]["binary"]["logit_shift"], "subtype": 0.0}
+
+
+def test_bias_corrected_temperature_scaling_recovers_both():
+    from pneumonia.pipeline import fit_temperature
+
+    rng = np.random.default_rng(0)
+    margin = rng.normal(0, 3, 20_000)  # z1 - z0
+    y = rng.random(margin.size) < 1 / (1 + np.exp(-(margin / 2.0 + 0.7)))  # T = 2, b = 0.7
+    temperature, bias = fit_temperature(np.stack([np.zeros_like(margin), margin], 1), y)
+    assert temperature == pytest.approx(2.0, rel=0.08) and bias == pytest.approx(0.7, abs=0.08)
+
+
+def test_class_balanced_draw_restores_the_calibration_class_mix():
+    from pneumonia.pipeline import Calibration
+    from pneumonia.site import class_balanced
+
+    rng = np.random.default_rng(1)
+    y = rng.random(4000) < 0.3  # the site: 30 % pneumonia; calibration had 70 %
+    margin = 4 * rng.normal(np.where(y, 2.0, -2.0), 1.0) + np.log(0.7 / 0.3)  # exact at 70 %
+    cal = Calibration({"binary": 1.0}, {}, 0.99, priors={"binary": 0.7},
+                      bias={"binary": 0.0})
+    records = list(range(len(y)))  # stand-ins: the draw only indexes them
+    drawn = class_balanced(records, np.stack([np.zeros_like(margin), margin], 1), cal)
+    assert len(drawn) == len(y) and y[drawn].mean() == pytest.approx(0.7, abs=0.04)

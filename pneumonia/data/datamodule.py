@@ -19,7 +19,7 @@ from pneumonia.data.kermany import (
     write_manifest,
     write_skipped,
 )
-from pneumonia.data.transforms import Augmentation, Preprocessing
+from pneumonia.data.transforms import Augmentation, Preprocessing, standardize
 from pneumonia.errors import ConfigError, DataError
 from pneumonia.io import read_grayscale
 from pneumonia.stages import STAGE_CLASSES, stage_target, stage_targets
@@ -116,7 +116,8 @@ class KermanyDataModule(L.LightningDataModule):
     images are augmented in the dataset (`Augmentation`), drawn from (shuffle_seed, epoch,
     index); validation and test images are not. The arguments mirror the `data` config group
     (train() instantiates this class from it), plus what only the run knows: the stage, the
-    input size, the backbone's mean and std, and the run's seed as `shuffle_seed`.
+    input size, the backbone's mean, std and interpolation, and the run's seed as
+    `shuffle_seed`.
     """
 
     def __init__(
@@ -131,6 +132,8 @@ class KermanyDataModule(L.LightningDataModule):
         val_fraction: float = 0.15,
         test_fraction: float = 0.2,
         crop: dict | None = None,
+        standardize: str = "none",
+        interpolation: str = "bilinear",
         augment: dict | None = None,
         batch_size: int = 32,
         num_workers: int = 0,
@@ -167,7 +170,8 @@ class KermanyDataModule(L.LightningDataModule):
         }
         self._check_classes()
         self.preprocessing = Preprocessing(image_size=image_size, mean=mean, std=std,
-                                           crop=self._crop_stats(crop))
+                                           crop=self._crop_stats(crop),
+                                           interpolation=interpolation, standardize=standardize)
 
     def _crop_stats(self, crop: dict | None) -> dict | None:
         """ProportionalCrop's fields: the crop fractions and the training split's largest sides."""
@@ -231,8 +235,10 @@ class KermanyDataModule(L.LightningDataModule):
         if self.extract_features is None:
             raise RuntimeError("data.feature_cache=true: hand in the feature extractor with "
                                "use_features() before asking for data (train() does)")
-        return self.extract_features(self.cached_images(split),
-                                     cache_key(self.splits[split], self.preprocessing),
+        images = self.cached_images(split)
+        if self.preprocessing.standardize != "none":  # features see what Preprocessing.normalize
+            images = np.stack([standardize(i, self.preprocessing.standardize) for i in images])
+        return self.extract_features(images, cache_key(self.splits[split], self.preprocessing),
                                      self.cache_dir, device)
 
     def dataset(self, split: str, augment: bool = False) -> Dataset:

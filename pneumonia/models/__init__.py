@@ -1,4 +1,10 @@
 from pneumonia.models.module import StageClassifier
-from pneumonia.models.network import PneumoniaNet, build_network, normalization_stats
+from pneumonia.models.network import (
+    PneumoniaNet,
+    build_network,
+    interpolation,
+    normalization_stats,
+)
 
-__all__ = ["PneumoniaNet", "StageClassifier", "build_network", "normalization_stats"]
+__all__ = ["PneumoniaNet", "StageClassifier", "build_network", "interpolation",
+           "normalization_stats"]

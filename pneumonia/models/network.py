@@ -162,3 +162,9 @@ def normalization_stats(backbone: str, mode: str) -> tuple[float, float]:
         return 0.0, 1.0
     cfg = timm.get_pretrained_cfg(backbone) or PretrainedCfg()  # its default: ImageNet's
     return float(sum(cfg.mean) / len(cfg.mean)), float(sum(cfg.std) / len(cfg.std))
+
+
+def interpolation(backbone: str) -> str:
+    """The resize its weights were trained with (timm's pretrained config): bicubic or bilinear."""
+    cfg = timm.get_pretrained_cfg(backbone) or PretrainedCfg()
+    return "bicubic" if cfg.interpolation == "bicubic" else "bilinear"
