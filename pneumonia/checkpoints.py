@@ -9,6 +9,7 @@ cannot run code; URLs are never fetched.
 from __future__ import annotations
 
 import io
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,8 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from pneumonia.data.transforms import Preprocessing
 from pneumonia.errors import CheckpointError
@@ -26,6 +29,8 @@ from pneumonia.models import StageClassifier
 from pneumonia.models.weights import NOT_RECORDED
 from pneumonia.stages import STAGE_CLASSES
 from pneumonia.tracking import ensure_tracking_store, is_run_id
+
+WEIGHTS_FORMAT = 1  # save_stage_weights' JSON layout
 
 
 def _mlflow_run(ref: str, stage: str, tracking_uri: str | None):
@@ -150,10 +155,52 @@ def read_checkpoint(path: Path | str, map_location: Any = "cpu") -> dict:
     return checkpoint
 
 
+def save_stage_weights(module, stem: Path) -> Path:
+    """A stage's weights as `<stem>.safetensors` and what rebuilds the network as `<stem>.json`
+    (its hyperparameters: backbone, adapter, head, input size, preprocessing, classes, the
+    weights' provenance; the out-of-distribution gate's numbers): no optimizer state, nothing
+    that loads by unpickling. Returns the JSON file, which `load_stage` takes."""
+    tensors = {f"state_dict.{k}": v.detach().cpu().contiguous()
+               for k, v in module.state_dict().items()}
+    spec = {"format": WEIGHTS_FORMAT, "hyper_parameters": dict(module.hparams),
+            "mlflow_run_id": module.mlflow_run_id, "ood": None}
+    if module.ood is not None:
+        state = module.ood.state()
+        for name in ("means", "precisions"):
+            tensors.update({f"ood.{name}.{i}": t.contiguous() for i, t in enumerate(state[name])})
+        spec["ood"] = {k: v for k, v in state.items() if k not in ("means", "precisions")}
+    save_file(tensors, str(stem.with_suffix(".safetensors")))
+    stem.with_suffix(".json").write_text(json.dumps(spec, indent=1))
+    return stem.with_suffix(".json")
+
+
+def read_stage_weights(path: Path) -> dict[str, Any]:
+    """The checkpoint-shaped dict of a `save_stage_weights` pair, read without unpickling."""
+    try:
+        spec = json.loads(path.read_text())
+        tensors = load_file(str(path.with_suffix(".safetensors")))
+    except (OSError, ValueError, SafetensorError) as err:
+        raise CheckpointError(f"{path}: not a readable weights file pair ({err})") from err
+    if spec.get("format") != WEIGHTS_FORMAT:
+        raise CheckpointError(f"{path}: weights format {spec.get('format')!r}, this version "
+                              f"reads {WEIGHTS_FORMAT}")
+    checkpoint = {"hyper_parameters": spec["hyper_parameters"],
+                  "mlflow_run_id": spec.get("mlflow_run_id"),
+                  "state_dict": {k.removeprefix("state_dict."): v for k, v in tensors.items()
+                                 if k.startswith("state_dict.")}}
+    if spec.get("ood"):
+        count = len(spec["ood"]["stages"])
+        checkpoint["ood"] = {**spec["ood"], **{name: [tensors[f"ood.{name}.{i}"]
+                                                      for i in range(count)]
+                                               for name in ("means", "precisions")}}
+    return checkpoint
+
+
 def load_stage(path: Path | str, stage: str):
-    """The stage module a checkpoint holds, in eval mode, checked against the slot it fills."""
+    """The stage module a checkpoint (or a `save_stage_weights` JSON file) holds, in eval mode,
+    checked against the slot it fills."""
     path = Path(path)
-    checkpoint = read_checkpoint(path)
+    checkpoint = read_stage_weights(path) if path.suffix == ".json" else read_checkpoint(path)
     hparams = checkpoint.get("hyper_parameters")
     if not isinstance(hparams, dict) or "state_dict" not in checkpoint:
         raise CheckpointError(f"{path}: not a stage checkpoint (no hyper_parameters or state_dict)")

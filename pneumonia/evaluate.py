@@ -247,7 +247,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
              write_predictions(output_dir / "predictions.csv", paths, labels,
                                pred.probabilities, [CLASSES[d] for d in pred.decision], CLASSES),
              write_markdown(output_dir / "report.md", metrics, figures), *figures]
-    model = save_pipeline_model(pipeline, output_dir / "model", overwrite=cfg.overwrite)
+    model = save_pipeline_model(pipeline, output_dir / "model", overwrite=cfg.overwrite,
+                                evaluation=metrics)
     logged = {"run_id": None}
     if cfg.log_to_mlflow:
         logged = log_evaluation(cfg.paths.tracking_uri, cfg.paths.artifact_dir, cfg.experiment_name,

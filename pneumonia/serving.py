@@ -1,22 +1,25 @@
 """The calibrated two-stage pipeline as one artifact, an MLflow pyfunc model folder, and the one
 loader of pipelines.
 
-The model folder holds every checkpoint (both stages, each ensemble member) as an artifact and
-`pipeline.json`, its metadata: the input and output contract, class order, calibration
-(temperatures, thresholds, operating point, source), TTA, each stage's initial weights and the
-package versions; preprocessing and stage 1's out-of-distribution gate travel inside the
-checkpoints. No absolute path is stored: a copy of the folder moved anywhere loads and predicts
-the same. `evaluate.py` writes it into its output folder (`model/`) and, with MLflow, logs it.
-The request and answer columns are INPUT and OUTPUTS (`predict_images`).
+The folder (docs/deploy.md) holds each stage's weights (every ensemble member's) as safetensors
+with the JSON that rebuilds it, `pipeline.json` (classes, calibration, thresholds, TTA, weights
+provenance, versions) and `metadata.json` (the contract, pneumonia.metadata); the model is
+"models from code" (model_code.py) with this package as its code, and pins every dependency in
+requirements.txt: it loads in a fresh environment without the project, and nothing in it is
+unpickled. No absolute path is stored. `evaluate.py` writes it into its output folder (`model/`)
+and, with MLflow, logs it. The request and answer columns are INPUT and OUTPUTS
+(`predict_images`).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import importlib.metadata
 import io
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -36,9 +39,10 @@ from mlflow.tracking._tracking_service import utils as tracking_utils
 from mlflow.types import ColSpec, Schema
 from PIL import Image
 
-from pneumonia.checkpoints import as_list, resolve_all
+from pneumonia.checkpoints import resolve_all, save_stage_weights
 from pneumonia.errors import CheckpointError, ImageReadError
 from pneumonia.io import decode_grayscale
+from pneumonia.metadata import write_metadata
 from pneumonia.pipeline import Calibration, TwoStagePipeline
 from pneumonia.stages import CLASSES, STAGE_CLASSES
 from pneumonia.tracking import environment
@@ -126,25 +130,32 @@ class PipelineModel(mlflow.pyfunc.PythonModel):
         return predict_images(self.pipeline, list(model_input["image"]))
 
 
-def model_artifacts(pipeline: TwoStagePipeline, folder: Path) -> dict[str, str]:
-    """Copies each checkpoint under a unique name and writes pipeline.json into `folder`;
-    returns them as pyfunc artifacts (key -> file)."""
-    spec = {"format": 1, "classes": list(CLASSES), "input": INPUT, "outputs": list(OUTPUTS),
+def model_artifacts(pipeline: TwoStagePipeline, folder: Path,
+                    evaluation: dict | None = None) -> dict[str, str]:
+    """Writes each stage's weights (every ensemble member's, as the pipeline holds them, adapted
+    or not) as safetensors with the JSON that rebuilds the network, pipeline.json and
+    metadata.json into `folder`; returns them as pyfunc artifacts (key -> file)."""
+    spec = {"format": 2, "classes": list(CLASSES), "input": INPUT, "outputs": list(OUTPUTS),
             "tta": pipeline.tta, "checkpoints": {},
             "calibration": asdict(pipeline.calibration),
             "thresholds": pipeline.stage_thresholds(),
             "weights": {stage: dict(pipeline.stages[stage].hparams["weights"])
                         for stage in STAGE_CLASSES},
             "versions": environment()}
-    artifacts = {}
     for stage in STAGE_CLASSES:
-        paths = as_list(pipeline.checkpoints[stage])
-        spec["checkpoints"][stage] = [f"{stage}_{i}" for i in range(len(paths))]
-        for key, path in zip(spec["checkpoints"][stage], paths):
-            artifacts[key] = str(shutil.copyfile(path, folder / f"{key}.ckpt"))
+        members = list(getattr(pipeline.stages[stage], "members", [pipeline.stages[stage]]))
+        spec["checkpoints"][stage] = [f"{stage}_{i}" for i in range(len(members))]
+        for key, member in zip(spec["checkpoints"][stage], members):
+            save_stage_weights(member, folder / key)
     (folder / "pipeline.json").write_text(json.dumps(spec, indent=2))
-    artifacts["pipeline"] = str(folder / "pipeline.json")
-    return artifacts
+    write_metadata(folder / "metadata.json", pipeline, spec, evaluation)
+    return {_artifact_key(path): str(path) for path in sorted(folder.iterdir())}
+
+
+def _artifact_key(path: Path) -> str:
+    """binary_0.json -> binary_0 (what pipeline.json names), binary_0.safetensors ->
+    binary_0_tensors, pipeline.json -> pipeline."""
+    return path.stem + ("_tensors" if path.suffix == ".safetensors" else "")
 
 
 def input_example() -> pd.DataFrame:
@@ -156,11 +167,15 @@ def input_example() -> pd.DataFrame:
 
 
 def requirements() -> list[str]:
-    """Pinned versions of the packages the model imports, as installed here."""
-    env = environment()
-    return [f"{name}=={env[name]}" for name in ("mlflow", "torch", "torchvision", "lightning",
-                                                 "timm", "numpy", "albumentations")
-            if env[name] != "not installed"]
+    """Every package the project depends on (pyproject's dependencies, extras left out) pinned to
+    the version installed here; a local build tag (torch's +cu130) is dropped."""
+    pinned = []
+    for requirement in importlib.metadata.requires("pneumonia") or []:
+        if "extra ==" in requirement:
+            continue
+        name = re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0]
+        pinned.append(f"{name}=={importlib.metadata.version(name).split('+')[0]}")
+    return pinned
 
 
 @contextmanager
@@ -187,26 +202,33 @@ def tracking(uri: str | None) -> Iterator[None]:
 
 
 def _pyfunc_options() -> dict[str, Any]:
-    """What MLflow is told of the model besides its artifacts."""
-    return dict(python_model=PipelineModel(), signature=SIGNATURE, input_example=input_example(),
+    """What MLflow is told of the model besides its artifacts: the model as code (model_code.py,
+    no cloudpickle), this package's source as code_paths, the pinned requirements."""
+    package = Path(__file__).resolve().parent
+    return dict(python_model=str(package / "model_code.py"), code_paths=[str(package)],
+                signature=SIGNATURE, input_example=input_example(),
                 pip_requirements=requirements())
 
 
-def save_pipeline_model(pipeline: TwoStagePipeline, folder: Path, overwrite: bool = False) -> Path:
-    """Writes the pipeline as a model folder (no tracking server involved)."""
+def save_pipeline_model(pipeline: TwoStagePipeline, folder: Path, overwrite: bool = False,
+                        evaluation: dict | None = None) -> Path:
+    """Writes the pipeline as a model folder (no tracking server involved); `evaluation`, the
+    metrics evaluate() reports, gives metadata.json its headline figures."""
     if folder.exists() and overwrite:
         shutil.rmtree(folder)
     with tempfile.TemporaryDirectory() as staging:
         mlflow.pyfunc.save_model(path=str(folder),
-                                 artifacts=model_artifacts(pipeline, Path(staging)),
+                                 artifacts=model_artifacts(pipeline, Path(staging), evaluation),
                                  **_pyfunc_options())
+    for cache in (folder / "code").rglob("__pycache__"):
+        shutil.rmtree(cache)
     return folder
 
 
 def log_pipeline_model(folder: Path, run_id: str, tracking_uri: str) -> ModelInfo:
-    """Logs a model folder that `save_pipeline_model` wrote, its checkpoints and pipeline.json as
-    they are, as an MLflow 3 logged model of run `run_id`."""
-    artifacts = {path.stem: str(path) for path in (folder / "artifacts").iterdir()}
+    """Logs a model folder that `save_pipeline_model` wrote, its weights, pipeline.json and
+    metadata.json as they are, as an MLflow 3 logged model of run `run_id`."""
+    artifacts = {_artifact_key(path): str(path) for path in (folder / "artifacts").iterdir()}
     with tracking(tracking_uri), mlflow.start_run(run_id=run_id):
         return mlflow.pyfunc.log_model(name=MODEL_NAME, artifacts=artifacts, **_pyfunc_options())
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from pneumonia.checkpoints import AtomicCheckpointIO, read_checkpoint
+from pneumonia.checkpoints import save_stage_weights
 from pneumonia.data.datamodule import XrayDataset
 from pneumonia.data.kermany import CLASS_FOLDERS, Record, parse_name
 from pneumonia.data.transforms import Preprocessing
@@ -113,20 +113,12 @@ def logit_shift(prior: float, estimate: float) -> float:
     return float(logits[1] - logits[0])
 
 
-def _save_adapted(module: nn.Module, sources: str | list[str], stage: str,
-                  folder: Path) -> list[str]:
-    """Checkpoints of an adapted stage (each ensemble member's), so the saved and logged pipeline
-    carries the adapted statistics: the original checkpoints with the new weights."""
-    members = list(getattr(module, "members", [module]))
-    sources = sources if isinstance(sources, list) else [sources]
-    written = []
-    for i, (member, source) in enumerate(zip(members, sources)):
-        saved = read_checkpoint(Path(source))
-        saved["state_dict"] = {k: v.cpu() for k, v in member.state_dict().items()}
-        path = folder / f"{stage}_{i}.ckpt"
-        AtomicCheckpointIO().save_checkpoint(saved, path)
-        written.append(str(path))
-    return written
+def _save_adapted(module: nn.Module, stage: str, folder: Path) -> list[str]:
+    """The adapted stage's weights (each ensemble member's) in `folder`, which the report names
+    as that stage's weights (the model folder saves them from the pipeline itself)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return [str(save_stage_weights(member, folder / f"{stage}_{i}"))
+            for i, member in enumerate(getattr(module, "members", [module]))]
 
 
 def adapt_to_site(pipeline, records: list[Record], method: str, folder: Path, **loader) -> dict:
@@ -148,9 +140,7 @@ def adapt_to_site(pipeline, records: list[Record], method: str, folder: Path, **
         sample = class_balanced([r for r, ok in zip(records, finite) if ok], logits[finite], cal)
         stages["binary"] = adapt_batchnorm(stages["binary"], sample, **loader)
         done["batchnorm_images"] = {"binary": int(finite.sum()), "subtype": 0}
-        pipeline.checkpoints["binary"] = _save_adapted(stages["binary"],
-                                                       pipeline.checkpoints["binary"], "binary",
-                                                       folder)
+        pipeline.checkpoints["binary"] = _save_adapted(stages["binary"], "binary", folder)
     if method in ("prior", "both"):
         logits = stage_outputs(stages["binary"], records, tta=pipeline.tta, **loader)[0]
         done["priors"] = adapt_prior(cal, logits[np.isfinite(logits).all(axis=1)])

@@ -36,14 +36,15 @@ def group_members(pgid: int) -> list[int]:
     return members
 
 
-def start(command: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+def start(command: list[str], log: Path, env: dict[str, str] | None = None,
+          cwd: Path | None = None) -> subprocess.Popen:
     """A server in a new session (its own process group), output to `log`; the virtualenv's
     scripts (uvicorn, which `mlflow models serve` runs) come first on PATH."""
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     environment = {**os.environ, "PYTHONPATH": str(REPO), "PATH": path, **(env or {})}
     with open(log, "wb") as out:
         return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=environment,
-                                start_new_session=True)
+                                start_new_session=True, cwd=cwd)
 
 
 def wait_ready(process: subprocess.Popen, url: str, log: Path, timeout: float = 180) -> None:

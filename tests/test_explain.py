@@ -197,6 +197,7 @@ def test_explain_a_folder(trained, xray_folder, tmp_path):
                                                               abs=1e-6)
     index = (out / "index.html").read_text()
     assert all(row["report"] in index for row in ok.values()) and "nopixels.dcm" in index
+    assert "not for clinical use" in index  # the model's intended use heads the page
     # DICOM patient identifiers never reach any output
     for path in out.rglob("*"):
         if path.is_file():

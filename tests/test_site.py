@@ -143,12 +143,12 @@ def test_fitting_and_scoring_images_must_differ_unless_transductive(trained, tmp
     model = tmp_path / "transductive" / "model"
     saved = json.loads((model / "artifacts" / "pipeline.json").read_text())
     checkpoint = saved["checkpoints"]["binary"][0]
-    adapted = load_stage(model / "artifacts" / f"{checkpoint}.ckpt", "binary")
+    adapted = load_stage(model / "artifacts" / f"{checkpoint}.json", "binary")
     original = load_stage(refs["binary"], "binary")
     key = next(k for k in original.state_dict() if k.endswith("running_mean"))
     assert not torch.equal(adapted.state_dict()[key], original.state_dict()[key])
     # stage 2 keeps its statistics (AdaBN on the images stage 1 calls pneumonia cost accuracy)
-    kept = load_stage(model / "artifacts" / f"{saved['checkpoints']['subtype'][0]}.ckpt",
+    kept = load_stage(model / "artifacts" / f"{saved['checkpoints']['subtype'][0]}.json",
                       "subtype")
     trained_2 = load_stage(refs["subtype"], "subtype")
     key = next(k for k in trained_2.state_dict() if k.endswith("running_mean"))

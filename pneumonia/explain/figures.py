@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
+from pneumonia.metadata import INTENDED_USE
+
 
 def plot_explanation(path: Path, image: np.ndarray, heatmap: np.ndarray, probabilities: np.ndarray,
                      classes: tuple[str, ...], decision: str, caption: str, threshold_note: str,
@@ -54,7 +56,8 @@ def report_names(files: list[str]) -> list[Path]:
 
 
 def index_html(rows: list[dict], title: str, classes: tuple[str, ...]) -> str:
-    """The explanation index page: every report as a card, every failed file with its reason.
+    """The explanation index page: the model's intended use, every report as a card, every failed
+    file with its reason.
     Names are escaped as HTML, links as URLs (so `#`, `?` and `%` in names still work)."""
     cards, failed = [], []
     for row in rows:
@@ -75,5 +78,6 @@ def index_html(rows: list[dict], title: str, classes: tuple[str, ...]) -> str:
 margin:.5em;
 vertical-align:top}} img{{width:100%}} .normal{{color:#4c72b0}} .bacterial{{color:#dd8452}}
 .viral{{color:#c44e52}}</style></head><body><h1>{html.escape(title)}</h1>
+<p><b>Intended use:</b> {html.escape(INTENDED_USE)}</p>
 <p>{len(cards)} images explained. Click a report to open it full size.</p>{failures}{''.join(cards)}
 </body></html>"""
