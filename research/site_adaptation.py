@@ -1,11 +1,15 @@
 """Site calibration and adaptation on the local test folder, cross-fitted by patient halves.
 
-python -m research.site_adaptation multirun/scratch_cpu/<time> [--data ../shared/data/kermany224]
+python -m research.site_adaptation <model folder> [--data ../shared/data/kermany224]
        [--out outputs/site_adaptation]
+
+<model folder> is the recipe's evaluation's model (outputs/evaluate/<time>/model, what
+`make pretrained-cpu` writes): its validation calibration is used as it is, so the validation
+images are scored once, not once per method and half.
 
 The test folder's patients are split in two halves (stratified by class, seed 0). For each half,
 every method is fitted on the *other* half and scored on this one with `evaluate.py`'s own code
-(sweep=<the recipe's sweep>, tta=true; the fitting and scored images never meet):
+(model_uri=<model folder>; the fitting and scored images never meet):
   (i) none                     temperatures and thresholds from the training split's validation
                                images (and their held-out shifted copy); no test image fits
   (ii) unlabelled adaptation   adapt=<other half> adapt_method=both (labels unused)
@@ -111,7 +115,7 @@ def averaged(halves: list[dict], samples: int = 1000,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("sweep", type=Path)
+    parser.add_argument("model", type=Path, help="the recipe's evaluated model folder")
     parser.add_argument("--data", type=Path,
                         default=(Path(__file__).resolve().parents[2] / "shared" / "data"
                                  / "kermany224"))
@@ -133,7 +137,7 @@ def main() -> None:
         per_half, started = [], time.monotonic()
         for i in (0, 1):
             with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-                cfg = compose("evaluate", overrides=[f"sweep={args.sweep}", "tta=true",
+                cfg = compose("evaluate", overrides=[f"model_uri={args.model.resolve()}",
                                                      "log_to_mlflow=false", "bootstrap.samples=1"])
             out = args.out / "eval" / method.split()[0].strip("()") / f"half{i}"
             with open_dict(cfg):

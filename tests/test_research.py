@@ -69,3 +69,26 @@ def test_paired_comparison_is_zero_against_itself_and_positive_against_a_worse_m
         a_value, b_value, (lo, hi) = figures[name]
         assert a_value > b_value and lo > 0, name
     assert figures["stage 2 AUROC"][2] == (0.0, 0.0)  # B changed stage 1 only
+
+
+def test_shift_diagnosis_measures_what_it_names():
+    """research.shift: the noise and sharpness estimates rise with noise, framing finds a dark
+    border, and the domain classifier tells separable domains apart and not random ones."""
+    import numpy as np
+    from scipy import ndimage
+
+    from research.shift import domain_auroc, properties
+
+    rng = np.random.default_rng(0)
+    smooth = ndimage.gaussian_filter(rng.normal(128, 40, (96, 96)), 4).clip(0, 255)
+    noisy = (smooth + rng.normal(0, 8, smooth.shape)).clip(0, 255)
+    a, b = properties(smooth.astype(np.uint8)), properties(noisy.astype(np.uint8))
+    assert b["noise sigma"] > 3 * a["noise sigma"] and abs(b["noise sigma"] - 8) < 2
+    assert b["sharpness laplacian var"] > a["sharpness laplacian var"]
+    framed = smooth.astype(np.uint8).copy()
+    framed[:, :10] = 0
+    assert properties(framed)["framing border px"] > a["framing border px"]
+    domain = np.r_[np.zeros(200, int), np.ones(200, int)]
+    apart = rng.normal(domain[:, None] * 1.5, 1.0, (400, 3))
+    assert domain_auroc(apart, domain) > 0.9
+    assert abs(domain_auroc(rng.normal(0, 1, (400, 3)), domain) - 0.5) < 0.1
