@@ -1,6 +1,7 @@
 """metadata.json of a model folder: what the model is for, what it was made from and how it
 answers, in the spirit of a MONAI bundle's metadata.json. Its contract is
-metadata.schema.json (beside this file; tests/test_serving.py validates against it)."""
+metadata.schema.json (beside this file; tests/test_model_folder.py validates against
+it)."""
 
 from __future__ import annotations
 
@@ -29,11 +30,14 @@ OUTPUT_FIELDS = {
     "threshold_subtype": ("number", "[0, 1]", "stage 2's threshold on P(viral | pneumonia)"),
     "error": ("string", "empty or a reason", "why no diagnosis was given"),
 }
+# the kinds of `error` value the served model gives (pneumonia.serving.predict_images; a DICOM
+# header it cannot use gets its own reason from pneumonia.io)
+OOD_ERROR = "out of distribution: unlike the training X-rays (score above 1), no diagnosis"
+NONFINITE_ERROR = "the model gave a non-finite output: no diagnosis"
 ERRORS = ["not valid base64 text", "expected base64 text of a JPEG, PNG or DICOM file",
-          "cannot open (<reason>): not a JPEG, PNG or DICOM image, truncated or empty",
-          "a DICOM file of another modality (not a chest radiograph)",
-          "out of distribution: unlike the training X-rays (score above 1), no diagnosis",
-          "the model gave a non-finite output: no diagnosis"]
+          "not a JPEG, PNG or DICOM file (unrecognised content)", "cannot open (<reason>)",
+          "not a chest radiograph (Modality=<modality>[, BodyPartExamined=<part>])",
+          OOD_ERROR, NONFINITE_ERROR]
 
 
 def _headline(evaluation: dict | None) -> dict | None:

@@ -42,7 +42,7 @@ from PIL import Image
 from pneumonia.checkpoints import resolve_all, save_stage_weights
 from pneumonia.errors import CheckpointError, ImageReadError
 from pneumonia.io import decode_grayscale
-from pneumonia.metadata import write_metadata
+from pneumonia.metadata import NONFINITE_ERROR, OOD_ERROR, write_metadata
 from pneumonia.pipeline import Calibration, TwoStagePipeline
 from pneumonia.stages import CLASSES, STAGE_CLASSES
 from pneumonia.tracking import environment
@@ -99,9 +99,7 @@ def predict_images(pipeline: TwoStagePipeline, values: list[Any]) -> pd.DataFram
         pred = pipeline.predict_batches(pipeline.stage_batches([decoded[i] for i in chunk]))
         for i, probabilities, decision, ood, score in zip(chunk, pred.probabilities, pred.decision,
                                                           pred.out_of_distribution, pred.ood_score):
-            error = ("out of distribution: unlike the training X-rays (score above 1), no diagnosis"
-                     if ood else "" if decision >= 0 else
-                     "the model gave a non-finite output: no diagnosis")
+            error = OOD_ERROR if ood else "" if decision >= 0 else NONFINITE_ERROR
             rows[i] = _row(probabilities, score, decision, error)
     frame = pd.DataFrame([rows[i] for i in range(len(values))], columns=list(OUTPUTS))
     for stage, threshold in pipeline.stage_thresholds().items():
