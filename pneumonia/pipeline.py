@@ -194,7 +194,7 @@ class Calibration:
     # their positive-class fraction, per stage
     priors: dict[str, float] = field(default_factory=dict)
     prior_shift: dict[str, float] = field(default_factory=lambda: {"binary": 0.0, "subtype": 0.0})
-    # thresholds chosen on the images pooled with a copy under held-out acquisition changes
+    # temperatures and thresholds fitted on the images pooled with a held-out shifted copy
     shifted_copy: bool = False
     # each stage's logit bias fitted with its temperature (0: a model calibrated before)
     bias: dict[str, float] = field(default_factory=lambda: {"binary": 0.0, "subtype": 0.0})
@@ -281,12 +281,12 @@ class TwoStagePipeline:
         """Fit temperatures and thresholds on labelled images: the validation split, or a
         site's own (`source` names them); never on the test split.
 
-        The temperature is fitted on the images as they are. With `shifted` (for the training
-        folder's validation split, not a site's own images) the thresholds are chosen on the
-        images and, pooled with them, a copy under held-out acquisition changes
-        (`held_out_shift`): validation from the training folder separates the classes so
-        cleanly that its own best threshold can land anywhere in a wide gap, and a new site's
-        images fall in that gap (docs/site.md)."""
+        With `shifted` (for the training folder's validation split, not a site's own images)
+        the temperatures, biases and thresholds are fitted on the images pooled with a copy
+        under held-out acquisition changes (`held_out_shift`): validation from the training
+        folder separates the classes so cleanly that its own best threshold can land anywhere
+        in a wide gap, where a new site's images fall, and its probabilities are so confident
+        that EM overestimates a new site's prior (docs/site.md)."""
         if any(r.split == "test" for r in val):
             raise DataError("calibration was given test images; it must only see validation data")
         logits, _ = self.outputs(val, **loader)
@@ -297,10 +297,10 @@ class TwoStagePipeline:
             keep = (y >= 0) & np.isfinite(z).all(axis=1)  # an unreadable image has no logits
             if len(np.unique(y[keep])) < 2:
                 raise DataError(f"the {source} has no images of one {name} class")
-            temperature[name], bias[name] = fit_temperature(z[keep], y[keep])
             z_fit, y_fit = z[keep], y[keep]
             if moved is not None:
                 z_fit, y_fit = np.vstack([z_fit, moved[name][keep]]), np.r_[y_fit, y_fit]
+            temperature[name], bias[name] = fit_temperature(z_fit, y_fit)
             p = softmax_positive(z_fit, temperature[name], bias[name])
             thresholds[name] = {"youden": youden_threshold(y_fit, p), "default": 0.5}
             if name == "binary":  # a sensitivity target is a screening question: stage 1 only

@@ -14,7 +14,7 @@ from pneumonia.errors import CheckpointError, DataError, OutputError
 from pneumonia.evaluate import evaluate
 from pneumonia.explain.run import explain
 from pneumonia.metrics import youden_threshold
-from pneumonia.pipeline import combine, softmax_positive
+from pneumonia.pipeline import combine, fit_temperature, softmax_positive
 from pneumonia.serving import load_pipeline
 from tests.conftest import CONF, tree_hashes
 
@@ -104,6 +104,9 @@ def test_evaluation_report_end_to_end(trained, tmp_path, read_only_data):
     y_test = np.array([r.label != "normal" for r in test], dtype=int)
     calibrated = (cal["temperature"]["binary"], cal["bias"]["binary"])
     z_val = np.vstack([pipeline.outputs(val, shifted=s)[0]["binary"] for s in (False, True)])
+    # the temperature and bias too: fitted on the pooled images, not on validation alone
+    assert calibrated == pytest.approx(fit_temperature(z_val, np.r_[y_val, y_val]), rel=1e-4)
+    assert calibrated != pytest.approx(fit_temperature(z_val[: len(val)], y_val), rel=1e-4)
     p_val = softmax_positive(z_val, *calibrated)
     p_test = softmax_positive(pipeline.outputs(test)[0]["binary"], *calibrated)
     assert cal["thresholds"]["binary"]["youden"] == pytest.approx(
