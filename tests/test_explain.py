@@ -14,11 +14,12 @@ from omegaconf import open_dict
 from PIL import Image
 from torch import nn
 
-from pneumonia.errors import ImageReadError, OutputError
+from pneumonia.errors import ConfigError, ImageReadError, OutputError
 from pneumonia.explain.attribution import Probabilities, attribution_map, occlusion_map
-from pneumonia.explain.run import explain
+from pneumonia.explain.run import explain, explained_pipeline
 from pneumonia.io import read_grayscale
 from pneumonia.models import build_network
+from pneumonia.pipeline import TwoStagePipeline
 from tests.conftest import CONF, read_only, tree_hashes
 
 
@@ -126,6 +127,7 @@ def _explain_cfg(work: Path, input_dir: Path, out: Path, runs: dict, **values):
         cfg.paths.output_dir = str(out)
         cfg.binary = runs["binary"]["best_checkpoint"]
         cfg.subtype = runs["subtype"]["run_id"]
+        cfg.uncalibrated = True
         for key, value in values.items():
             cfg[key] = value
     return cfg
@@ -158,6 +160,21 @@ def xray_folder(tmp_path, synthetic_root) -> Path:
     ds.save_as(nopix)
     (folder / ".DS_Store").write_bytes(b"\x00")
     return folder
+
+
+def test_stages_are_explained_only_when_marked_uncalibrated(trained, tmp_path, monkeypatch):
+    work, runs = trained
+    folder = tmp_path / "in"
+    folder.mkdir()
+    with pytest.raises(ConfigError, match="or binary=... subtype=... uncalibrated=true"):
+        explain(_explain_cfg(work, folder, tmp_path / "a", runs, uncalibrated=False))
+    # marked, the stages are explained at temperature 1 and threshold 0.5: nothing is fitted
+    monkeypatch.setattr(TwoStagePipeline, "calibrate", lambda *a, **k: pytest.fail("fitted"))
+    pipeline = explained_pipeline(_explain_cfg(work, folder, tmp_path / "b", runs), tmp_path / "d")
+    cal = pipeline.calibration
+    assert (cal.temperature, cal.thresholds) == ({"binary": 1.0, "subtype": 1.0},
+                                                 {"binary": {"default": 0.5},
+                                                  "subtype": {"default": 0.5}})
 
 
 @pytest.mark.slow

@@ -50,6 +50,7 @@ class ExplainConfig:
     binary: Any
     subtype: Any
     operating_point: str
+    uncalibrated: bool
     explain_stage: str
     method: str
     window: int
@@ -89,24 +90,18 @@ class ExplainConfig:
 ConfigStore.instance().store(name="explain_schema", node=ExplainConfig)
 
 
-def calibrated_pipeline(cfg: DictConfig, downloads: Path) -> TwoStagePipeline:
-    """A model (calibrated already), or two stages calibrated on their validation split."""
-    stages = {s: cfg[s] for s in STAGE_CLASSES}
-    if not cfg.model_uri and not all(stages.values()):
-        raise ConfigError("explain needs model_uri=<a model folder, an evaluation's output "
-                          "folder, models:/ or runs:/> or binary=... and subtype=...")
-    pipeline = load_pipeline(cfg.model_uri, stages, cfg.paths.tracking_uri, downloads)
+def explained_pipeline(cfg: DictConfig, downloads: Path) -> TwoStagePipeline:
+    """The pipeline to explain, as given: a model (calibrated by evaluate.py), or two stages
+    the user marks `uncalibrated=true` (temperature 1, thresholds 0.5). Explain fits nothing."""
     if cfg.model_uri:
-        return pipeline
-    root = Path(pipeline.data_settings().get("root") or "")
-    if root.is_dir():
-        val = [r for r in pipeline.split(root) if r.split == "val"]
-        log.info("Calibrating both stages on the %d validation images of %s (an evaluation's "
-                 "model folder is calibrated already)", len(val), root)
-        pipeline.calibrate(val, operating_point=cfg.operating_point, device=cfg.device)
-    else:
-        log.warning("Training data %s not found: no validation calibration, thresholds 0.5", root)
-        pipeline.calibration = TwoStagePipeline.uncalibrated()
+        return load_pipeline(cfg.model_uri, None, cfg.paths.tracking_uri, downloads)
+    stages = {s: cfg[s] for s in STAGE_CLASSES}
+    if not (all(stages.values()) and cfg.uncalibrated):
+        raise ConfigError("explain needs model_uri=<a model folder, an evaluation's output folder, "
+                          "models:/ or runs:/> (evaluate.py calibrates it), or binary=... "
+                          "subtype=... uncalibrated=true (temperature 1, thresholds 0.5)")
+    pipeline = load_pipeline(None, stages, cfg.paths.tracking_uri, downloads)
+    pipeline.calibration = TwoStagePipeline.uncalibrated()
     return pipeline
 
 
@@ -243,7 +238,7 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
     files, problems = scan_inputs(input_dir)
     inputs = [input_dir, *local_references(cfg.model_uri, cfg.binary, cfg.subtype)]
     output_dir = claim_output(cfg.paths.output_dir, inputs, RESULTS, cfg.overwrite, config=cfg)
-    explainer = Explainer(cfg, calibrated_pipeline(cfg, output_dir / "downloads"), output_dir)
+    explainer = Explainer(cfg, explained_pipeline(cfg, output_dir / "downloads"), output_dir)
     rows = [_failed(display_name(err.path.relative_to(input_dir)), err.reason) for err in problems]
     rows += explain_files(explainer, input_dir, files[: cfg.limit or None])
     rows.sort(key=lambda r: r["file"])
