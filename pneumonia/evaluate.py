@@ -79,8 +79,6 @@ class EvaluateConfig:
     overwrite: bool
     log_to_mlflow: bool
     experiment_name: str
-    compare: bool
-    compare_experiments: list[str]
 
     def __post_init__(self) -> None:
         if set(self.data) != {"root"} or not isinstance(self.data["root"], (str, type(None))):
@@ -142,7 +140,7 @@ def references(cfg: DictConfig) -> dict[str, Any]:
     with model_uri= (a logged pipeline model)."""
     if cfg.model_uri:
         if cfg.binary or cfg.subtype or cfg.sweep:
-            raise ConfigError("give model=<models:/, runs:/ or a model folder> or checkpoints "
+            raise ConfigError("give model_uri=<models:/, runs:/ or a model folder> or checkpoints "
                               "(binary=/subtype=, sweep=), not both")
         return {}
     if not cfg.sweep:
@@ -154,7 +152,7 @@ def references(cfg: DictConfig) -> dict[str, Any]:
     if not refs.get("binary") or not refs.get("subtype"):
         raise ConfigError("evaluate needs binary=<checkpoint or run id> and subtype=<checkpoint or "
                           "run id>, sweep=<a multirun folder that trained both stages> or "
-                          "model=<a logged pipeline model>")
+                          "model_uri=<a model folder, models:/ or runs:/>")
     return refs
 
 

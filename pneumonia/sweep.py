@@ -19,7 +19,6 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from pneumonia.compare import format_table
 from pneumonia.csvio import write_csv
 from pneumonia.errors import ConfigError, MissingInputError
 
@@ -72,6 +71,18 @@ def sweep_checkpoints(sweep_dir: Path) -> dict[str, list[str]]:
     return found
 
 
+def format_table(rows: list[dict], columns: tuple[str, ...] = COLUMNS) -> str:
+    """Aligned plain-text table of `columns` (missing values shown as "-")."""
+    def cell(value) -> str:
+        return "-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+
+    table = [columns, *([cell(r.get(c)) for c in columns] for r in rows)]
+    widths = [max(len(row[i]) for row in table) for i in range(len(columns))]
+    lines = ["  ".join(text.ljust(w) for text, w in zip(row, widths)) for row in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
 class SweepSummary(Callback):
     """Prints and saves `sweep_summary.csv` at the end of a multirun."""
 
@@ -80,7 +91,7 @@ class SweepSummary(Callback):
         rows = collect(sweep_dir)
         write_csv(sweep_dir / "sweep_summary.csv", COLUMNS,
                   ([r.get(c) for c in COLUMNS] for r in rows))
-        print(f"\nSweep {sweep_dir.name}: {len(rows)} jobs\n{format_table(rows, COLUMNS)}\n"
+        print(f"\nSweep {sweep_dir.name}: {len(rows)} jobs\n{format_table(rows)}\n"
               f"Saved: {sweep_dir / 'sweep_summary.csv'}")
         failed = [r for r in rows if r["status"] != "COMPLETED"]
         if failed:

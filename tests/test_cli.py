@@ -38,3 +38,19 @@ def test_the_cards_command_without_data_root_says_what_data_root_is(tmp_path):
     assert "Traceback" not in output and "MissingMandatoryValue" not in output
     (error,) = [line for line in output.splitlines() if "ERROR" in line]
     assert "data.root is not set" in error and "data=synthetic" in error
+
+
+def test_console_scripts_are_the_commands_and_retired_options_say_what_replaced_them(tmp_path):
+    bin_dir = os.path.dirname(sys.executable)
+    for command in ("pneumonia-train", "pneumonia-evaluate", "pneumonia-explain"):
+        proc = subprocess.run([os.path.join(bin_dir, command), "--cfg", "hydra"], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        # the log file is named for the command, not for pneumonia/cli.py
+        assert f"name: {command.split('-')[1]}" in proc.stdout
+    proc = subprocess.run([os.path.join(bin_dir, "pneumonia-evaluate"), "compare=true"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == EXIT_USER_ERROR
+    assert proc.stderr.strip() == ("evaluate: compare=true is gone: the MLflow UI compares runs "
+                                   "(make mlflow-ui)")
+    assert not (tmp_path / "outputs").exists()

@@ -184,3 +184,18 @@ def test_compose_file_and_dockerfile_match_the_readme_and_pyproject():
     assert image_version in mlflow_req.specifier
     guide = (REPO / "docs" / "scaling.md").read_text()
     assert "docker compose -f docker/compose.yaml" in guide
+
+
+@pytest.mark.slow
+def test_an_optuna_sweep_optimises_what_train_returns(synthetic_root, tmp_path):
+    # train.py returns the monitored validation metric: Hydra's Optuna sweeper maximises it
+    proc = _train_cli(["-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=2",
+                       "hydra.sweeper.direction=maximize", "hydra.sweeper.sampler.seed=0",
+                       "optimizer.lr=interval(0.0001,0.01)", "model=resnet18",
+                       f"data.root={synthetic_root}", f"paths.cache_dir={tmp_path}/cache", *QUICK],
+                      tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client, runs = _runs(f"sqlite:///{tmp_path}/mlflow.db", "binary")
+    assert len(runs) == 2 and len({r.data.params["optimizer/lr"] for r in runs}) == 2
+    best = yaml.safe_load(next(tmp_path.glob("multirun/*/optimization_results.yaml")).read_text())
+    assert best["best_value"] == pytest.approx(max(r.data.metrics["best/auroc"] for r in runs))
