@@ -162,13 +162,15 @@ def experiment_id(client: MlflowClient, name: str, artifact_dir: str) -> str:
 
 
 def log_folder_run(tracking_uri: str, artifact_dir: str, experiment: str, folder: Path,
-                   params: dict[str, str]) -> str:
-    """One MLflow run holding a whole output folder as artifacts."""
+                   params: dict[str, str], metrics: dict[str, float] | None = None) -> str:
+    """One MLflow run holding a whole output folder as artifacts (and `metrics`)."""
     client = MlflowClient(tracking_uri)
     run = client.create_run(experiment_id(client, experiment, artifact_dir),
                             tags={"mlflow.runName": f"{experiment}/{folder.name}"})
     for key, value in params.items():
         client.log_param(run.info.run_id, key, value)
+    for key, value in (metrics or {}).items():
+        client.log_metric(run.info.run_id, key, value)
     client.log_artifacts(run.info.run_id, str(folder))
     client.set_terminated(run.info.run_id)
     return run.info.run_id

@@ -17,7 +17,9 @@ every method is fitted on the *other* half and scored on this one with `evaluate
 Each figure is the mean of the two halves; its 95 % interval resamples the images of each half
 (1,000 times) and averages the halves again. The wall clock is both halves' evaluations. The
 halves are copies in --out (never written into --data); each evaluation's report stays in
---out/eval/<method>/<half>.
+--out/eval/<method>/<half>. Each row is logged as an MLflow run of experiment `results` (its two
+reports as artifacts), from which `python -m research.results_page` writes docs/results.md's
+table.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import random
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -35,12 +38,13 @@ from omegaconf import open_dict
 from pneumonia.csvio import read_csv
 from pneumonia.data.kermany import Record, scan_kermany
 from pneumonia.evaluate import evaluate
+from pneumonia.hardware import cpu_description
 from pneumonia.metrics import auroc
 from pneumonia.stages import CLASSES
+from pneumonia.tracking import git_state, log_folder_run
+from research.results_page import EXPERIMENT, FIGURES, metric_key
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-FIGURES = ("stage 1 accuracy", "stage 1 AUROC", "sensitivity", "specificity", "stage 2 accuracy",
-           "three-class accuracy")
 METHODS = {"(i) none": {},
            "(ii) unlabelled adaptation": {"adapt": "{site}", "adapt_method": "both"},
            "(iii) labelled calibration": {"calibration": "{site}"}}
@@ -122,6 +126,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("outputs/site_adaptation"))
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the reports of an earlier run in --out")
+    parser.add_argument("--recipe", default="pretrained_cpu", help="the recipe the model is of")
+    parser.add_argument("--tracking-uri", default=f"sqlite:///{Path.cwd() / 'mlflow.db'}")
     args = parser.parse_args()
     test = [r for r in scan_kermany(args.data) if r.folder == "test"]
     halves = patient_halves(test)
@@ -149,10 +155,19 @@ def main() -> None:
                     cfg[key] = value.format(site=sites[1 - i])
             result = evaluate(cfg)
             per_half.append(half_figures(result["metrics"], read_csv(out / "predictions.csv")))
-        figures = averaged(per_half)
+        figures, seconds = averaged(per_half), time.monotonic() - started
         print(f"| {method} | " + " | ".join(f"{v:.3f} ({lo:.3f}-{hi:.3f})"
                                             for v, lo, hi in figures.values())
-              + f" | {time.monotonic() - started:.0f} s |", flush=True)
+              + f" | {seconds:.0f} s |", flush=True)
+        commit, dirty = git_state()
+        log_folder_run(args.tracking_uri, str(Path.cwd() / "mlartifacts"), EXPERIMENT, out.parent,
+                       {"recipe": args.recipe, "row": method, "model": str(args.model.resolve()),
+                        "commit": commit + ("-dirty" if dirty == "true" else ""),
+                        "cpu": cpu_description(), "images": str(len(test)),
+                        "command": " ".join(["python -m research.site_adaptation", *sys.argv[1:]])},
+                       {"wall_clock_s": seconds,
+                        **{metric_key(f, part): v for f, values in figures.items()
+                           for part, v in zip(("", " low", " high"), values)}})
 
 
 if __name__ == "__main__":
