@@ -139,6 +139,7 @@ def main() -> None:
           f"{[{c: sum(r.label == c for r in h) for c in CLASSES} for h in halves]}")
     print("\n| method | " + " | ".join(FIGURES) + " | wall clock |\n|---|"
           + "---|" * (len(FIGURES) + 1))
+    commit, dirty = git_state()  # the code that computes the rows, read before they run
     for method, options in METHODS.items():
         per_half, started = [], time.monotonic()
         for i in (0, 1):
@@ -159,7 +160,6 @@ def main() -> None:
         print(f"| {method} | " + " | ".join(f"{v:.3f} ({lo:.3f}-{hi:.3f})"
                                             for v, lo, hi in figures.values())
               + f" | {seconds:.0f} s |", flush=True)
-        commit, dirty = git_state()
         log_folder_run(args.tracking_uri, str(Path.cwd() / "mlartifacts"), EXPERIMENT, out.parent,
                        {"recipe": args.recipe, "row": method, "model": str(args.model.resolve()),
                         "commit": commit + ("-dirty" if dirty == "true" else ""),
