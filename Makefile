@@ -48,7 +48,7 @@ test: venv
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -n $(TEST_WORKERS)
 
-# The from-scratch CPU recipe on real data (docs/results.md): both stages, then the
+# The from-scratch CPU recipe on real data (docs/notes/scratch-cpu-history.md): both stages, then the
 # two-stage evaluation on the test folder with thresholds chosen on validation.
 # make scratch-cpu DATA=/path/to/chest_xray
 scratch-cpu: venv

@@ -1,4 +1,4 @@
-"""The research scripts' own computations (docs/results.md quotes their figures)."""
+"""The research scripts' own computations (docs/notes/ quote their figures)."""
 
 from research.sharpness import sharpness
 
