@@ -347,11 +347,23 @@ class TwoStagePipeline:
                                    out["binary"][1].cpu().numpy())
 
     def stage_thresholds(self) -> dict[str, float]:
-        """The decision threshold of each stage at the chosen operating point."""
+        """The decision threshold of each stage at the chosen operating point, on the
+        probabilities the pipeline reports.
+
+        Youden's and the sensitivity target's points are places on the ROC curve, which a new
+        prior does not move: a re-estimated prior shifts the threshold with the probabilities
+        (the same logit shift), so it changes the reported probabilities, not those decisions.
+        `default` (0.5) is the most probable class: it decides under the new prior."""
         cal = self.calibration
         point = cal.operating_point
-        return {"binary": cal.thresholds["binary"][point],
-                "subtype": cal.thresholds["subtype"]["default" if point == "default" else "youden"]}
+        thresholds = {"binary": cal.thresholds["binary"][point],
+                      "subtype": cal.thresholds["subtype"]["default" if point == "default"
+                                                          else "youden"]}
+        if point == "default":
+            return thresholds
+        shift = {stage: cal.prior_shift.get(stage, 0.0) for stage in thresholds}
+        return {stage: float(1 / (1 + np.exp(-(np.log(t / (1 - t)) + shift[stage]))))
+                if shift[stage] and 0 < t < 1 else t for stage, t in thresholds.items()}
 
     @staticmethod
     def uncalibrated() -> Calibration:

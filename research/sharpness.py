@@ -4,8 +4,8 @@ python -m research.sharpness DATA_ROOT [--size 64]
 
 Each image goes through the recipe's preprocessing (study A's proportional crop, resize to
 `--size`); its sharpness is the mean absolute Laplacian of the [0, 1] image. If one class is
-clearly sharper in the training folder, sharpness can stand in for the label (docs/notes/recipe-choice.md
-gives the figures).
+clearly sharper in the training folder, sharpness can stand in for the label
+(docs/notes/recipe-choice.md gives the figures).
 """
 
 from __future__ import annotations

@@ -179,3 +179,29 @@ def test_class_balanced_draw_restores_the_calibration_class_mix():
     records = list(range(len(y)))  # stand-ins: the draw only indexes them
     drawn = class_balanced(records, np.stack([np.zeros_like(margin), margin], 1), cal)
     assert len(drawn) == len(y) and y[drawn].mean() == pytest.approx(0.7, abs=0.04)
+
+
+def test_a_new_prior_moves_the_probabilities_not_the_roc_operating_point():
+    from pneumonia.pipeline import Calibration, TwoStagePipeline
+
+    logits = {"binary": np.stack([np.zeros(9), np.linspace(-4, 4, 9)], 1),
+              "subtype": np.stack([np.zeros(9), np.linspace(-2, 2, 9)], 1)}
+    thresholds = {"binary": {"youden": 0.6, "sensitivity": 0.3, "default": 0.5},
+                  "subtype": {"youden": 0.4, "default": 0.5}}
+    for point in ("youden", "sensitivity", "default"):
+        pipeline = TwoStagePipeline(None, None, Calibration(
+            {"binary": 1.0, "subtype": 1.0}, thresholds, 0.99, point))
+        before = pipeline.predict_logits(logits)
+        pipeline.calibration.prior_shift = {"binary": -1.0, "subtype": 0.0}
+        after = pipeline.predict_logits(logits)
+        assert (after.p_pneumonia < before.p_pneumonia).all()  # the site's posterior is lower
+        t = pipeline.stage_thresholds()["binary"]
+        # the decision rule p >= threshold holds on the probabilities the pipeline reports
+        np.testing.assert_array_equal(after.decision > 0, after.p_pneumonia >= t)
+        if point == "default":  # the most probable class under the new prior: fewer pneumonia
+            assert t == 0.5 and (after.decision > 0).sum() < (before.decision > 0).sum()
+        else:  # a place on the ROC curve: the same decisions, the threshold moved with them
+            np.testing.assert_array_equal(after.decision, before.decision)
+            assert t == pytest.approx(1 / (1 + np.exp(-(np.log(thresholds["binary"][point]
+                                                               / (1 - thresholds["binary"][point]))
+                                                        - 1.0))))

@@ -130,7 +130,8 @@ def build_network(
     if file is not None and head == "linear":
         # The new classifier starts at zero over the pretrained features (as BiT's heads do):
         # timm's EfficientNet init draws it from U(+-1/sqrt(num_classes)), which for 2 classes
-        # gave first logits of std ~4 that study A's recipe took epochs to undo (docs/notes/studies-real-weights.md).
+        # gave first logits of std ~4 that study A's recipe took epochs to undo
+        # (docs/notes/studies-real-weights.md).
         nn.init.zeros_(net.get_classifier().weight)
         nn.init.zeros_(net.get_classifier().bias)
     head_module = None
