@@ -32,6 +32,9 @@ OUTPUT_FIELDS = {
 }
 # the kinds of `error` value the served model gives (pneumonia.serving.predict_images; a DICOM
 # header it cannot use gets its own reason from pneumonia.io)
+# what one request may hold; a larger one is refused (HTTP 400) before any image is decoded
+MAX_REQUEST_IMAGES = 256
+MAX_REQUEST_BYTES = 64 * 2**20  # of base64 text, all images together
 OOD_ERROR = "out of distribution: unlike the training X-rays (score above 1), no diagnosis"
 NONFINITE_ERROR = "the model gave a non-finite output: no diagnosis"
 ERRORS = ["not valid base64 text", "expected base64 text of a JPEG, PNG or DICOM file",
@@ -66,6 +69,8 @@ def write_metadata(path: Path, pipeline, spec: dict, evaluation: dict | None = N
         "intended_use": INTENDED_USE,
         "data": DATA,
         "input": {"column": "image", "encoding": "base64 text of one file per row",
+                  "max_images_per_request": MAX_REQUEST_IMAGES,
+                  "max_base64_bytes_per_request": MAX_REQUEST_BYTES,
                   "formats": ["JPEG", "PNG", "DICOM"],
                   "modality_gate": "a DICOM header of another modality is refused; stage 1's "
                                    "out-of-distribution gate flags images unlike the training "

@@ -31,8 +31,10 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.models.model import ModelInfo
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.tracking import MlflowClient
 from mlflow.tracking._model_registry import utils as registry_utils
 from mlflow.tracking._tracking_service import utils as tracking_utils
@@ -42,7 +44,13 @@ from PIL import Image
 from pneumonia.checkpoints import resolve_all, save_stage_weights
 from pneumonia.errors import CheckpointError, ImageReadError
 from pneumonia.io import decode_grayscale
-from pneumonia.metadata import NONFINITE_ERROR, OOD_ERROR, write_metadata
+from pneumonia.metadata import (
+    MAX_REQUEST_BYTES,
+    MAX_REQUEST_IMAGES,
+    NONFINITE_ERROR,
+    OOD_ERROR,
+    write_metadata,
+)
 from pneumonia.pipeline import Calibration, TwoStagePipeline
 from pneumonia.stages import CLASSES, STAGE_CLASSES
 from pneumonia.tracking import environment
@@ -108,6 +116,36 @@ def predict_images(pipeline: TwoStagePipeline, values: list[Any]) -> pd.DataFram
     return frame.astype(object).where(frame.notna(), None)
 
 
+class RequestRefused(MlflowException):
+    """A request over the limits: HTTP 400 with this message alone. MLflow's scoring server
+    prefixes an MlflowException's message with the whole request it failed on (hundreds of
+    MB here), so the message keeps its own text."""
+
+    def __init__(self, message: str):
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+        self._refusal = message
+
+    @property
+    def message(self) -> str:
+        return self._refusal
+
+    @message.setter
+    def message(self, _value: str) -> None:
+        pass
+
+
+def check_request(values: list[Any]) -> None:
+    """Refuse a request over MAX_REQUEST_IMAGES images or MAX_REQUEST_BYTES of base64 text,
+    before any image is decoded."""
+    if len(values) > MAX_REQUEST_IMAGES:
+        raise RequestRefused(f"{len(values)} images in one request; at most "
+                             f"{MAX_REQUEST_IMAGES}: split it into several requests")
+    size = sum(len(v) for v in values if isinstance(v, str))
+    if size > MAX_REQUEST_BYTES:
+        raise RequestRefused(f"{size / 2**20:.0f} MiB of base64 images in one request; at most "
+                             f"{MAX_REQUEST_BYTES // 2**20} MiB: split it into several requests")
+
+
 class PipelineModel(mlflow.pyfunc.PythonModel):
     """MLflow's view of the pipeline: a DataFrame with `image` in, one row per image out."""
 
@@ -124,8 +162,10 @@ class PipelineModel(mlflow.pyfunc.PythonModel):
 
     def predict(self, context: mlflow.pyfunc.PythonModelContext, model_input: pd.DataFrame,
                 params: dict[str, Any] | None = None) -> pd.DataFrame:
-        """Rows of OUTPUTS for the `image` column of `model_input`."""
-        return predict_images(self.pipeline, list(model_input["image"]))
+        """Rows of OUTPUTS for the `image` column of `model_input` (`check_request`'s limits)."""
+        values = list(model_input["image"])
+        check_request(values)
+        return predict_images(self.pipeline, values)
 
 
 def model_artifacts(pipeline: TwoStagePipeline, folder: Path,

@@ -252,6 +252,13 @@ def test_mlflow_models_serve_answers_per_image_and_survives_a_bad_request(logged
                           json.dumps({"dataframe_records": [{"picture": "x"}]}).encode()):
             status, answer = _post(url, malformed)
             assert 400 <= status < 500 and answer.get("message"), (status, answer)
+        # too many images, or too many bytes, are refused before any image is decoded
+        for values, refused in (([""] * 10_000, "10000 images in one request; at most 256"),
+                                (["A" * (33 * 2**20)] * 2, "66 MiB of base64 images")):
+            body = json.dumps({"dataframe_records": [{"image": v} for v in values]}).encode()
+            status, refusal = _post(url, body)
+            assert status == 400 and refusal["message"].startswith(refused), refusal
+            assert len(json.dumps(refusal)) < 1000  # the request is not echoed back
         status, again = _post(url, json.dumps(
             {"dataframe_records": [{"image": _b64(good[1])}]}).encode())
         assert status == 200 and again["predictions"][0]["error"] == ""
