@@ -109,6 +109,23 @@ def test_a_planted_pickle_is_never_run(folder, synthetic_root, tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.slow
+def test_mlflows_dockerfile_installs_the_folders_own_requirements(folder, tmp_path):
+    # the image itself cannot be built here (no Docker daemon); what it would install can be read
+    _, model = folder
+    done = subprocess.run([servers.MLFLOW, "models", "generate-dockerfile", "-m", str(model),
+                           "-d", str(tmp_path / "image")], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    dockerfile = (tmp_path / "image" / "Dockerfile").read_text()
+    assert "COPY model_dir/model /opt/ml/model" in dockerfile
+    assert "_install_pyfunc_deps('/opt/ml/model'" in dockerfile  # its requirements.txt, pip
+    copied = tmp_path / "image" / "model_dir" / "model"
+    assert (copied / "requirements.txt").read_text() == (model / "requirements.txt").read_text()
+    assert sorted(p.name for p in copied.rglob("*.safetensors")) \
+        == sorted(p.name for p in model.rglob("*.safetensors"))
+
+
 def _fresh_venv(folder: Path, where: Path) -> Path:
     """A virtual environment with the model folder's requirements.txt and nothing else."""
     subprocess.run([sys.executable, "-m", "venv", str(where)], check=True)
