@@ -12,6 +12,7 @@ validation images are flagged by construction (research/ood_features.py chose th
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
@@ -43,14 +44,18 @@ def describe(maps: torch.Tensor) -> torch.Tensor:
 
 @contextmanager
 def watching(backbone: nn.Module, stages: list[str] | None = None) -> Iterator[dict[str, list]]:
-    """While inside, every forward pass of `backbone` appends each stage's description
-    (`describe`) to the yielded {stage: [batches]}; stages default to timm's feature_info."""
+    """While inside, every forward pass of `backbone` in this thread appends each stage's
+    description (`describe`) to the yielded {stage: [batches]}; stages default to timm's
+    feature_info. The hooks sit on the shared network: a served model scores concurrent requests
+    in several threads, and each must see only its own passes."""
     modules = dict(backbone.named_modules())
     names = stages if stages is not None else [info["module"] for info in backbone.feature_info]
     seen: dict[str, list] = {name: [] for name in names}
+    thread = threading.get_ident()
 
     def record(name, _module, _inputs, output):
-        if isinstance(output, torch.Tensor) and output.ndim == 4:
+        if threading.get_ident() == thread and isinstance(output, torch.Tensor) \
+                and output.ndim == 4:
             seen[name].append(describe(output))
 
     handles = [modules[name].register_forward_hook(partial(record, name)) for name in names]

@@ -57,6 +57,22 @@ def _b64(path: Path) -> str:
     return base64.b64encode(path.read_bytes()).decode("ascii")
 
 
+@pytest.mark.slow
+def test_concurrent_requests_each_get_their_own_answer(trained, synthetic_root):
+    # the scoring server answers requests in threads sharing one pipeline (found under load:
+    # the OOD gate's hooks on the shared network saw the other threads' passes)
+    from concurrent.futures import ThreadPoolExecutor
+
+    pipeline = _pipeline(trained[1])
+    values = [_b64(p) for p in _images(synthetic_root, 8)]
+    sizes = [1 + i % 8 for i in range(48)]
+    alone = {n: predict_images(pipeline, values[:n]) for n in set(sizes)}
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(lambda n: predict_images(pipeline, values[:n]), sizes))
+    for n, answer in zip(sizes, together):
+        pd.testing.assert_frame_equal(answer, alone[n], check_exact=False, rtol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def logged(trained, tmp_path_factory):
     """The pipeline logged as a model of an evaluation-like run: (work, runs, pipeline, info)."""
