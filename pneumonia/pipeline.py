@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from pneumonia.checkpoints import as_list, load_stage
 from pneumonia.data.datamodule import XrayDataset
-from pneumonia.data.kermany import Record, scan_kermany, split_records
+from pneumonia.data.kermany import SPLIT_KEYS, Record, scan_kermany, split_records
 from pneumonia.data.transforms import Preprocessing, held_out_shift
 from pneumonia.errors import CheckpointError, DataError, ImageReadError
 from pneumonia.metrics import threshold_for_sensitivity, youden_threshold
@@ -246,8 +246,7 @@ class TwoStagePipeline:
     def data_settings(self) -> dict:
         """The split both stages were trained on; they must agree or the test split leaks."""
         settings = {name: dict(m.hparams.get("data") or {}) for name, m in self.stages.items()}
-        keys = ("split", "split_seed", "val_fraction", "test_fraction")
-        if any(settings["binary"].get(k) != settings["subtype"].get(k) for k in keys):
+        if any(settings["binary"].get(k) != settings["subtype"].get(k) for k in SPLIT_KEYS):
             raise CheckpointError(
                 "the two checkpoints were trained on different splits "
                 f"(binary: {settings['binary']}, subtype: {settings['subtype']}); "

@@ -21,6 +21,7 @@ from pneumonia.config import validate
 from pneumonia.data import KermanyDataModule
 from pneumonia.data.datamodule import XrayDataset
 from pneumonia.data.features import FrozenFeatures
+from pneumonia.data.kermany import SPLIT_KEYS
 from pneumonia.data.synthetic import make_synthetic_dataset
 from pneumonia.errors import ConfigError
 from pneumonia.models import StageClassifier, interpolation, normalization_stats
@@ -39,10 +40,6 @@ from pneumonia.tracking import (
 )
 
 log = logging.getLogger(__name__)
-
-
-# What a checkpoint records of its data (besides the root), so evaluation can rebuild the split.
-SPLIT_KEYS = ("split", "split_seed", "val_fraction", "test_fraction", "skip_bad")
 
 
 def build_datamodule(cfg: DictConfig) -> KermanyDataModule:

@@ -154,12 +154,13 @@ def test_bad_evaluation_inputs(trained, tmp_path, synthetic_root):
     # a subtype checkpoint trained on another split: its training images may be our test images
     import torch
 
-    other = tmp_path / "other_split.ckpt"
-    ckpt = torch.load(subtype, weights_only=True)
-    ckpt["hyper_parameters"]["data"]["split_seed"] = 7
-    torch.save(ckpt, other)
-    with pytest.raises(CheckpointError, match="trained on different splits"):
-        evaluate(_evaluate_cfg(work, tmp_path / "f", binary=binary, subtype=str(other)))
+    for key, value in (("split_seed", 7), ("skip_bad", True)):  # every key the split depends on
+        other = tmp_path / f"other_{key}.ckpt"
+        ckpt = torch.load(subtype, weights_only=True)
+        ckpt["hyper_parameters"]["data"][key] = value
+        torch.save(ckpt, other)
+        with pytest.raises(CheckpointError, match="trained on different splits"):
+            evaluate(_evaluate_cfg(work, tmp_path / f"f{key}", binary=binary, subtype=str(other)))
     # a copy of the data without test images
     no_test = tmp_path / "no_test"
     shutil.copytree(synthetic_root, no_test, ignore=shutil.ignore_patterns("test"))

@@ -138,6 +138,11 @@ def _group_split(records: list[Record], fraction: float, rng: random.Random) -> 
     return keep, held
 
 
+# What a checkpoint records of its data (besides the root), so evaluation can rebuild the split:
+# two stages that differ in any of them were not split alike.
+SPLIT_KEYS = ("split", "split_seed", "val_fraction", "test_fraction", "skip_bad")
+
+
 def split_records(
     records: list[Record],
     mode: str = "official",
