@@ -89,7 +89,7 @@ def in_process(model: Path, images: list[str], seconds: float, seed: int = 0) ->
 
 def load(url: str, images: list[str], clients: int, minutes: float, pgid: int) -> list[dict]:
     """Per minute: requests, images, latencies, failures, and the server's RSS at its end."""
-    records, lock, start = [], threading.Lock(), time.monotonic()
+    records, failures, lock, start = [], [], threading.Lock(), time.monotonic()
     deadline = start + minutes * 60
 
     def client(seed: int) -> None:
@@ -104,6 +104,8 @@ def load(url: str, images: list[str], clients: int, minutes: float, pgid: int) -
             with lock:
                 records.append((time.monotonic() - start, time.monotonic() - sent, len(values),
                                 status == 200 and not error))
+                if (status != 200 or error) and not failures:
+                    failures.append(f"{status} {error}")
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
     for t in threads:
@@ -123,6 +125,8 @@ def load(url: str, images: list[str], clients: int, minutes: float, pgid: int) -
                      "p50 s": statistics.median(latencies),
                      "p99 s": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
                      "RSS MB": rss, "failed": sum(not r[3] for r in done)})
+    if failures:
+        print(f"first failure: {failures[0][:300]}")
     return rows
 
 
@@ -145,7 +149,7 @@ def kill_and_restart(model: Path, process, port: int, log: Path, images: list[st
     process.wait(timeout=30)
     thread.join(timeout=150)
     restarted = time.monotonic()
-    process = _serve(model, port, log)
+    process = _serve(model, port, log.with_name(f"{log.stem}-restarted.log"))
     status, error = _post(url, images[16:20])
     return process, {"client got": str(outcome.get("answer", "no answer (hung)"))[:120],
                      "client seconds": outcome.get("seconds", float("nan")),

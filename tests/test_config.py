@@ -104,3 +104,16 @@ def test_each_default_lives_in_the_yaml_and_the_schemas_only_type_and_check(tmp_
             values = compose(script)
             values.paths = {}  # Hydra's runtime interpolations resolve only in a run
             assert OmegaConf.missing_keys(values) == missing, script
+
+
+def test_the_docs_list_exactly_the_model_configs():
+    # conf/model/ is the one list of backbone configs; the two tables that show it follow it
+    import re
+
+    from tests.conftest import CONF, REPO
+
+    configs = {p.stem for p in (CONF / "model").glob("*.yaml")}
+    for doc in (REPO / "README.md", REPO / "docs" / "options.md"):
+        row = next(line for line in doc.read_text().splitlines() if line.startswith("| `model` |"))
+        listed = set(re.findall(r"`([a-z0-9_]+)`", row.split("|")[2]))
+        assert listed == configs, doc

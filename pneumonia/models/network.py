@@ -74,9 +74,8 @@ class PneumoniaNet(nn.Module):
 def check_backbone(name: str) -> None:
     if not timm.is_model(name):
         raise ConfigError(
-            f"model.backbone={name!r} is not a timm model. This project's configs: vgg16, "
-            "mobilenet, xception, inception_v3, resnet18, resnet50, densenet121, "
-            "efficientnet_b0; any name from timm.list_models() also works."
+            f"model.backbone={name!r} is not a timm model: give a name from timm.list_models(), "
+            "or model=<a file of conf/model/> for this project's configs"
         )
 
 
