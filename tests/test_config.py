@@ -44,7 +44,7 @@ def test_retired_options_are_unknown_keys(tmp_path, override):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("model.backbone=vgg61", r"model.backbone='vgg61' is not a timm model.*vgg16, mobilenet"),
+    ("model.backbone=vgg61", r"model.backbone=.vgg61. is not a timm model.*conf/model/"),
     ("model.head=mlp", r"model.head='mlp' is not one of: linear, deep_mlp"),
     ("model.input_size=8", r"model.input_size=8 is too small"),
     ("optimizer.lr=-0.01", r"optimizer.lr=-0.01 must be a positive number"),
