@@ -48,8 +48,8 @@ test: venv
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -n $(TEST_WORKERS)
 
-# The from-scratch CPU recipe on real data (docs/notes/scratch-cpu-history.md): both stages, then the
-# two-stage evaluation on the test folder with thresholds chosen on validation.
+# The from-scratch CPU recipe on real data (docs/notes/scratch-cpu-history.md): both stages,
+# then the two-stage evaluation on the test folder with thresholds chosen on validation.
 # make scratch-cpu DATA=/path/to/chest_xray
 scratch-cpu: venv
 	@test -n "$(DATA)" || (echo "usage: make scratch-cpu DATA=/path/to/chest_xray" >&2; exit 2)

@@ -31,7 +31,7 @@ from benchmarks.common import SHARED_DATA, header
 from pneumonia.data.kermany import scan_kermany
 from pneumonia.errors import ImageReadError
 from pneumonia.io import read_grayscale
-from pneumonia.pipeline import load_stages, recorded_split, stage_inputs
+from pneumonia.pipeline import load_stages, recorded_split, stage_inputs, stage_members
 
 MIN_SIDE = 128
 
@@ -93,7 +93,7 @@ def main() -> None:
     args = parser.parse_args()
     header(f"binary checkpoint(s): {', '.join(map(str, args.checkpoints))}")
     module = load_stages(args.checkpoints, "binary")
-    members = getattr(module, "members", [module])
+    members = stage_members(module)
     if any(m.ood is None for m in members):
         raise SystemExit("a checkpoint has no out-of-distribution gate (trained before it existed)")
     fraction = members[0].ood.fraction

@@ -85,6 +85,11 @@ class StageEnsemble(nn.Module):
         return torch.stack([z.float() for z in logits]).mean(0), torch.stack(ood).mean(0)
 
 
+def stage_members(module: StageClassifier | StageEnsemble) -> list[StageClassifier]:
+    """Each trained network of a stage: an ensemble's members, or the stage itself."""
+    return list(getattr(module, "members", [module]))
+
+
 def load_stages(paths: Path | list[Path], stage: str) -> StageClassifier | StageEnsemble:
     """One checkpoint, or a list of them averaged as a `StageEnsemble`."""
     paths = [Path(p) for p in as_list(paths)]
@@ -269,7 +274,7 @@ class TwoStagePipeline:
     def ood_gate(self) -> dict | None:
         """Stage 1's out-of-distribution gate as the report states it, or None without one."""
         binary = self.stages["binary"]
-        gates = [m.ood for m in getattr(binary, "members", [binary])]
+        gates = [m.ood for m in stage_members(binary)]
         if any(g is None for g in gates):
             return None
         return {"fraction": gates[0].fraction, "members": len(gates), "images": gates[0].images}

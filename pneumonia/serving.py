@@ -51,7 +51,7 @@ from pneumonia.metadata import (
     OOD_ERROR,
     write_metadata,
 )
-from pneumonia.pipeline import Calibration, TwoStagePipeline
+from pneumonia.pipeline import Calibration, TwoStagePipeline, stage_members
 from pneumonia.stages import CLASSES, STAGE_CLASSES
 from pneumonia.tracking import environment
 
@@ -181,7 +181,7 @@ def model_artifacts(pipeline: TwoStagePipeline, folder: Path,
                         for stage in STAGE_CLASSES},
             "versions": environment()}
     for stage in STAGE_CLASSES:
-        members = list(getattr(pipeline.stages[stage], "members", [pipeline.stages[stage]]))
+        members = stage_members(pipeline.stages[stage])
         spec["checkpoints"][stage] = [f"{stage}_{i}" for i in range(len(members))]
         for key, member in zip(spec["checkpoints"][stage], members):
             save_stage_weights(member, folder / key)

@@ -25,7 +25,7 @@ from pneumonia.data.kermany import CLASS_FOLDERS, Record, parse_name
 from pneumonia.data.transforms import Preprocessing
 from pneumonia.errors import ConfigError, DataError
 from pneumonia.io import display_name, scan_inputs
-from pneumonia.pipeline import softmax_positive, stage_outputs
+from pneumonia.pipeline import softmax_positive, stage_members, stage_outputs
 
 ADAPT_METHODS = ("batchnorm", "prior", "both")
 
@@ -118,7 +118,7 @@ def _save_adapted(module: nn.Module, stage: str, folder: Path) -> list[str]:
     as that stage's weights (the model folder saves them from the pipeline itself)."""
     folder.mkdir(parents=True, exist_ok=True)
     return [str(save_stage_weights(member, folder / f"{stage}_{i}"))
-            for i, member in enumerate(getattr(module, "members", [module]))]
+            for i, member in enumerate(stage_members(module))]
 
 
 def adapt_to_site(pipeline, records: list[Record], method: str, folder: Path, **loader) -> dict:
